@@ -1,0 +1,41 @@
+"""The project's one Pearson r: per column (voxel, site, unit) between two (N, K) arrays.
+
+Built on torchmetrics' ``pearson_corrcoef``; every correlation in neuroguide goes through
+:func:`pearson_r` so that NaN handling and shapes are the same everywhere.
+"""
+from __future__ import annotations
+
+import torch
+from torchmetrics.functional import pearson_corrcoef
+
+
+def pearson_r(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pearson r of each column.
+
+    Args:
+        pred, target: (N, K) or (N,) tensors, N >= 2 samples.
+    Returns:
+        (K,) tensor (or a scalar for 1-D inputs). A column with zero variance gives NaN.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pearson_r: shapes differ, pred {tuple(pred.shape)} vs target {tuple(target.shape)}")
+    if pred.shape[0] < 2:
+        raise ValueError(f"pearson_r needs at least 2 samples along dim 0, got {pred.shape[0]}")
+    p = pred.detach().double()
+    t = target.detach().double()
+    squeeze = p.ndim == 1
+    if squeeze:
+        p, t = p[:, None], t[:, None]
+    pz = p - p.mean(0)
+    tz = t - t.mean(0)
+    # zero-variance columns are undefined: report NaN rather than torchmetrics' warning + 0
+    zero = (pz.abs().sum(0) == 0) | (tz.abs().sum(0) == 0)
+    r = pearson_corrcoef(p, t) if p.shape[1] > 1 else pearson_corrcoef(p[:, 0], t[:, 0]).reshape(1)
+    r = r.float()
+    r[zero] = float("nan")
+    return r[0] if squeeze else r
+
+
+def rowwise_pearson_r(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson r of each row (e.g. per image across outputs): (N, K), (N, K) -> (N,)."""
+    return pearson_r(a.T, b.T)

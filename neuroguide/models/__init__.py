@@ -1,0 +1,1 @@
+"""Models: normalized backbones, the dual-head ResNet18, readouts, checkpoint loaders."""
