@@ -6,6 +6,7 @@ A task is a LightningModule whose network is ``self.model`` (built by the static
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,8 +21,10 @@ class Task(L.LightningModule):
 
     def __init__(self, model_config: dict, run_config: dict | None = None):
         super().__init__()
-        self.save_hyperparameters({"task_name": self.task_name, "model_config": dict(model_config),
-                                   "run_config": dict(run_config or {})})
+        # plain dicts (not the caller's frame): what load_model needs, loadable with weights_only=True
+        self._set_hparams({"task_name": self.task_name, "model_config": dict(model_config),
+                           "run_config": dict(run_config or {})})
+        self._hparams_initial = copy.deepcopy(self._hparams)
         self.model = self.build_model(**model_config)
 
     @staticmethod

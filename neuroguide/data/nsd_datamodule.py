@@ -1,0 +1,107 @@
+"""LightningDataModule: NSD images -> one region's responses (for the neural predictors)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from neuroguide.data.nsd import NSDPaths, NSDStimuli, RegionData, RegionSpec, extract_regions
+
+
+class ImageResponseDataset(Dataset):
+    """(image (3, S, S) in [0, 1], response (K,)) pairs; ``order`` maps item -> image row."""
+
+    def __init__(self, stimuli: NSDStimuli, responses: np.ndarray):
+        self.stimuli = stimuli
+        self.responses = torch.from_numpy(np.array(responses, np.float32))
+
+    def __len__(self) -> int:
+        return len(self.stimuli)
+
+    def __getitem__(self, i):
+        return self.stimuli[i], self.responses[i]
+
+
+def prepare_nsd(nsd_root: str | Path, synthetic: bool, synthetic_params: Mapping | None = None) -> Path:
+    """Write the embedded synthetic NSD tree when ``synthetic`` (idempotent); check the real one otherwise."""
+    root = Path(nsd_root).expanduser()
+    if synthetic:
+        from neuroguide.data.synthetic.nsd import write_synthetic_nsd
+
+        write_synthetic_nsd(root, **dict(synthetic_params or {}))
+    elif not root.is_dir():
+        raise FileNotFoundError(f"paths.nsd_root={root} does not exist: point it at the folder holding "
+                                "nsddata/, nsddata_betas/ and nsddata_stimuli/ (or use data=synthetic)")
+    return root
+
+
+class NSDDataModule(L.LightningDataModule):
+    """One region of one subject: train (minus a validation tenth) / val / test = shared images.
+
+    Args:
+        nsd_root: NSD folder (real layout). subject: 1..8. region: a region config
+        (name, atlas, labels, intersect). shuffle: the shuffle control (the image-response pairing of
+        the training data is permuted, with ``seed``).
+    """
+
+    def __init__(self, nsd_root: str, subject: int, region: Mapping, image_size: int = 224,
+                 batch_size: int = 64, num_workers: int = 0, betas_format: str = "nii.gz",
+                 pca: bool = False, pca_variance: float = 0.95, cache_dir: str | None = None,
+                 max_sessions: int | None = None, val_fraction: float = 0.1, shuffle: bool = False,
+                 seed: int = 0, synthetic: bool = False, synthetic_params: Mapping | None = None):
+        super().__init__()
+        self.nsd_root, self.subject = nsd_root, int(subject)
+        self.spec = RegionSpec.from_config(region)
+        self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
+        self.betas_format, self.pca, self.pca_variance = betas_format, bool(pca), float(pca_variance)
+        self.cache_dir, self.max_sessions = cache_dir, max_sessions
+        self.val_fraction, self.shuffle, self.seed = float(val_fraction), bool(shuffle), int(seed)
+        self.synthetic, self.synthetic_params = bool(synthetic), synthetic_params
+        self.region_data: RegionData | None = None
+
+    def prepare_data(self) -> None:
+        prepare_nsd(self.nsd_root, self.synthetic, self.synthetic_params)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.region_data is not None:
+            return
+        prepare_nsd(self.nsd_root, self.synthetic, self.synthetic_params)  # idempotent (DDP ranks)
+        rd = extract_regions(self.nsd_root, self.subject, [self.spec], cache_dir=self.cache_dir,
+                             betas_format=self.betas_format, max_sessions=self.max_sessions, pca=self.pca,
+                             pca_variance=self.pca_variance)[self.spec.name]
+        self.region_data = rd
+        stim = NSDPaths(self.nsd_root, self.subject).stimuli
+        y = rd.targets("train")
+        rng = np.random.default_rng(self.seed)
+        perm = rng.permutation(len(y))
+        n_val = max(1, int(round(self.val_fraction * len(y))))
+        val_rows, train_rows = perm[:n_val], perm[n_val:]
+        y_train = y[train_rows]
+        if self.shuffle:  # shuffle control: break the image-response pairing of the training data
+            y_train = y_train[np.random.default_rng(self.seed + 1).permutation(len(y_train))]
+        ids = np.asarray(rd.train_images)
+        self.train_set = ImageResponseDataset(NSDStimuli(stim, ids[train_rows], self.image_size), y_train)
+        self.val_set = ImageResponseDataset(NSDStimuli(stim, ids[val_rows], self.image_size), y[val_rows])
+        self.test_set = ImageResponseDataset(NSDStimuli(stim, np.asarray(rd.test_images), self.image_size),
+                                             rd.targets("test"))
+
+    @property
+    def n_outputs(self) -> int:
+        return self.region_data.n_outputs
+
+    def _loader(self, ds, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, False)

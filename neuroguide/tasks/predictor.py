@@ -1,0 +1,128 @@
+"""Neural predictor (NeuralGuidance): ResNet18 -> one region's voxels (or PCA components).
+
+Loss: squared error summed over outputs, averaged over the batch; Adam (lr 1e-3, weight decay
+5e-4). Scores on the test (shared) images: per-voxel Pearson r, its median and mean, and r relative
+to the noise ceiling, ``r / sqrt(NC / 100)``; with PCA, predictions are mapped back to voxels first.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from neuroguide.metrics import pearson_r
+from neuroguide.models.resnet import NormalizedResNet
+from neuroguide.tasks import register_task
+from neuroguide.tasks.base import Task
+
+
+def predictor_path(predictors_dir: str | Path, subject: int, region: str, shuffle: bool = False) -> Path:
+    """Where the predictor of ``region`` (or its shuffled control) for ``subject`` is stored."""
+    name = f"{region}_shuffle" if shuffle else region
+    return Path(predictors_dir).expanduser() / f"subj{int(subject):02d}" / f"{name}.ckpt"
+
+
+@register_task("predictor")
+class PredictorTask(Task):
+    monitor = ("val/r_median", "max")
+
+    def __init__(self, model_config: dict, run_config: dict | None = None, lr: float = 1e-3,
+                 weight_decay: float = 5e-4, nc: np.ndarray | None = None, pca_components=None, pca_mean=None):
+        super().__init__(model_config, run_config)
+        self.lr, self.weight_decay = lr, weight_decay
+        # noise ceiling and PCA back-projection: buffers (not part of the exported model)
+        self.register_buffer("nc", torch.tensor(np.asarray(nc if nc is not None else [], np.float32)),
+                             persistent=False)
+        self.pca_components = None if pca_components is None else torch.as_tensor(np.asarray(pca_components))
+        self.pca_mean = None if pca_mean is None else torch.as_tensor(np.asarray(pca_mean))
+        self._preds: dict[str, list] = {"val": [], "test": []}
+
+    @staticmethod
+    def build_model(arch: str = "resnet18", n_outputs: int = 1, **_meta) -> nn.Module:
+        """ResNet with normalization inside, fc -> ``n_outputs``. ``_meta`` (region, subject, ...) is
+        kept in the checkpoint for look-ups and checks."""
+        return NormalizedResNet(arch, n_outputs)
+
+    @classmethod
+    def from_config(cls, cfg, datamodule) -> "PredictorTask":
+        from omegaconf import OmegaConf
+
+        rd = datamodule.region_data
+        model_config = {"arch": cfg.task.arch, "n_outputs": int(rd.n_outputs), "region": cfg.region.name,
+                        "subject": int(cfg.subject), "n_voxels": int(rd.n_voxels), "pca": rd.pca_components is not None,
+                        "shuffle": bool(cfg.task.shuffle), "image_size": int(cfg.data.image_size)}
+        return cls(model_config, OmegaConf.to_container(cfg, resolve=True), lr=cfg.task.lr,
+                   weight_decay=cfg.task.weight_decay, nc=np.asarray(rd.nc), pca_components=rd.pca_components,
+                   pca_mean=rd.pca_mean)
+
+    @staticmethod
+    def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Squared error summed over outputs, averaged over the batch."""
+        return ((pred - target) ** 2).sum(1).mean()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.loss_fn(self.model(x), y)
+        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(x))
+        return loss
+
+    def _eval_step(self, split, batch):
+        x, y = batch
+        pred = self.model(x)
+        self.log(f"{split}/loss", self.loss_fn(pred, y), on_epoch=True, batch_size=len(x), sync_dist=True)
+        self._preds[split].append((pred.detach().cpu(), y.detach().cpu()))
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step("val", batch)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step("test", batch)
+
+    def to_voxels(self, z: torch.Tensor) -> torch.Tensor:
+        if self.pca_components is None:
+            return z
+        return z @ self.pca_components.to(z) + self.pca_mean.to(z)
+
+    def scores(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-voxel r, and r relative to the noise ceiling, from (N, K) predictions and targets."""
+        r = pearson_r(self.to_voxels(pred), self.to_voxels(target))
+        out = {"r": r}
+        if self.nc.numel() == r.numel():
+            out["r_nc"] = r / torch.sqrt(self.nc.cpu().clamp_min(1e-6) / 100.0)
+        return out
+
+    def _eval_end(self, split):
+        items = self._preds[split]
+        self._preds[split] = []
+        if not items:
+            return
+        pred = torch.cat([p for p, _ in items])
+        target = torch.cat([t for _, t in items])
+        if self.trainer.world_size > 1:
+            pred = self.all_gather(pred).flatten(0, 1).cpu()
+            target = self.all_gather(target).flatten(0, 1).cpu()
+        if len(pred) < 2:
+            return
+        s = self.scores(pred, target)
+        r = s["r"]
+        self.log(f"{split}/r_median", torch.nanmedian(r), prog_bar=split == "val")
+        self.log(f"{split}/r_mean", torch.nanmean(r))
+        if "r_nc" in s:
+            self.log(f"{split}/r_nc_median", torch.nanmedian(s["r_nc"]))
+        if split == "test":
+            self.test_r = r
+
+    def on_validation_epoch_end(self):
+        self._eval_end("val")
+
+    def on_test_epoch_end(self):
+        self._eval_end("test")
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def export_paths(self, cfg) -> list[Path]:
+        mc = self.hparams["model_config"]
+        return [predictor_path(cfg.paths.predictors_dir, mc["subject"], mc["region"], mc["shuffle"])]

@@ -1,0 +1,120 @@
+"""``neuroguide.train.run(cfg)``: what ``python train.py`` does, for every task.
+
+1. check the config; 2. build the datamodule (``cfg.task.datamodule``) and write the synthetic data
+when needed; 3. build the task from the registry; 4. fit with Lightning, resuming from
+``<output>/checkpoints/last.ckpt`` when present; 5. test; 6. write ``metrics.json`` and
+``config.yaml`` into the output folder and export the model (``model.ckpt``, plus task-specific
+places such as ``${paths.predictors_dir}/subjNN/<region>.ckpt``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from neuroguide.config import output_dir
+from neuroguide.tasks import get_task
+from neuroguide.utils.io import atomic_path, write_json
+
+log = logging.getLogger("neuroguide")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail early, naming the key, on values no task can use."""
+    alpha = cfg.get("alpha")
+    if alpha is not None and not (0.0 <= float(alpha) <= 1.0):
+        raise ValueError(f"alpha must lie in [0, 1] (the loss is (1 - alpha) * CE + alpha * MSE); got alpha={alpha}")
+    at = cfg.get("at")
+    if at is not None:
+        if float(at.eps) < 0:
+            raise ValueError(f"at.eps must be >= 0 (0 = plain training); got {at.eps}")
+        if str(at.norm).lower() not in ("l2", "linf"):
+            raise ValueError(f"at.norm must be l2 or linf; got {at.norm!r}")
+    subject = cfg.get("subject")
+    if subject is not None and not (isinstance(subject, int) and 1 <= subject <= 8):
+        raise ValueError(f"subject must be an integer 1..8; got {subject!r}")
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+
+
+def _float_metrics(metrics: dict) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, (int, float)):
+            out[k] = float(v)
+    return out
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train (and test) the task of ``cfg``; returns the final metrics (also in metrics.json)."""
+    check_config(cfg)
+    L.seed_everything(int(cfg.seed), workers=True)
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    task_cls = get_task(cfg.task.name)
+    if hasattr(task_cls, "prepare_config"):
+        cfg = task_cls.prepare_config(cfg)  # e.g. guidance: region=none forces alpha=0, finds its predictor
+    datamodule = instantiate(cfg.task.datamodule, _recursive_=False)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = task_cls.from_config(cfg, datamodule)
+
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg) or False,
+                                     callbacks=build_callbacks(cfg), default_root_dir=str(out))
+    _log_config(trainer, cfg)
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if cfg.get("resume", True) and last.exists() else None
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = _float_metrics(trainer.callback_metrics)
+    if cfg.get("test", True) and hasattr(module, "test_step") and not trainer.fast_dev_run:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        metrics.update(_float_metrics(trainer.callback_metrics))
+    elif trainer.fast_dev_run:
+        trainer.test(module, datamodule=datamodule, verbose=False) if hasattr(module, "test_step") else None
+        metrics.update(_float_metrics(trainer.callback_metrics))
+    metrics.update(getattr(module, "extra_metrics", lambda: {})())
+    _finish(trainer, module, cfg, out, metrics)
+    return metrics
+
+
+@rank_zero_only
+def _log_config(trainer: L.Trainer, cfg: DictConfig) -> None:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for lg in trainer.loggers:
+        lg.log_hyperparams(container)
+
+
+@rank_zero_only
+def _finish(trainer: L.Trainer, module, cfg: DictConfig, out: Path, metrics: dict) -> None:
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        log.warning("non-finite metrics: %s", bad)
+    with atomic_path(out / "config.yaml") as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_json(out / "metrics.json", metrics)
+    module.export(out / "model.ckpt", metrics)
+    for p in module.export_paths(cfg):
+        module.export(p, metrics)
+        log.info("saved %s model to %s", cfg.task.name, p)
+    for lg in trainer.loggers:
+        exp = getattr(lg, "experiment", None)
+        if type(lg).__name__ == "WandbLogger" and exp is not None and hasattr(exp, "summary"):
+            exp.summary.update(metrics)
+    log.info("metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
+    log.info("wrote %s and %s", out / "metrics.json", out / "config.yaml")

@@ -1,0 +1,17 @@
+"""Train a neuroguide model: ``python train.py region=TO alpha=0.5`` (see README.md)."""
+import hydra
+from omegaconf import DictConfig
+
+import neuroguide.config  # noqa: F401  (registers the config resolvers)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from neuroguide.train import run
+
+    metrics = run(cfg)
+    return metrics.get(cfg.task.get("monitor", ""), None)
+
+
+if __name__ == "__main__":
+    main()
