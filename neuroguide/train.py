@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from neuroguide.config import output_dir
+from neuroguide.data import prepare_synthetic
 from neuroguide.tasks import get_task
 from neuroguide.utils.io import atomic_path, write_json
 
@@ -66,6 +67,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     task_cls = get_task(cfg.task.name)
+    prepare_synthetic(cfg.data)  # the embedded default: written on first use
     if hasattr(task_cls, "prepare_config"):
         cfg = task_cls.prepare_config(cfg)  # e.g. guidance: region=none forces alpha=0, finds its predictor
     datamodule = instantiate(cfg.task.datamodule, _recursive_=False)

@@ -26,19 +26,6 @@ class ImageResponseDataset(Dataset):
         return self.stimuli[i], self.responses[i]
 
 
-def prepare_nsd(nsd_root: str | Path, synthetic: bool, synthetic_params: Mapping | None = None) -> Path:
-    """Write the embedded synthetic NSD tree when ``synthetic`` (idempotent); check the real one otherwise."""
-    root = Path(nsd_root).expanduser()
-    if synthetic:
-        from neuroguide.data.synthetic.nsd import write_synthetic_nsd
-
-        write_synthetic_nsd(root, **dict(synthetic_params or {}))
-    elif not root.is_dir():
-        raise FileNotFoundError(f"paths.nsd_root={root} does not exist: point it at the folder holding "
-                                "nsddata/, nsddata_betas/ and nsddata_stimuli/ (or use data=synthetic)")
-    return root
-
-
 class NSDDataModule(L.LightningDataModule):
     """One region of one subject: train (minus a validation tenth) / val / test = shared images.
 
@@ -52,7 +39,7 @@ class NSDDataModule(L.LightningDataModule):
                  batch_size: int = 64, num_workers: int = 0, betas_format: str = "nii.gz",
                  pca: bool = False, pca_variance: float = 0.95, cache_dir: str | None = None,
                  max_sessions: int | None = None, val_fraction: float = 0.1, shuffle: bool = False,
-                 seed: int = 0, synthetic: bool = False, synthetic_params: Mapping | None = None):
+                 seed: int = 0):
         super().__init__()
         self.nsd_root, self.subject = nsd_root, int(subject)
         self.spec = RegionSpec.from_config(region)
@@ -60,16 +47,14 @@ class NSDDataModule(L.LightningDataModule):
         self.betas_format, self.pca, self.pca_variance = betas_format, bool(pca), float(pca_variance)
         self.cache_dir, self.max_sessions = cache_dir, max_sessions
         self.val_fraction, self.shuffle, self.seed = float(val_fraction), bool(shuffle), int(seed)
-        self.synthetic, self.synthetic_params = bool(synthetic), synthetic_params
         self.region_data: RegionData | None = None
-
-    def prepare_data(self) -> None:
-        prepare_nsd(self.nsd_root, self.synthetic, self.synthetic_params)
 
     def setup(self, stage: str | None = None) -> None:
         if self.region_data is not None:
             return
-        prepare_nsd(self.nsd_root, self.synthetic, self.synthetic_params)  # idempotent (DDP ranks)
+        if self.nsd_root is None or not Path(self.nsd_root).expanduser().is_dir():
+            raise FileNotFoundError(f"paths.nsd_root={self.nsd_root} does not exist: point it at the folder holding "
+                                    "nsddata/, nsddata_betas/ and nsddata_stimuli/ (or use data=synthetic)")
         rd = extract_regions(self.nsd_root, self.subject, [self.spec], cache_dir=self.cache_dir,
                              betas_format=self.betas_format, max_sessions=self.max_sessions, pca=self.pca,
                              pca_variance=self.pca_variance)[self.spec.name]

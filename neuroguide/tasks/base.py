@@ -19,13 +19,14 @@ from neuroguide.models.checkpoints import save_model_file
 class Task(L.LightningModule):
     task_name: ClassVar[str] = "task"
 
-    def __init__(self, model_config: dict, run_config: dict | None = None):
+    def __init__(self, model_config: dict, run_config: dict | None = None, model: nn.Module | None = None):
+        """``model``: an already built network (e.g. with loaded frozen parts); else built from model_config."""
         super().__init__()
         # plain dicts (not the caller's frame): what load_model needs, loadable with weights_only=True
         self._set_hparams({"task_name": self.task_name, "model_config": dict(model_config),
                            "run_config": dict(run_config or {})})
         self._hparams_initial = copy.deepcopy(self._hparams)
-        self.model = self.build_model(**model_config)
+        self.model = model if model is not None else self.build_model(**model_config)
 
     @staticmethod
     def build_model(**model_config: Any) -> nn.Module:  # pragma: no cover - abstract

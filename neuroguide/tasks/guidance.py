@@ -1,0 +1,243 @@
+"""Neurally-guided classification (Shao et al.): a dual-head ResNet18 aligned to a frozen predictor.
+
+Loss: ``(1 - alpha) * CE(logits, y) + alpha * MSE(neural_head(x), predictor(x))``. With
+``at.eps > 0`` both terms are computed on PGD examples made by the project's attack engine (the
+model in eval mode while attacking, in train mode for the update). Baselines are regions:
+``region=none`` (alpha forced to 0), ``region=random`` (an untrained predictor sized like
+``region.like``), ``predictor.shuffle=true`` (the shuffled-control predictor of the region).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics.classification import MulticlassAccuracy
+
+from neuroguide.metrics import rowwise_pearson_r
+from neuroguide.models.checkpoints import load_model, read_checkpoint
+from neuroguide.models.dual_head import DualHeadResNet
+from neuroguide.tasks import get_task, register_task
+from neuroguide.tasks.base import Task
+from neuroguide.tasks.predictor import predictor_path
+
+log = logging.getLogger("neuroguide")
+
+
+def predictor_train_command(cfg: DictConfig, region: str) -> str:
+    """The exact command that trains the predictor the guidance run looks for."""
+    parts = ["python train.py task=predictor", f"region={region}", f"subject={cfg.subject}", f"data={cfg.data.name}"]
+    if cfg.data.name != "synthetic":
+        parts.append(f"paths.nsd_root={cfg.paths.nsd_root}")
+    if cfg.predictor.shuffle:
+        parts.append("predictor.shuffle=true")
+    if Path(cfg.paths.predictors_dir) != Path(cfg.paths.root_dir) / "predictors" / cfg.data.name:
+        parts.append(f"paths.predictors_dir={cfg.paths.predictors_dir}")
+    return " ".join(parts)
+
+
+def _nested_predictor_overrides(cfg: DictConfig, region: str) -> list[str]:
+    return ["task=predictor", f"region={region}", f"subject={cfg.subject}", f"data={cfg.data.name}",
+            f"seed={cfg.seed}", f"predictor.shuffle={str(bool(cfg.predictor.shuffle)).lower()}",
+            f"paths.data_dir={cfg.paths.data_dir}", f"paths.predictors_dir={cfg.paths.predictors_dir}",
+            f"trainer.accelerator={cfg.trainer.accelerator}", "logger=csv"]
+
+
+def ensure_predictor(cfg: DictConfig, region: str) -> Path:
+    """Path of the region's predictor; on synthetic data it is trained first when missing."""
+    path = predictor_path(cfg.paths.predictors_dir, cfg.subject, region, bool(cfg.predictor.shuffle))
+    if path.exists():
+        return path
+    if not cfg.data.synthetic:
+        raise FileNotFoundError(
+            f"no {region} predictor for subject {cfg.subject} at {path}. Train it first with:\n  "
+            f"{predictor_train_command(cfg, region)}")
+    from neuroguide.config import compose_config, output_dir
+    from neuroguide.train import run
+
+    out = output_dir(cfg) / f"predictor_{path.stem}"
+    log.warning("no %s predictor at %s: training it first on the synthetic data (%s)", region, path, out)
+    pcfg = compose_config("train", _nested_predictor_overrides(cfg, region), output_dir=out)
+    run(pcfg)
+    if not path.exists():  # pragma: no cover - run() exports it
+        raise RuntimeError(f"training the {region} predictor did not write {path}")
+    return path
+
+
+@register_task("guidance")
+class GuidanceTask(Task):
+    monitor = ("val/acc", "max")
+
+    def __init__(self, model_config: dict, run_config: dict | None = None, *, alpha: float = 0.5,
+                 at: dict | None = None, optimizer=None, scheduler=None, predictor: torch.nn.Module | None = None):
+        model = self.build_model(**model_config, predictor_module=predictor) if predictor is not None else None
+        super().__init__(model_config, run_config, model)
+        self.alpha = float(alpha)
+        self.at = dict(at or {"eps": 0.0})
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        k = model_config["num_classes"]
+        self.metrics = torch.nn.ModuleDict({
+            f"{s}_{n}": MulticlassAccuracy(num_classes=k, top_k=min(topk, k), average="micro")
+            for s in ("train", "val", "test") for n, topk in (("acc", 1), ("acc5", 5))})
+
+    @staticmethod
+    def build_model(num_classes: int, n_neural: int = 0, branch: str = "layer4", arch: str = "resnet18",
+               predictor: dict | None = None, predictor_module: torch.nn.Module | None = None,
+               **_meta) -> DualHeadResNet:
+        """The dual-head model; ``predictor`` is the predictor's model_config (architecture only,
+        weights come from the state dict) unless an already loaded ``predictor_module`` is given."""
+        pred = predictor_module
+        if pred is None and predictor:
+            pred = get_task("predictor").build_model(**predictor)
+        size = (predictor or {}).get("image_size")
+        return DualHeadResNet(num_classes, n_neural if pred is not None else 0, branch, arch, pred, size)
+
+    @classmethod
+    def prepare_config(cls, cfg: DictConfig) -> DictConfig:
+        cfg = cfg.copy()
+        OmegaConf.set_struct(cfg, False)
+        baseline = cfg.region.get("baseline")
+        if baseline == "none" and float(cfg.alpha) != 0.0:
+            log.warning("region=none: no neural guidance, alpha forced from %s to 0", cfg.alpha)
+            cfg.alpha = 0.0
+        if baseline is None:
+            cfg.predictor_path = str(ensure_predictor(cfg, cfg.region.name))
+        return cfg
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, datamodule) -> "GuidanceTask":
+        baseline = cfg.region.get("baseline")
+        pred_module, pred_cfg = None, None
+        if baseline is None:
+            pred_module, pred_cfg = load_predictor(cfg.predictor_path, cfg)
+        elif baseline == "random":
+            pred_module, pred_cfg = random_predictor(cfg)
+        model_config = {"num_classes": int(datamodule.num_classes), "branch": cfg.task.branch,
+                        "arch": cfg.task.arch, "n_neural": int(pred_cfg["n_outputs"]) if pred_cfg else 0,
+                        "predictor": pred_cfg, "region": cfg.region.name, "alpha": float(cfg.alpha),
+                        "at_eps": float(cfg.at.eps), "image_size": int(cfg.data.image_size)}
+        return cls(model_config, OmegaConf.to_container(cfg, resolve=True), alpha=cfg.alpha,
+                   at=OmegaConf.to_container(cfg.at, resolve=True), optimizer=instantiate(cfg.task.optimizer),
+                   scheduler=cfg.task.get("scheduler"), predictor=pred_module)
+
+    # ------------------------------------------------------------------ steps
+    def adversarial(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """PGD examples within ``at.eps`` (L2 or Linf) of ``x``, in [0, 1], made in eval mode."""
+        from neuroguide.attacks import objectives, pgd_attack
+
+        at = self.at
+        return pgd_attack(self.model, x, objectives.CrossEntropy(y), eps=float(at["eps"]), norm=str(at["norm"]).lower(),
+                          steps=int(at["steps"]), step_size=at.get("step_size"),
+                          random_start=bool(at.get("random_start", True))).x_adv.detach()
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits, neural = self.model.forward_heads(x)
+        out = {"logits": logits, "ce": F.cross_entropy(logits, y)}
+        if neural is not None:
+            target = self.model.predictor_target(x)
+            out["align"] = F.mse_loss(neural, target)
+            out["neural_r"] = rowwise_pearson_r(neural.detach(), target).nanmean()
+            out["loss"] = (1 - self.alpha) * out["ce"] + self.alpha * out["align"]
+        else:
+            out["loss"] = out["ce"]
+        return out
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if float(self.at.get("eps", 0)) > 0:
+            x = self.adversarial(x, y)
+        self.last_train_inputs = x  # for tests and callbacks: what the loss was computed on
+        out = self.losses(x, y)
+        self._log("train", out, y)
+        return out["loss"]
+
+    def _log(self, split: str, out: dict, y: torch.Tensor) -> None:
+        bs = len(y)
+        on_step = split == "train"
+        for k in ("loss", "ce", "align", "neural_r"):
+            if k in out:
+                self.log(f"{split}/{k}", out[k], on_step=False, on_epoch=True, batch_size=bs, sync_dist=not on_step,
+                         prog_bar=k in ("loss",) and split == "train")
+        for n in ("acc", "acc5"):
+            m = self.metrics[f"{split}_{n}"]
+            m(out["logits"].detach(), y)
+            self.log(f"{split}/{n}", m, on_step=False, on_epoch=True, batch_size=bs, prog_bar=(split, n) == ("val", "acc"))
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self._log("val", self.losses(x, y), y)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self._log("test", self.losses(x, y), y)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.SGD(
+            params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+        sched = self.scheduler_factory
+        if not sched or sched.get("name") in (None, "none"):
+            return opt
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        if sched["name"] == "cosine":
+            s = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        elif sched["name"] == "step":
+            s = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(sched["milestones"]),
+                                                     gamma=float(sched.get("gamma", 0.1)))
+        else:
+            raise ValueError(f"task.scheduler.name must be none, cosine or step; got {sched['name']!r}")
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "epoch"}}
+
+
+def load_predictor(path: str | Path, cfg: DictConfig) -> tuple[torch.nn.Module, dict]:
+    """Load a predictor checkpoint and check that it belongs to this run's region and data."""
+    task_name, mc, _, _ = read_checkpoint(path)
+    if task_name != "predictor":
+        raise ValueError(f"{path} holds a {task_name!r} model, not a predictor")
+    want = cfg.region.name
+    if mc.get("region") != want or int(mc.get("subject", cfg.subject)) != int(cfg.subject):
+        raise ValueError(f"{path} is the predictor of region {mc.get('region')} subject {mc.get('subject')}, but this "
+                         f"run asks for region={want} subject={cfg.subject}. Retrain with: "
+                         f"{predictor_train_command(cfg, want)}")
+    expected = region_outputs(cfg, want)
+    if expected is not None and int(mc["n_outputs"]) != expected:
+        raise ValueError(f"predictor checkpoint {path} has {mc['n_outputs']} outputs but region {want} of subject "
+                         f"{cfg.subject} has {expected} in the data at {cfg.data.nsd_root}. The checkpoint was "
+                         f"trained on other data or settings; retrain it with: {predictor_train_command(cfg, want)}")
+    return load_model(path), mc
+
+
+def region_outputs(cfg: DictConfig, region: str, spec=None) -> int | None:
+    """Output size the region's predictor must have on this run's NSD data (voxels or PCA components)."""
+    from neuroguide.data.nsd import extract_regions
+
+    spec = spec if spec is not None else OmegaConf.to_container(cfg.region, resolve=True)
+    try:
+        rd = extract_regions(cfg.data.nsd_root, cfg.subject, [spec], cache_dir=cfg.paths.cache_dir,
+                             betas_format=cfg.data.betas_format, max_sessions=cfg.data.max_sessions,
+                             pca=cfg.data.pca, pca_variance=cfg.data.pca_variance, progress=False)[region]
+    except FileNotFoundError:
+        return None  # no NSD betas here (e.g. only the predictors were copied): nothing to check against
+    return int(rd.n_outputs)
+
+
+def random_predictor(cfg: DictConfig) -> tuple[torch.nn.Module, dict]:
+    """An untrained predictor (seeded) with as many outputs as region ``region.like`` has."""
+    from neuroguide.config import CONF_DIR
+
+    like = cfg.region.get("like", "TO")
+    spec_file = CONF_DIR / "region" / f"{like}.yaml"
+    if not spec_file.exists():
+        raise FileNotFoundError(f"region.like={like}: no region config {spec_file}")
+    spec = OmegaConf.to_container(OmegaConf.load(spec_file), resolve=True)
+    n = region_outputs(cfg, like, spec)
+    if n is None:
+        raise FileNotFoundError(f"region=random needs the NSD data of region {like} to size the predictor "
+                                f"(paths.nsd_root={cfg.data.nsd_root})")
+    mc = {"arch": cfg.task.arch, "n_outputs": n, "region": f"random_{like}", "subject": int(cfg.subject),
+          "n_voxels": n, "pca": bool(cfg.data.pca), "shuffle": False, "image_size": int(cfg.data.image_size)}
+    torch.manual_seed(int(cfg.seed))
+    return get_task("predictor").build_model(**mc), mc

@@ -1,0 +1,196 @@
+"""NSD reader on a tiny hand-made tree whose answers are known, and on the synthetic writer's tree."""
+from __future__ import annotations
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+import scipy.io
+
+from neuroguide.data import nsd
+from neuroguide.data.nsd import Design, NSDPaths, RegionSpec, extract_regions, noise_ceiling
+
+SHAPE = (2, 2, 1)  # four voxels
+
+
+def _nii(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+
+
+def make_tiny_tree(root, betas_by_session, fmt="nii.gz", float_betas=False):
+    """Subject 2; 73k ids of its images: subjectim[1] = [11, 12, 13] (1-based) -> 0-based 10, 11, 12.
+
+    Trials (masterordering, 1-based into the subject list) : [1, 2, 1, 3, 2, 1, 3, 3] -> images
+    [10, 11, 10, 12, 11, 10, 12, 12]; sharedix = [13] -> image 12 is the test image.
+    """
+    p = NSDPaths(root, 2)
+    subjectim = np.zeros((8, 3))
+    subjectim[1] = [11, 12, 13]
+    scipy.io.savemat(_mk(p.expdesign), {"masterordering": np.array([[1, 2, 1, 3, 2, 1, 3, 3]], float),
+                                        "subjectim": subjectim, "sharedix": np.array([[13]], float)})
+    kastner = np.array([1, 2, 0, -1], np.int16).reshape(SHAPE)  # voxel 0: label 1, voxel 1: label 2
+    general = np.array([1, 1, 1, -1], np.int16).reshape(SHAPE)
+    _nii(p.roi("Kastner2015"), kastner)
+    _nii(p.roi("nsdgeneral"), general)
+    _nii(p.ncsnr, np.array([0.5, 1.0, 2.0, 0.0], np.float32).reshape(SHAPE))
+    for s, b in enumerate(betas_by_session, 1):  # b: (trials, 4 voxels) percent signal change
+        vol = np.asarray(b, np.float32 if float_betas else np.float64).T.reshape(*SHAPE, len(b))
+        if not float_betas:
+            vol = np.round(vol * 300).astype(np.int16)
+        if fmt == "nii.gz":
+            _nii(p.betas_dir / f"betas_session{s:02d}.nii.gz", vol)
+        else:
+            p.betas_dir.mkdir(parents=True, exist_ok=True)
+            with h5py.File(p.betas_dir / f"betas_session{s:02d}.hdf5", "w") as f:
+                f["betas"] = vol.transpose(3, 2, 1, 0)
+    return p
+
+
+def _mk(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+SESSIONS = [  # session 1: 5 trials, session 2: 3 trials (trials per session read from the file)
+    [[1, 0, 0, 0], [2, 1, 0, 0], [3, 2, 0, 0], [4, 3, 0, 0], [5, 4, 0, 0]],
+    [[10, 0, 0, 0], [30, 2, 0, 0], [20, 4, 0, 0]],
+]
+V1 = RegionSpec("V1", "Kastner2015", (1, 2), "nsdgeneral")
+
+
+def expected_by_hand():
+    """z-score per session and voxel, then average repeats by image."""
+    z = []
+    for b in SESSIONS:
+        b = np.asarray(b, float)[:, :2]
+        z.append((b - b.mean(0)) / b.std(0))
+    z = np.concatenate(z)
+    images = np.array([10, 11, 10, 12, 11, 10, 12, 12])
+    return {img: z[images == img].mean(0) for img in (10, 11, 12)}, {10: 3, 11: 2, 12: 3}
+
+
+@pytest.mark.parametrize("fmt", ["nii.gz", "hdf5"])
+def test_tiny_tree_known_answer(tmp_path, fmt):
+    make_tiny_tree(tmp_path, SESSIONS, fmt)
+    rd = extract_regions(tmp_path, 2, [V1], betas_format=fmt, progress=False)["V1"]
+    want, reps = expected_by_hand()
+    assert list(rd.train_images) == [10, 11] and list(rd.test_images) == [12]  # shared image = test
+    np.testing.assert_allclose(rd.train, np.stack([want[10], want[11]]), atol=2e-3)  # int16 /300 rounding
+    np.testing.assert_allclose(rd.test, want[12][None], atol=2e-3)
+    assert list(rd.test_repeats) == [reps[12]]
+    # noise ceiling: 100 * ncsnr^2 / (ncsnr^2 + 1/n), n = 3 repeats of the test image
+    np.testing.assert_allclose(rd.nc, [100 * 0.25 / (0.25 + 1 / 3), 100 * 1 / (1 + 1 / 3)], rtol=1e-5)
+    assert rd.meta["trials"] == 8 and rd.meta["sessions"] == 2
+
+
+def test_trial_to_image_mapping(tmp_path):
+    p = make_tiny_tree(tmp_path, SESSIONS)
+    d = Design.read(p.expdesign)
+    np.testing.assert_array_equal(d.trial_images(2, 8), [10, 11, 10, 12, 11, 10, 12, 12])
+    np.testing.assert_array_equal(d.shared_images, [12])
+
+
+def test_beta_scaling_divides_by_300(tmp_path):
+    p = make_tiny_tree(tmp_path, SESSIONS)
+    b = nsd.read_session(p.betas_dir / "betas_session01.nii.gz", np.array([0, 1]), SHAPE)
+    np.testing.assert_allclose(b, np.asarray(SESSIONS[0], float)[:, :2], atol=1e-6)
+
+
+def test_noise_ceiling_formula():
+    assert noise_ceiling(1.0, 1) == pytest.approx(50.0)
+    assert noise_ceiling(0.0, 3) == pytest.approx(0.0)
+    np.testing.assert_allclose(noise_ceiling(np.array([2.0]), 3), [100 * 4 / (4 + 1 / 3)])
+
+
+def test_nan_betas_error_names_file(tmp_path):
+    bad = [list(map(float, r)) for r in SESSIONS[0]]
+    bad[2][0] = np.nan
+    make_tiny_tree(tmp_path, [bad], float_betas=True)
+    with pytest.raises(ValueError, match=r"betas_session01\.nii\.gz.*NaN"):
+        extract_regions(tmp_path, 2, [V1], progress=False)
+
+
+def test_missing_files_and_bad_keys(tmp_path):
+    with pytest.raises(FileNotFoundError, match="paths.nsd_root"):
+        extract_regions(tmp_path / "nowhere", 1, [V1], progress=False)
+    with pytest.raises(ValueError, match="subject must be an integer 1..8"):
+        NSDPaths(tmp_path, 9)
+    make_tiny_tree(tmp_path, SESSIONS)
+    with pytest.raises(ValueError, match="no voxel.*labels"):
+        extract_regions(tmp_path, 2, [RegionSpec("X", "Kastner2015", (16,), None)], progress=False)
+    with pytest.raises(KeyError, match="labels"):
+        RegionSpec.from_config({"name": "TO", "atlas": "Kastner2015"})
+    (NSDPaths(tmp_path, 2).roi("nsdgeneral")).unlink()
+    with pytest.raises(FileNotFoundError, match="nsdgeneral.nii.gz"):
+        extract_regions(tmp_path, 2, [V1], progress=False)
+
+
+def test_synthetic_tree_both_formats_agree(synthetic_nsd):
+    specs = [RegionSpec("V1", "Kastner2015", (1, 2), "nsdgeneral"), RegionSpec("TO", "Kastner2015", (12, 13), "nsdgeneral"),
+             RegionSpec("FFA", "floc-faces", (2, 3), None)]
+    a = extract_regions(synthetic_nsd, 1, specs, betas_format="nii.gz", progress=False)
+    b = extract_regions(synthetic_nsd, 1, specs, betas_format="hdf5", progress=False)
+    for name in ("V1", "TO", "FFA"):
+        np.testing.assert_array_equal(a[name].train, b[name].train)
+        assert a[name].n_voxels > 10
+        assert set(a[name].test_images) <= set(Design.read(NSDPaths(synthetic_nsd, 1).expdesign).shared_images)
+    # nsdgeneral intersection drops voxels: V1 is smaller than its Kastner labels alone
+    v1_all = extract_regions(synthetic_nsd, 1, [RegionSpec("V1", "Kastner2015", (1, 2), None)], progress=False)["V1"]
+    assert v1_all.n_voxels > a["V1"].n_voxels
+
+
+def test_planted_structure_beats_shuffle(synthetic_nsd):
+    """Responses are a function of the image: split-half images agree; a shuffled pairing does not."""
+    from neuroguide.metrics import pearson_r
+    import torch
+
+    rd = extract_regions(synthetic_nsd, 1, [RegionSpec("TO", "Kastner2015", (12, 13), "nsdgeneral")],
+                         progress=False)["TO"]
+    assert rd.ncsnr.mean() > 0.5
+    # ridge from the writer's pixel features to voxels: held-out r well above a shuffled control
+    from neuroguide.data.synthetic.nsd import image_features
+    with h5py.File(NSDPaths(synthetic_nsd, 1).stimuli) as f:
+        imgs = f["imgBrick"][()]
+    X = image_features(imgs)
+    X = (X - X.mean(0)) / X.std(0)
+    Xtr, Xte = X[rd.train_images], X[rd.test_images]
+
+    def fit_r(ytr):
+        W = np.linalg.solve(Xtr.T @ Xtr + 10 * np.eye(X.shape[1]), Xtr.T @ ytr)
+        return np.nanmedian(pearson_r(torch.tensor(Xte @ W), torch.tensor(np.asarray(rd.test))).numpy())
+
+    r = fit_r(np.asarray(rd.train))
+    r_shuffled = fit_r(np.asarray(rd.train)[np.random.default_rng(0).permutation(len(rd.train))])
+    assert r > 0.4 and abs(r_shuffled) < 0.2, (r, r_shuffled)
+
+
+def test_cache_reused_and_rebuilt_on_param_change(synthetic_nsd, tmp_path, monkeypatch):
+    spec = [RegionSpec("V4", "Kastner2015", (7,), "nsdgeneral")]
+    first = extract_regions(synthetic_nsd, 1, spec, cache_dir=tmp_path, progress=False)["V4"]
+    assert isinstance(first.train, np.memmap)
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    assert len(folders) == 1 and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+    def no_reads(*a, **k):
+        raise AssertionError("a cached region must not read the betas again")
+
+    monkeypatch.setattr(nsd, "read_session", no_reads)
+    again = extract_regions(synthetic_nsd, 1, spec, cache_dir=tmp_path, progress=False)["V4"]
+    np.testing.assert_array_equal(first.train, again.train)
+    monkeypatch.undo()
+    pca = extract_regions(synthetic_nsd, 1, spec, cache_dir=tmp_path, pca=True, progress=False)["V4"]
+    assert len(list(tmp_path.iterdir())) == 2  # a parameter change makes a new cache entry
+    assert pca.pca_components.shape[0] < pca.n_voxels and pca.targets("train").shape[1] == pca.n_outputs
+
+
+def test_pca_fitted_on_train_only(synthetic_nsd):
+    spec = [RegionSpec("V1", "Kastner2015", (1, 2), "nsdgeneral")]
+    rd = extract_regions(synthetic_nsd, 1, spec, pca=True, progress=False)["V1"]
+    comps, mean = nsd.fit_pca(np.asarray(rd.train), 0.95)
+    np.testing.assert_allclose(rd.pca_components, comps, atol=1e-5)
+    np.testing.assert_allclose(rd.pca_mean, np.asarray(rd.train).mean(0), atol=1e-5)
+    # kept components explain >= 95 % of train variance
+    y = np.asarray(rd.train) - mean
+    recon = (y @ comps.T) @ comps
+    assert 1 - ((y - recon) ** 2).sum() / (y**2).sum() >= 0.95
