@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     task_cls = get_task(cfg.task.name)
-    prepare_synthetic(cfg.data)  # the embedded default: written on first use
+    prepare_synthetic(cfg.data, cfg.task.get("needs", ()))  # the embedded default: written on first use
     if hasattr(task_cls, "prepare_config"):
         cfg = task_cls.prepare_config(cfg)  # e.g. guidance: region=none forces alpha=0, finds its predictor
     datamodule = instantiate(cfg.task.datamodule, _recursive_=False)

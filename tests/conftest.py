@@ -17,3 +17,23 @@ def synthetic_nsd(tmp_path_factory):
     from neuroguide.data.synthetic.nsd import write_synthetic_nsd
 
     return write_synthetic_nsd(tmp_path_factory.mktemp("nsd") / "nsd", **SMALL_NSD)
+
+
+def small_overrides(tmp) -> list[str]:
+    """Overrides that make any train/evaluate config small and local to a temp folder."""
+    o = [f"paths.data_dir={tmp}/data", f"paths.log_dir={tmp}/outputs", f"paths.predictors_dir={tmp}/predictors",
+         "data.image_size=32", "trainer.accelerator=cpu", "logger=csv", "data.synthetic_imagenet.n_train=16",
+         "data.synthetic_imagenet.n_val=6", "data.synthetic_imagenet.image_size=32", "data.synthetic_imagenet.n_classes=4"]
+    o += [f"data.synthetic_nsd.{k}={v}" for k, v in SMALL_NSD.items()]
+    return o
+
+
+@pytest.fixture
+def compose_train(tmp_path):
+    """compose_train(*overrides, out="run") -> the composed train config, small, writing under tmp_path."""
+    from neuroguide.config import compose_config
+
+    def _compose(*overrides, out="run", config_name="train"):
+        return compose_config(config_name, small_overrides(tmp_path) + list(overrides), output_dir=tmp_path / out)
+
+    return _compose

@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 
-def prepare_synthetic(data_cfg: Mapping) -> None:
-    """Write the embedded synthetic datasets named by the data config when it is synthetic.
+def prepare_synthetic(data_cfg: Mapping, needs: Sequence[str] = ("nsd", "imagenet")) -> None:
+    """Write the embedded synthetic datasets a task ``needs`` (nsd, imagenet) when data is synthetic.
 
     Each writer is idempotent and atomic, so concurrent runs (sweeps, DDP ranks) end with one
     valid tree. Real data configs (``synthetic: false``) are left alone.
     """
     if not data_cfg.get("synthetic"):
         return
-    if data_cfg.get("synthetic_nsd") is not None and data_cfg.get("nsd_root"):
+    if "nsd" in needs and data_cfg.get("synthetic_nsd") is not None:
         from neuroguide.data.synthetic.nsd import write_synthetic_nsd
 
         write_synthetic_nsd(Path(data_cfg["nsd_root"]), **dict(data_cfg["synthetic_nsd"]))
-    if data_cfg.get("synthetic_imagenet") is not None and data_cfg.get("imagenet_root"):
+    if "imagenet" in needs and data_cfg.get("synthetic_imagenet") is not None:
         from neuroguide.data.synthetic.imagenet import write_synthetic_imagenet
 
         write_synthetic_imagenet(Path(data_cfg["imagenet_root"]), **dict(data_cfg["synthetic_imagenet"]))

@@ -172,10 +172,13 @@ def zscore_session(b: np.ndarray) -> np.ndarray:
 
 def average_repeats(responses: np.ndarray, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Average trials of the same image: (T, V), (T,) -> images (n,), mean (n, V), repeats (n,)."""
+    import scipy.sparse
+
     images, inverse, counts = np.unique(image_ids, return_inverse=True, return_counts=True)
-    sums = np.zeros((len(images), responses.shape[1]), np.float64)
-    np.add.at(sums, inverse, responses)
-    return images, (sums / counts[:, None]).astype(np.float32), counts
+    # a sparse (n_images, T) averaging matrix: row i holds 1/count_i at the trials of image i
+    avg = scipy.sparse.csr_matrix((1.0 / counts[inverse], (inverse, np.arange(len(image_ids)))),
+                                  shape=(len(images), len(image_ids)))
+    return images, np.asarray(avg @ responses.astype(np.float64), np.float32), counts
 
 
 def noise_ceiling(ncsnr: np.ndarray, n: float | np.ndarray) -> np.ndarray:

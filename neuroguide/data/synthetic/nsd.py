@@ -102,24 +102,24 @@ def _block_masks(shape, n_blocks: int, rng: np.random.Generator) -> list[np.ndar
     inner[1:-1, 1:-1, 1:-1] = True
     idx = np.flatnonzero(inner.ravel())
     rng.shuffle(idx)
-    per = len(idx) // (n_blocks + 1)
+    per = min(len(idx) // (n_blocks + 1), 600)  # areas stay a small part of a large volume, as in NSD
     return [np.sort(idx[i * per:(i + 1) * per]) for i in range(n_blocks)]
 
 
 def write_synthetic_nsd(root: str | Path, *, subjects=(1,), n_stimuli: int = 900, n_subject_images: int = 700,
                         n_shared: int = 100, n_repeats: int = 3, trials_per_session: int = 300,
                         image_size: int = 64, noise_sd: float = 1.0, seed: int = 0,
-                        voxels_per_area: int = 40, overwrite: bool = False) -> Path:
+                        volume: tuple = VOLUME, overwrite: bool = False) -> Path:
     """Write the synthetic NSD tree under ``root`` (idempotent; atomic rename into place).
 
     Returns ``root``. When a complete tree with the same parameters already exists, nothing is
     written. Sizes are small by default (900 stimuli of 64 px, 700 images x 3 repeats for each
-    subject, 7 sessions of 300 trials).
+    subject, 7 sessions of 300 trials, an 18 x 20 x 14 volume).
     """
     root = Path(root)
     params = dict(subjects=list(subjects), n_stimuli=n_stimuli, n_subject_images=n_subject_images,
                   n_shared=n_shared, n_repeats=n_repeats, trials_per_session=trials_per_session,
-                  image_size=image_size, noise_sd=noise_sd, seed=seed, voxels_per_area=voxels_per_area,
+                  image_size=image_size, noise_sd=noise_sd, seed=seed, volume=list(volume),
                   version=1)
     key = hash_inputs(params)
     marker = root / MARKER
@@ -187,7 +187,7 @@ def _write(root: Path, p: dict) -> None:
                               "sharedix": (np.sort(shared) + 1)[None].astype(np.float64)})
 
     # --- ROIs and planted responses, per subject -------------------------------------------
-    shape = VOLUME
+    shape = tuple(p["volume"])
     n_areas = len(KASTNER_LABELS) + sum(len(v) for v in FLOC.values())
     for subject in p["subjects"]:
         srng = np.random.default_rng([p["seed"], subject])
