@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from neuroguide.config import output_dir
 from neuroguide.data import prepare_synthetic
+from neuroguide.slurm import preflight, slurm_allocation
 from neuroguide.tasks import get_task
 from neuroguide.utils.io import atomic_path, write_json
 
@@ -63,6 +64,7 @@ def _float_metrics(metrics: dict) -> dict[str, float]:
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train (and test) the task of ``cfg``; returns the final metrics (also in metrics.json)."""
     check_config(cfg)
+    preflight(cfg.trainer.get("devices", 1), cfg.trainer.get("accelerator", "auto"))
     L.seed_everything(int(cfg.seed), workers=True)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,8 +77,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")
     module = task_cls.from_config(cfg, datamodule)
 
+    extra = {}
+    if slurm_allocation() is not None:  # requeue on timeout is submitit's job (once), not Lightning's
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        extra["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg) or False,
-                                     callbacks=build_callbacks(cfg), default_root_dir=str(out))
+                                     callbacks=build_callbacks(cfg), default_root_dir=str(out), **extra)
     _log_config(trainer, cfg)
     last = out / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if cfg.get("resume", True) and last.exists() else None

@@ -1,0 +1,164 @@
+"""Guidance task: frozen predictor, loss formula, adversarial batches, baselines, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning as L
+import neuroguide
+from neuroguide.models.checkpoints import save_model_file
+from neuroguide.tasks.guidance import GuidanceTask
+from neuroguide.tasks.predictor import PredictorTask
+from neuroguide.train import run
+
+N_CLASSES, N_VOX, SIZE = 3, 7, 32
+
+
+def tiny_task(alpha=0.5, at=None, branch="layer4"):
+    pred_cfg = {"arch": "resnet18", "n_outputs": N_VOX, "region": "TO", "subject": 1, "image_size": SIZE}
+    predictor = PredictorTask.build_model(**pred_cfg)
+    # give the predictor non-trivial BN statistics so that a train-mode forward would change them
+    predictor.train()
+    with torch.no_grad():
+        predictor(torch.rand(8, 3, SIZE, SIZE))
+    mc = {"num_classes": N_CLASSES, "n_neural": N_VOX, "branch": branch, "arch": "resnet18", "predictor": pred_cfg}
+    return GuidanceTask(mc, {}, alpha=alpha, at=at or {"eps": 0.0},
+                        optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), predictor=predictor)
+
+
+def loader(n=16):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, SIZE, SIZE, generator=g) * 0.8 + 0.1
+    y = torch.randint(0, N_CLASSES, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def fit(task, steps=3):
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(task, train_dataloaders=loader(), val_dataloaders=loader(8))
+    return trainer
+
+
+def test_predictor_frozen_through_training():
+    task = tiny_task()
+    pred = task.model.predictor
+    before = {k: v.clone() for k, v in pred.state_dict().items()}
+    trunk_before = task.model.layer1[0].conv1.weight.clone()
+    fit(task)
+    after = pred.state_dict()
+    for k, v in before.items():  # weights and batch-norm running statistics unchanged
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0, msg=f"predictor {k} changed")
+    assert not pred.training and all(not m.training for m in pred.modules())
+    assert all(not p.requires_grad for p in pred.parameters())
+    assert not torch.equal(trunk_before, task.model.layer1[0].conv1.weight)  # the trunk did train
+    task.model.train()
+    assert not pred.training  # .train() on the parent leaves the predictor in eval
+
+
+def test_loss_is_weighted_sum_of_ce_and_alignment():
+    task = tiny_task(alpha=0.3)
+    task.model.eval()
+    x, y = next(iter(loader()))
+    out = task.losses(x, y)
+    logits, neural = task.model.forward_heads(x)
+    target = task.model.predictor(x)
+    want = 0.7 * F.cross_entropy(logits, y) + 0.3 * F.mse_loss(neural, target)
+    torch.testing.assert_close(out["loss"], want)
+    out["loss"].backward()
+    assert all(p.grad is None for p in task.model.predictor.parameters())
+
+
+@pytest.mark.parametrize("branch", ["layer1", "layer2", "layer3", "layer4"])
+def test_neural_head_branches(branch):
+    task = tiny_task(branch=branch)
+    logits, neural = task.model.forward_heads(torch.rand(2, 3, SIZE, SIZE))
+    assert logits.shape == (2, N_CLASSES) and neural.shape == (2, N_VOX)
+    # the neural head reads the chosen stage: changing a later stage does not change it
+    if branch != "layer4":
+        with torch.no_grad():
+            task.model.layer4[0].conv1.weight.mul_(3)
+        _, neural2 = task.model.forward_heads(torch.rand(2, 3, SIZE, SIZE).fill_(0.5))
+        _, neural3 = task.model.forward_heads(torch.rand(2, 3, SIZE, SIZE).fill_(0.5))
+        torch.testing.assert_close(neural2, neural3)
+
+
+@pytest.mark.parametrize("norm,eps", [("l2", 0.5), ("linf", 4 / 255)])
+def test_adversarial_training_uses_perturbed_batches(norm, eps, monkeypatch):
+    pytest.importorskip("neuroguide.attacks")
+    task = tiny_task(at={"eps": eps, "norm": norm, "steps": 2, "step_size": None, "random_start": True})
+    seen = []
+    orig = task.losses
+
+    def spy(x, y):
+        seen.append(x.detach().clone())
+        return orig(x, y)
+
+    monkeypatch.setattr(task, "losses", spy)
+    clean = []
+    orig_step = task.training_step
+
+    def step(batch, i):
+        clean.append(batch[0].clone())
+        return orig_step(batch, i)
+
+    monkeypatch.setattr(task, "training_step", step)
+    fit(task, steps=2)
+    train_inputs = seen[: len(clean)]  # training losses come first in each step
+    for x, x_adv in zip(clean, train_inputs):
+        d = (x_adv - x).flatten(1)
+        norms = d.norm(dim=1) if norm == "l2" else d.abs().amax(dim=1)
+        assert (norms <= eps * (1 + 1e-4) + 1e-6).all()
+        assert (norms > 0.1 * eps).all()  # actually perturbed
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert task.model.training or True
+
+
+def _write_predictor(path, n_outputs, region="TO", subject=1, image_size=32):
+    mc = {"arch": "resnet18", "n_outputs": n_outputs, "region": region, "subject": subject, "image_size": image_size}
+    save_model_file(path, "predictor", mc, PredictorTask.build_model(**mc).state_dict())
+
+
+def test_predictor_output_size_mismatch_is_an_error(compose_train, tmp_path):
+    _write_predictor(tmp_path / "predictors" / "subj01" / "TO.ckpt", n_outputs=3)
+    with pytest.raises(ValueError, match=r"TO.ckpt has 3 outputs but region TO.*retrain it with: python train.py task=predictor"):
+        run(compose_train("region=TO", "+trainer.fast_dev_run=true"))
+
+
+def test_predictor_of_another_region_is_an_error(compose_train, tmp_path):
+    _write_predictor(tmp_path / "predictors" / "subj01" / "TO.ckpt", n_outputs=3, region="V1")
+    with pytest.raises(ValueError, match="predictor of region V1.*region=TO"):
+        run(compose_train("region=TO", "+trainer.fast_dev_run=true"))
+
+
+def test_real_data_missing_predictor_prints_the_command(compose_train, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"Train it first with:\s+python train.py task=predictor region=V2 subject=1 data=nsd"):
+        run(compose_train("data=nsd", f"paths.nsd_root={tmp_path}/nsd", f"paths.imagenet_root={tmp_path}/in",
+                          "region=V2"))
+
+
+def test_main_command_trains_missing_predictor_then_guides(compose_train, tmp_path):
+    """The main command on a fresh folder: synthetic data written, predictor trained first, outputs."""
+    cfg = compose_train("region=TO", "alpha=0.5", "task.max_epochs=1", "predictor.train_overrides=[task.max_epochs=1]")
+    metrics = run(cfg)
+    assert (tmp_path / "predictors" / "subj01" / "TO.ckpt").exists()
+    assert (tmp_path / "data" / "synthetic" / "imagenet" / "classes.txt").exists()
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {"val/acc", "val/neural_r", "val/ce", "val/align"} <= set(written)
+    assert 0 <= metrics["val/acc"] <= 1
+    model = neuroguide.load_model(tmp_path / "run" / "model.ckpt")
+    assert model.predictor is not None and not model.predictor.training
+    x = torch.rand(2, 3, 32, 32)
+    assert model(x).shape[0] == 2
+
+
+def test_baselines_none_and_random(compose_train, caplog):
+    m = run(compose_train("region=none", "alpha=0.5", "+trainer.fast_dev_run=true", out="none"))
+    assert "val/neural_r" not in m and "alpha forced" in caplog.text
+    m = run(compose_train("region=random", "region.like=V4", "+trainer.fast_dev_run=true", out="random"))
+    model = neuroguide.load_model(compose_train().paths.output_dir.replace("/run", "/random") + "/model.ckpt")
+    assert model.neuroguide_info["model_config"]["predictor"]["region"] == "random_V4"
