@@ -7,8 +7,9 @@ from typing import Mapping
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from neuroguide.data.loaders import eval_loader, train_loader
 from neuroguide.data.nsd import NSDPaths, NSDStimuli, RegionData, RegionSpec, extract_regions
 
 
@@ -78,15 +79,12 @@ class NSDDataModule(L.LightningDataModule):
     def n_outputs(self) -> int:
         return self.region_data.n_outputs
 
-    def _loader(self, ds, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
     def train_dataloader(self):
-        return self._loader(self.train_set, True)
+        ws = self.trainer.world_size if self.trainer is not None else 1
+        return train_loader(self.train_set, self.batch_size, self.num_workers, self.seed, ws)
 
     def val_dataloader(self):
-        return self._loader(self.val_set, False)
+        return eval_loader(self.val_set, self.batch_size, self.num_workers)
 
     def test_dataloader(self):
-        return self._loader(self.test_set, False)
+        return eval_loader(self.test_set, self.batch_size, self.num_workers)
