@@ -43,7 +43,8 @@ def _nested_predictor_overrides(cfg: DictConfig, region: str) -> list[str]:
     return ["task=predictor", f"region={region}", f"subject={cfg.subject}", f"data={cfg.data.name}",
             f"seed={cfg.seed}", f"predictor.shuffle={str(bool(cfg.predictor.shuffle)).lower()}",
             f"paths.data_dir={cfg.paths.data_dir}", f"paths.predictors_dir={cfg.paths.predictors_dir}",
-            f"trainer.accelerator={cfg.trainer.accelerator}", "logger=csv"]
+            f"trainer.accelerator={cfg.trainer.accelerator}", "logger=csv",
+            *cfg.predictor.get("train_overrides", [])]
 
 
 def ensure_predictor(cfg: DictConfig, region: str) -> Path:
