@@ -1,0 +1,226 @@
+"""``neuroguide.evaluation.runner.run(cfg)``: what ``python evaluate.py`` does.
+
+Three modes, one set of analyses (``eval=[...]``, each configured under ``cfg.eval.<name>``):
+
+- ``ckpt=<path>``: every analysis on one model, on its own evaluation stimuli;
+- ``models=[a, b, ...]``: the analyses that compare models (transfer, model-vs-model RSA);
+- ``sweep_dir=<dir>``: every run below the folder (each holding ``model.ckpt``); each run gets an
+  ``eval_metrics.json`` beside its ``metrics.json``, and the sweep one comparison table and figures.
+
+Results: the evaluation run's ``metrics.json`` (keys ``eval/<analysis>/...``; per model in the multi-model
+modes), the W&B summary, and PNG figures in the output folder.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from neuroguide.config import output_dir
+from neuroguide.evaluation.stimuli import Stimuli, model_stimuli
+from neuroguide.models.checkpoints import load_model
+from neuroguide.utils.io import atomic_path, write_json
+
+log = logging.getLogger("neuroguide")
+
+# --------------------------------------------------------------------------- per-model analyses
+PerModel = Callable[[torch.nn.Module, Stimuli, Path, dict], dict]
+PER_MODEL: dict[str, PerModel] = {}
+MULTI_MODEL: dict[str, Callable[[dict, Stimuli, Path, dict], dict]] = {}
+
+
+def per_model(name: str):
+    def deco(fn):
+        PER_MODEL[name] = fn
+        return fn
+
+    return deco
+
+
+def multi_model(name: str):
+    def deco(fn):
+        MULTI_MODEL[name] = fn
+        return fn
+
+    return deco
+
+
+def _images(stim: Stimuli, n: int | None) -> torch.Tensor:
+    return stim.images if not n else stim.images[:n]
+
+
+@per_model("sensitivity")
+def _sensitivity(model, stim, out, p):
+    from neuroguide.evaluation import sensitivity
+
+    p = dict(p)
+    n = p.pop("n_images", None)
+    return sensitivity.evaluate(model, _images(stim, n), out, **p)
+
+
+@per_model("robustness")
+def _robustness(model, stim, out, p):
+    from neuroguide.evaluation import robustness
+
+    if stim.labels is None:
+        log.warning("robustness: %s has no class labels (not a classifier): skipped", stim.source)
+        return {}
+    return robustness.evaluate(model, stim.images, stim.labels, out, **p)
+
+
+@multi_model("transfer")
+def _transfer(models, stim, out, p):
+    from neuroguide.evaluation import transfer
+
+    return transfer.evaluate(models, stim.images, stim.labels, out, **p)
+
+
+# --------------------------------------------------------------------------- modes
+def _device(cfg) -> torch.device:
+    d = str(cfg.get("device", "auto"))
+    if d == "auto":
+        d = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(d)
+
+
+def _analyses(cfg: DictConfig) -> dict[str, dict]:
+    chosen = OmegaConf.to_container(cfg.get("eval") or {}, resolve=True)
+    unknown = sorted(set(chosen) - set(PER_MODEL) - set(MULTI_MODEL))
+    if unknown:
+        raise KeyError(f"unknown analyses {unknown} in eval=[...]; available: {sorted(set(PER_MODEL) | set(MULTI_MODEL))}")
+    return chosen
+
+
+def evaluate_model(path: str | Path, analyses: Mapping[str, dict], out: Path, cfg: DictConfig) -> dict:
+    """Every per-model analysis on the model at ``path``; figures go into ``out``."""
+    model = load_model(path, map_location=_device(cfg))
+    stim = model_stimuli(model, cfg.get("n_images"), cfg.get("stimuli") or {})
+    stim.images = stim.images.to(_device(cfg))
+    metrics = {}
+    for name, params in analyses.items():
+        if name not in PER_MODEL:
+            continue
+        log.info("%s on %s (%d stimuli: %s)", name, path, len(stim), stim.source)
+        metrics.update(PER_MODEL[name](model, stim, out / name, dict(params or {})))
+    return metrics
+
+
+def _runs_below(sweep_dir: Path) -> list[Path]:
+    runs = sorted(p.parent for p in sweep_dir.rglob("model.ckpt")
+                  if not any(part.startswith("predictor_") for part in p.parent.relative_to(sweep_dir).parts))
+    if not runs:
+        raise FileNotFoundError(f"no run with a model.ckpt below sweep_dir={sweep_dir}")
+    return runs
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the chosen analyses in the chosen mode; writes metrics.json, config.yaml and figures."""
+    analyses = _analyses(cfg)
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    modes = [k for k in ("ckpt", "models", "sweep_dir") if cfg.get(k)]
+    if len(modes) != 1:
+        raise ValueError("give exactly one of ckpt=<path>, models=[<path>,...] or sweep_dir=<dir> "
+                         f"(got {modes or 'none'})")
+    metrics: dict = {}
+    if cfg.get("ckpt"):
+        metrics = evaluate_model(cfg.ckpt, analyses, out, cfg)
+    elif cfg.get("models"):
+        metrics = evaluate_models([str(m) for m in cfg.models], analyses, out, cfg)
+    else:
+        metrics = evaluate_sweep(Path(cfg.sweep_dir), analyses, out, cfg)
+    with atomic_path(out / "config.yaml") as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_json(out / "metrics.json", metrics)
+    _wandb_summary(cfg, metrics, out)
+    log.info("wrote %s", out / "metrics.json")
+    return metrics
+
+
+def evaluate_models(paths: list[str], analyses: Mapping[str, dict], out: Path, cfg: DictConfig) -> dict:
+    models = {}
+    for p in paths:
+        m = load_model(p, map_location=_device(cfg))
+        models[_short_name(p, paths)] = m
+    first = next(iter(models.values()))
+    stim = model_stimuli(first, cfg.get("n_images"), cfg.get("stimuli") or {})
+    stim.images = stim.images.to(_device(cfg))
+    metrics = {}
+    for name, params in analyses.items():
+        if name in MULTI_MODEL:
+            metrics.update(MULTI_MODEL[name](models, stim, out / name, dict(params or {})))
+        else:
+            for key, m in models.items():
+                res = PER_MODEL[name](m, stim, out / key / name, dict(params or {}))
+                metrics.update({f"{key}/{k}": v for k, v in res.items()})
+    return metrics
+
+
+def _short_name(path: str, all_paths: list[str]) -> str:
+    """A readable unique name for a checkpoint: its run folder (or file stem)."""
+    p = Path(path)
+    name = p.parent.name if p.name in ("model.ckpt", "last.ckpt", "best.ckpt") else p.stem
+    if sum(1 for q in all_paths if (Path(q).parent.name if Path(q).name == p.name else Path(q).stem) == name) > 1:
+        name = f"{p.parent.parent.name}/{name}"
+    return name
+
+
+def evaluate_sweep(sweep_dir: Path, analyses: Mapping[str, dict], out: Path, cfg: DictConfig) -> dict:
+    from neuroguide.report import report
+
+    runs = _runs_below(sweep_dir)
+    metrics = {}
+    per = {k: v for k, v in analyses.items() if k in PER_MODEL}
+    from tqdm.auto import tqdm
+
+    for run_dir in tqdm(runs, desc="runs"):
+        res = evaluate_model(run_dir / "model.ckpt", per, run_dir / "eval", cfg)
+        write_json(run_dir / "eval_metrics.json", res)
+        metrics.update({f"{run_dir.relative_to(sweep_dir)}/{k}": v for k, v in res.items()})
+    multi = {k: v for k, v in analyses.items() if k in MULTI_MODEL}
+    if multi:
+        metrics.update(evaluate_models([str(r / "model.ckpt") for r in runs], multi, out, cfg))
+    report(sweep_dir, out)
+    _robustness_by_region(sweep_dir, out)
+    return metrics
+
+
+def _robustness_by_region(sweep_dir: Path, out: Path) -> None:
+    """Robust accuracy against eps, one line per run (labelled by its region), as in Shao et al."""
+    from neuroguide.report import collect
+    from neuroguide.evaluation.plots import curves_figure
+
+    rows = collect(sweep_dir)
+    for norm in ("l2", "linf"):
+        series = {}
+        for r in rows:
+            pts = sorted((float(k.split("/")[2].split("_", 1)[1].replace("_255", "")) / (255 if k.endswith("_255/acc") else 1), v)
+                         for k, v in r.items() if k.startswith(f"eval/robustness/{norm}_") and k.endswith("/acc"))
+            if pts:
+                label = f"{r.get('region')} a={r.get('alpha')} eps={r.get('at_eps')}"
+                series[label] = pts
+        if series:
+            curves_figure(series, out / f"robust_acc_{norm}_by_region.png", xlabel=f"{norm} eps", ylabel="accuracy")
+
+
+def _wandb_summary(cfg: DictConfig, metrics: dict, out: Path) -> None:
+    """Final evaluation numbers into a W&B run (offline without a key, never a prompt)."""
+    import os
+
+    if os.environ.get("WANDB_MODE") == "disabled" or cfg.get("wandb") is False:
+        return
+    try:
+        from neuroguide.loggers import wandb_mode
+        import wandb
+
+        run = wandb.init(project="neuroguide", group=str(cfg.get("name", "eval")), job_type="evaluate",
+                         dir=str(out), mode=wandb_mode(), config=OmegaConf.to_container(cfg, resolve=True))
+        run.summary.update(metrics)
+        for png in sorted(out.rglob("*.png")):
+            run.log({str(png.relative_to(out)): wandb.Image(str(png))})
+        run.finish()
+    except Exception as e:  # logging must never lose the results already written
+        log.warning("W&B summary not written: %s", e)
