@@ -34,6 +34,9 @@ def compose_train(tmp_path):
     from neuroguide.config import compose_config
 
     def _compose(*overrides, out="run", config_name="train"):
-        return compose_config(config_name, small_overrides(tmp_path) + list(overrides), output_dir=tmp_path / out)
+        small = small_overrides(tmp_path)
+        if any(o.startswith("data=") and o != "data=synthetic" for o in overrides):  # real-data layouts
+            small = [o for o in small if not o.startswith("data.synthetic_")]
+        return compose_config(config_name, small + list(overrides), output_dir=tmp_path / out)
 
     return _compose

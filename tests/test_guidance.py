@@ -99,23 +99,15 @@ def test_adversarial_training_uses_perturbed_batches(norm, eps, monkeypatch):
         return orig(x, y)
 
     monkeypatch.setattr(task, "losses", spy)
-    clean = []
-    orig_step = task.training_step
-
-    def step(batch, i):
-        clean.append(batch[0].clone())
-        return orig_step(batch, i)
-
-    monkeypatch.setattr(task, "training_step", step)
     fit(task, steps=2)
-    train_inputs = seen[: len(clean)]  # training losses come first in each step
-    for x, x_adv in zip(clean, train_inputs):
+    clean = [x for x, _ in loader()]  # unshuffled: the two training batches, in order
+    for x, x_adv in zip(clean, seen[:2]):  # the training losses come before validation
         d = (x_adv - x).flatten(1)
         norms = d.norm(dim=1) if norm == "l2" else d.abs().amax(dim=1)
         assert (norms <= eps * (1 + 1e-4) + 1e-6).all()
         assert (norms > 0.1 * eps).all()  # actually perturbed
         assert x_adv.min() >= 0 and x_adv.max() <= 1
-    assert task.model.training or True
+    assert torch.equal(task.last_train_inputs, seen[1])
 
 
 def _write_predictor(path, n_outputs, region="TO", subject=1, image_size=32):
@@ -143,7 +135,7 @@ def test_real_data_missing_predictor_prints_the_command(compose_train, tmp_path)
 
 def test_main_command_trains_missing_predictor_then_guides(compose_train, tmp_path):
     """The main command on a fresh folder: synthetic data written, predictor trained first, outputs."""
-    cfg = compose_train("region=TO", "alpha=0.5", "task.max_epochs=1", "predictor.train_overrides=[task.max_epochs=1]")
+    cfg = compose_train("region=TO", "alpha=0.5", "task.max_epochs=1", 'predictor.train_overrides=["task.max_epochs=1"]')
     metrics = run(cfg)
     assert (tmp_path / "predictors" / "subj01" / "TO.ckpt").exists()
     assert (tmp_path / "data" / "synthetic" / "imagenet" / "classes.txt").exists()

@@ -66,7 +66,7 @@ def classification_stimuli(run_config: Mapping, model_config: Mapping, n: int | 
         dataset=override.get("dataset") or _get(run_config, "data.classification", "imagenet_subset"),
         image_size=int(override.get("image_size") or model_config.get("image_size") or 224), batch_size=64)
     dm.setup("validate")
-    ds = dm.val_dataset if hasattr(dm, "val_dataset") else dm.val_dataloader().dataset
+    ds = dm.val_set
     rows = _spread(len(ds), n)
     items = [ds[int(i)] for i in rows]
     images = torch.stack([x for x, _ in items])

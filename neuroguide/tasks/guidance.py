@@ -9,6 +9,7 @@ model in eval mode while attacking, in train mode for the update). Baselines are
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ from neuroguide.tasks.base import Task
 from neuroguide.tasks.predictor import predictor_path
 
 log = logging.getLogger("neuroguide")
+# the frozen predictor is in eval mode on purpose: Lightning's notice about it is noise
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def predictor_train_command(cfg: DictConfig, region: str) -> str:
@@ -39,12 +42,20 @@ def predictor_train_command(cfg: DictConfig, region: str) -> str:
     return " ".join(parts)
 
 
-def _nested_predictor_overrides(cfg: DictConfig, region: str) -> list[str]:
-    return ["task=predictor", f"region={region}", f"subject={cfg.subject}", f"data={cfg.data.name}",
-            f"seed={cfg.seed}", f"predictor.shuffle={str(bool(cfg.predictor.shuffle)).lower()}",
-            f"paths.data_dir={cfg.paths.data_dir}", f"paths.predictors_dir={cfg.paths.predictors_dir}",
-            f"trainer.accelerator={cfg.trainer.accelerator}", "logger=csv",
-            *cfg.predictor.get("train_overrides", [])]
+def predictor_config(cfg: DictConfig, region: str, out: Path) -> DictConfig:
+    """The config that trains ``region``'s predictor with this run's data, paths, subject and seed
+    (``predictor.train_overrides`` adjust its task and trainer)."""
+    from neuroguide.config import compose_config
+
+    pcfg = compose_config("train", ["task=predictor", f"region={region}", "logger=csv",
+                                    *cfg.predictor.get("train_overrides", [])])
+    OmegaConf.set_struct(pcfg, False)
+    for key in ("data", "paths", "subject", "seed", "predictor"):
+        v = cfg[key]
+        pcfg[key] = OmegaConf.to_container(v, resolve=False) if OmegaConf.is_config(v) else v
+    pcfg.trainer.accelerator = cfg.trainer.accelerator
+    pcfg.paths.output_dir = str(out)
+    return pcfg
 
 
 def ensure_predictor(cfg: DictConfig, region: str) -> Path:
@@ -56,13 +67,12 @@ def ensure_predictor(cfg: DictConfig, region: str) -> Path:
         raise FileNotFoundError(
             f"no {region} predictor for subject {cfg.subject} at {path}. Train it first with:\n  "
             f"{predictor_train_command(cfg, region)}")
-    from neuroguide.config import compose_config, output_dir
+    from neuroguide.config import output_dir
     from neuroguide.train import run
 
     out = output_dir(cfg) / f"predictor_{path.stem}"
     log.warning("no %s predictor at %s: training it first on the synthetic data (%s)", region, path, out)
-    pcfg = compose_config("train", _nested_predictor_overrides(cfg, region), output_dir=out)
-    run(pcfg)
+    run(predictor_config(cfg, region, out))
     if not path.exists():  # pragma: no cover - run() exports it
         raise RuntimeError(f"training the {region} predictor did not write {path}")
     return path
