@@ -12,10 +12,13 @@ CONF_DIR = REPO_ROOT / "conf"
 
 
 def _run_name(override_dirname: str = "") -> str:
-    """A folder name from the overrides: 'default' when none; safe characters; hashed when long."""
+    """A folder name from the overrides (``key-value`` joined by ``_``); 'default' when none; hashed when long."""
     if not override_dirname:
         return "default"
-    name = re.sub(r"[^A-Za-z0-9=,._+-]", "_", str(override_dirname))
+    # "region=TO,alpha=0.5" -> "region-TO_alpha-0.5": no '=' or ',' so the path can be passed back as
+    # an unquoted Hydra override (ckpt=outputs/.../region-TO_alpha-0.5/model.ckpt)
+    name = str(override_dirname).replace("=", "-").replace(",", "_")
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", name)
     if len(name) > 120:
         name = name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
     return name

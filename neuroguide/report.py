@@ -1,6 +1,7 @@
 """Compare runs without W&B: ``python -m neuroguide.report <sweep or outputs dir>``.
 
-Every folder below the given one that holds a ``metrics.json`` is a run; its ``config.yaml`` gives the
+Every folder below the given one that holds a ``metrics.json`` is a run (with the evaluation numbers of
+its ``eval_metrics.json`` when ``evaluate.py sweep_dir=...`` wrote one); its ``config.yaml`` gives the
 factors (task, region, alpha, at.eps, shuffle, seed, subject). Writes ``report.csv`` and ``report.md``
 (one row per run) and figures comparing regions, alphas and eps for the chosen metrics.
 """
@@ -48,6 +49,8 @@ def collect(root: str | Path) -> list[dict]:
         config = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
         row = {"run": str(run.relative_to(root)) or ".", **factors_of(config or {})}
         row.update(read_json(mfile))
+        if (run / "eval_metrics.json").exists():  # written by evaluate.py sweep_dir=...
+            row.update(read_json(run / "eval_metrics.json"))
         rows.append(row)
     if not rows:
         raise FileNotFoundError(f"no metrics.json below {root}: is it a sweep or run folder of train.py/evaluate.py?")

@@ -1,0 +1,78 @@
+"""evaluate.py through the real configs: one checkpoint, several models (transfer), a sweep folder."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from neuroguide.config import compose_config
+from neuroguide.evaluation.runner import run as evaluate
+from neuroguide.train import run as train
+
+SMALL_EVAL = ["n_images=6", "eval.sensitivity.units=3", "eval.sensitivity.n_images=2", "eval.sensitivity.steps=4",
+              "eval.sensitivity.restarts=1", "eval.sensitivity.eps_list=[0.5]", "eval.robustness.eps_l2=[0.5]",
+              "eval.robustness.eps_linf=[0.0078431373]", "eval.robustness.steps=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A predictor and two guided models (regions TO and none) in one sweep-like folder."""
+    from conftest import small_overrides
+    tmp = tmp_path_factory.mktemp("eval")
+
+    def t(out, *o):
+        cfg = compose_config("train", small_overrides(tmp) + ["+trainer.fast_dev_run=true", *o], output_dir=tmp / out)
+        train(cfg)
+        return tmp / out / "model.ckpt"
+
+    pred = t("sweep/predictor_TO_run", "task=predictor", "region=TO")
+    (tmp / "predictors" / "subj01").mkdir(parents=True, exist_ok=True)
+    guided = t("sweep/region-TO", "region=TO")
+    none = t("sweep/region-none", "region=none")
+    return tmp, pred, guided, none
+
+
+def _eval(tmp, out, *o):
+    chosen = next((x.split("=", 1)[1] for x in o if x.startswith("eval=")), "[sensitivity,robustness]")
+    small = [x for x in SMALL_EVAL if not x.startswith("eval.") or x.split(".")[1] in chosen]
+    cfg = compose_config("evaluate", [f"paths.log_dir={tmp}/outputs", *small, *o], output_dir=tmp / out)
+    return evaluate(cfg), tmp / out
+
+
+def test_one_checkpoint_sensitivity_and_robustness(trained):
+    tmp, pred, guided, _ = trained
+    m, out = _eval(tmp, "e1", f"ckpt={guided}", "eval=[sensitivity,robustness]")
+    assert "eval/robustness/clean/acc" in m and "eval/robustness/l2_0.5/acc" in m
+    assert m["eval/robustness/l2_0.5/acc"] <= m["eval/robustness/clean/acc"] + 1e-9
+    assert "eval/sensitivity/l2_0.5/mean_norm" in m
+    assert json.loads((out / "metrics.json").read_text()).keys() == m.keys()
+    assert list(out.rglob("*.png"))
+    # a predictor has no labels: robustness is skipped, sensitivity measures its voxels
+    m, _ = _eval(tmp, "e2", f"ckpt={pred}", "eval=[sensitivity,robustness]")
+    assert "eval/sensitivity/l2_0.5/mean_norm" in m and not any(k.startswith("eval/robustness") for k in m)
+
+
+def test_transfer_between_models(trained):
+    tmp, _, guided, none = trained
+    m, out = _eval(tmp, "e3", f"models=[{guided},{none}]", "eval=[transfer]", "eval.transfer.steps=2")
+    assert any(k.endswith("offdiag_mean") for k in m)
+    assert list((out / "transfer").glob("*.png"))
+
+
+def test_sweep_dir_writes_table_and_per_run_metrics(trained):
+    tmp, _, guided, none = trained
+    m, out = _eval(tmp, "e4", f"sweep_dir={tmp}/sweep", "eval=[robustness]")
+    assert (guided.parent / "eval_metrics.json").exists() and (none.parent / "eval_metrics.json").exists()
+    assert (out / "report.csv").exists() and (out / "robust_accuracy_by_region.png").exists()
+    table = (out / "report.md").read_text()
+    assert "eval/robustness/clean/acc" in table and "| guidance | TO |" in table and "| guidance | none |" in table
+
+
+def test_bad_modes_and_names(trained):
+    tmp, _, guided, _ = trained
+    with pytest.raises(ValueError, match="exactly one of ckpt"):
+        _eval(tmp, "e5", "eval=[robustness]")
+    with pytest.raises(KeyError, match="unknown analyses"):
+        _eval(tmp, "e6", f"ckpt={guided}", "+eval.nonsense={}")
+    with pytest.raises(KeyError, match="Valid layer names"):
+        _eval(tmp, "e7", f"ckpt={guided}", "eval=[sensitivity]", "eval.sensitivity.layer=layer9")
