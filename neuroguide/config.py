@@ -15,9 +15,12 @@ def _run_name(override_dirname: str = "") -> str:
     """A folder name from the overrides (``key-value`` joined by ``_``); 'default' when none; hashed when long."""
     if not override_dirname:
         return "default"
-    # "region=TO,alpha=0.5" -> "region-TO_alpha-0.5": no '=' or ',' so the path can be passed back as
+    # "alpha=0.5,region=TO" -> "region-TO_alpha-0.5" (sweep factors first): no '=' or ',' so the path can be passed back as
     # an unquoted Hydra override (ckpt=outputs/.../region-TO_alpha-0.5/model.ckpt)
-    name = str(override_dirname).replace("=", "-").replace(",", "_")
+    items = str(override_dirname).split(",")
+    first = ("task", "region", "alpha", "at.eps", "at.norm", "predictor.shuffle", "seed", "subject", "experiment")
+    items.sort(key=lambda it: (first.index(it.split("=")[0]) if it.split("=")[0] in first else len(first), it))
+    name = "_".join(items).replace("=", "-")
     name = re.sub(r"[^A-Za-z0-9._+-]", "_", name)
     if len(name) > 120:
         name = name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
