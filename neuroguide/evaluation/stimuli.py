@@ -61,8 +61,8 @@ def classification_stimuli(run_config: Mapping, model_config: Mapping, n: int | 
     from neuroguide.data.imagenet import ClassificationDataModule
 
     dm = ClassificationDataModule(
-        root=override.get("imagenet_root") or _get(run_config, "data.imagenet_root"),
-        class_list=override.get("class_list") or _get(run_config, "data.imagenet_class_list"),
+        root=override.get("root") or _get(run_config, "data.classification_root"),
+        class_list=override.get("class_list") or _get(run_config, "data.classification_class_list"),
         dataset=override.get("dataset") or _get(run_config, "data.classification", "imagenet_subset"),
         image_size=int(override.get("image_size") or model_config.get("image_size") or 224), batch_size=64)
     dm.setup("validate")

@@ -71,8 +71,8 @@ def class_recipes(n_classes: int, seed: int = 0) -> list[tuple[str, float, str]]
     shape_order, hue_order, tex_order = (rng.permutation(n) for n in (len(SHAPES), len(HUES), len(TEXTURES)))
     out, used = [], set()
     k = 0
-    while len(out) < n_classes:  # skip repeated combinations; the k // 16 term breaks the period
-        c = (int(shape_order[k % 6]), int(hue_order[(k // 2) % 8]), int(tex_order[(k + k // 16) % 3]))
+    while len(out) < n_classes:  # skip repeated combinations; the k // 48 term breaks the period
+        c = (int(shape_order[k % 6]), int(hue_order[(k // 2) % 8]), int(tex_order[(k + k // 48) % 3]))
         if c not in used:
             used.add(c)
             out.append((SHAPES[c[0]], HUES[c[1]], TEXTURES[c[2]]))
