@@ -50,6 +50,8 @@ from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.folder import IMG_EXTENSIONS, DatasetFolder, pil_loader
 
+from neuroguide.data.loaders import train_loader
+
 log = logging.getLogger("neuroguide")
 
 DATASETS = ("imagenet_subset", "cifar100")
@@ -303,8 +305,9 @@ class ClassificationDataModule(L.LightningDataModule):
     def __init__(self, root: str | os.PathLike, class_list: str | os.PathLike | None = None,
                  dataset: str = "imagenet_subset", image_size: int = 224, batch_size: int = 64,
                  num_workers: int = 0, unreadable: str = "skip", val_limit: int | None = None,
-                 pin_memory: bool | None = None):
+                 pin_memory: bool | None = None, seed: int = 0):
         super().__init__()
+        self.seed = int(seed)
         if dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS} (data.classification); got {dataset!r}")
         if unreadable not in UNREADABLE_POLICIES:
@@ -375,7 +378,9 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.train_set, shuffle=True)
+        ws = self.trainer.world_size if self.trainer is not None else 1
+        return train_loader(self.train_set, self.batch_size, self.num_workers, self.seed, ws,
+                            pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
