@@ -1,0 +1,258 @@
+"""The one attack loop: projected gradient ascent (PGD) on any per-row objective.
+
+Used by adversarial training, unit sensitivity, classification robustness and transfer.
+
+    res = pgd_attack(forward, x, objective, eps=1.0, norm="l2", steps=10)
+    res.x_adv   # (B, C, H, W) best iterate per row, in [0, 1] and within eps of x
+    res.value   # (B,) objective at x_adv (the engine maximizes)
+
+Two schedules:
+
+- ``"pgd"`` (Madry et al.): random start in the ball, ``steps`` steps of fixed size (default
+  ``2.5 * eps / steps``), projection and [0, 1] clipping after each step.
+- ``"guo"`` (Guo et al. 2022, sec. 3.2): the budget of ``steps`` gradient evaluations is spent in two
+  phases, first in a ball of radius ``2 eps`` then in the ball of radius ``eps`` (the relaxed first
+  phase explores). Each phase is split into up to 4 cycles of simulated annealing: the step size
+  starts at ``eps`` (or ``step_size`` when given) and is cut by 10% after every iteration that makes no
+  progress (the new iterate is not better than the row's best; the next step then starts again
+  from the best iterate). Each new cycle resets the step size of the rows that made progress in
+  the previous one; a row that made none keeps annealing, since a reset would only repeat the same
+  failed proposals. Every row spends exactly ``steps`` gradient evaluations, as plain PGD does.
+
+Restarts and all rows share one batch: input rows are repeated ``restarts`` times along the batch
+axis; every row keeps its best iterate; the best restart of each input row is returned. The victim
+module runs in eval mode with ``requires_grad=False`` on its parameters during the attack; both
+are restored afterwards, and gradients are taken only w.r.t. the input (``torch.autograd.grad``), so
+no ``.grad`` ever accumulates on the model.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from neuroguide.attacks.steps import AttackerStep, get_step_class, per_row
+
+SCHEDULES = ("pgd", "guo")
+GUO_CYCLES = 4
+GUO_DECAY = 0.9
+
+
+@dataclass
+class AttackResult:
+    """Output of :func:`pgd_attack`.
+
+    Attributes:
+        x_adv: (B, C, H, W) the best iterate of each input row (over steps and restarts).
+        value: (B,) the objective at ``x_adv``.
+        restart_values: (R, B) the best value reached by each restart.
+        grad_evals: gradient evaluations spent, summed over all rows and restarts.
+    """
+
+    x_adv: torch.Tensor
+    value: torch.Tensor
+    restart_values: torch.Tensor
+    grad_evals: int
+
+
+@contextlib.contextmanager
+def evaluation_mode(module: nn.Module | None) -> Iterator[None]:
+    """Inside: ``module`` and all its submodules in eval mode, its parameters ``requires_grad=False``.
+
+    On exit every submodule's ``training`` flag and every parameter's ``requires_grad`` are put back
+    exactly as they were (module by module: a frozen part stays in eval, a training part trains).
+    """
+    if module is None:
+        yield
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        module.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was
+        for p, was in flags:
+            p.requires_grad_(was)
+
+
+def _check_eps(eps: float | torch.Tensor, n: int) -> float | torch.Tensor:
+    if isinstance(eps, torch.Tensor) and eps.ndim > 0:
+        if eps.shape != (n,):
+            raise ValueError(f"eps: expected a float or a ({n},) tensor (one radius per input row), "
+                             f"got {tuple(eps.shape)}")
+        if not torch.isfinite(eps).all() or (eps < 0).any():
+            raise ValueError(f"eps: every radius must be finite and >= 0, got min {eps.min().item():g}")
+        return eps
+    e = float(eps)
+    if not math.isfinite(e) or e < 0:
+        raise ValueError(f"eps must be a finite number >= 0 (L2 in [0,1] pixel units, Linf as k/255); got {eps!r}")
+    return e
+
+
+def _check_inputs(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim < 2:
+        raise ValueError(f"x: expected a (B, C, H, W) image tensor, got {type(x).__name__} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(f"x: images must be in [0, 1] pixel space (models normalize internally); found values in "
+                         f"[{lo:.3g}, {hi:.3g}]. Undo the normalization before attacking.")
+
+
+def _value_and_grad(forward, objective, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Objective (B,) and its gradient w.r.t. ``x`` only (B, C, H, W)."""
+    x = x.detach().requires_grad_(True)
+    value = objective(forward(x), rows)
+    if value.shape != (x.shape[0],):
+        raise ValueError(f"objective must return one value per row, shape ({x.shape[0]},); got {tuple(value.shape)}. "
+                         "Use reduction='none' (see neuroguide.attacks.objectives)")
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    return value.detach(), grad.detach()
+
+
+@torch.no_grad()
+def _value(forward, objective, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return objective(forward(x), rows).detach()
+
+
+def _keep_best(best_x, best_v, x, v):
+    better = v > best_v
+    mask = better.reshape(-1, *([1] * (x.ndim - 1)))
+    return torch.where(mask, x, best_x), torch.where(better, v, best_v), better
+
+
+def _run_pgd(forward, objective, x0, rows, eps, Step, steps, step_size, random_start, generator):
+    """Plain PGD on one chunk: returns (best_x, best_v, grad_evals)."""
+    alpha = step_size if step_size is not None else 2.5 * per_row(eps, x0).flatten() / max(steps, 1)
+    S: AttackerStep = Step(x0, eps, alpha)
+    x = S.random_perturb(x0, generator) if random_start else x0.clone()
+    best_x, best_v = x.clone(), torch.full((x.shape[0],), -math.inf, device=x.device)
+    for _ in range(steps):
+        v, g = _value_and_grad(forward, objective, x, rows)
+        best_x, best_v, _ = _keep_best(best_x, best_v, x, v)
+        x = S.project(S.step(x, g))
+    best_x, best_v, _ = _keep_best(best_x, best_v, x, _value(forward, objective, x, rows))
+    return best_x, best_v, steps * x.shape[0]
+
+
+def _split(n: int, parts: int) -> list[int]:
+    """``n`` steps in up to ``parts`` cycles as equal as possible (no empty cycles)."""
+    parts = max(1, min(parts, n))
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)] if n > 0 else []
+
+
+def _run_guo(forward, objective, x0, rows, eps, Step, steps, step_size, random_start, generator):
+    """Guo et al. schedule on one chunk: returns (best_x, best_v, grad_evals)."""
+    B = x0.shape[0]
+    col = (-1,) + (1,) * (x0.ndim - 1)
+    eps_rows = per_row(eps, x0).flatten()
+    alpha0 = eps_rows.clone() if step_size is None else per_row(step_size, x0).flatten().clone()
+    n1 = steps // 2 if steps >= 2 else 0
+    phases = [(2 * eps_rows, n1), (eps_rows, steps - n1)] if n1 else [(eps_rows, steps)]
+    x = Step(x0, phases[0][0], alpha0).random_perturb(x0, generator) if random_start else x0.clone()
+    for radius, n in phases:
+        S: AttackerStep = Step(x0, radius, alpha0.clone())
+        x = S.project(x)  # the previous phase's best, into this ball
+        best_x, best_v = x.clone(), torch.full((B,), -math.inf, device=x.device)
+        best_g = torch.zeros_like(x)
+        improved = torch.ones(B, dtype=torch.bool, device=x.device)
+        for c, length in enumerate(_split(n, GUO_CYCLES)):
+            if c > 0:  # a new cycle from the best iterate: rows that made progress restart at the initial step
+                # size; rows that made none keep annealing (a restart would repeat the same failed proposals)
+                S.step_size = torch.where(improved, alpha0, S.step_size)
+                x = S.project(S.step(best_x, best_g))
+            improved = torch.zeros(B, dtype=torch.bool, device=x.device)
+            for _ in range(length):
+                v, g = _value_and_grad(forward, objective, x, rows)
+                best_x, best_v, better = _keep_best(best_x, best_v, x, v)
+                best_g = torch.where(better.reshape(col), g, best_g)
+                improved |= better
+                S.step_size = torch.where(better, S.step_size, S.step_size * GUO_DECAY)  # no progress: cut by 10%
+                x = S.project(S.step(best_x, best_g))  # the next proposal, from the best iterate
+        # the last proposal has not been evaluated yet
+        best_x, best_v, _ = _keep_best(best_x, best_v, x, _value(forward, objective, x, rows))
+        x = best_x
+    return best_x, best_v, steps * B
+
+
+def pgd_attack(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, objective: Callable, *,
+               eps: float | torch.Tensor, norm: str = "l2", steps: int = 10,
+               step_size: float | torch.Tensor | None = None, random_start: bool = True, restarts: int = 1,
+               schedule: str = "pgd", victim: nn.Module | None = None, batch_size: int | None = None,
+               generator: torch.Generator | None = None) -> AttackResult:
+    """Maximize ``objective(forward(x + d), rows)`` per row over ``||d|| <= eps``, ``x + d`` in [0, 1].
+
+    Args:
+        forward: (B, C, H, W) in [0, 1] -> (B, K), e.g. a model or ``LayerOutput(model, "avgpool")``.
+        x: (B, C, H, W) clean images in [0, 1].
+        objective: per-row objective ``(outputs (B, K), rows (B,)) -> (B,)`` (see ``objectives``).
+        eps: radius, a float or a (B,) tensor (one per row). L2 in [0, 1] pixel units; Linf as k/255.
+        norm: "l2" (normalized-gradient steps) or "linf" (signed-gradient steps).
+        steps: gradient evaluations per row and restart.
+        step_size: PGD step size (default ``2.5 * eps / steps``, Madry et al.); for the Guo schedule the
+            initial step size (default ``eps``). A float or a (B,) tensor.
+        random_start: start at a uniform random point of the ball (else at ``x``).
+        restarts: independent runs per row, stacked along the batch axis; the best is kept.
+        schedule: "pgd" or "guo" (see the module docstring).
+        victim: module put in eval mode with frozen parameters during the attack and restored after;
+            default ``forward`` when it is an ``nn.Module``.
+        batch_size: at most this many rows (inputs x restarts) per forward pass (default: all at once).
+        generator: a torch.Generator for reproducible random starts.
+
+    Returns:
+        :class:`AttackResult` with ``x_adv`` (B, C, H, W), ``value`` (B,), ``restart_values`` (R, B).
+    """
+    _check_inputs(x)
+    B = x.shape[0]
+    eps = _check_eps(eps, B)
+    if isinstance(eps, torch.Tensor):
+        eps = eps.to(device=x.device, dtype=x.dtype) if eps.ndim else float(eps)
+    Step = get_step_class(norm)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} is not known: expected one of {SCHEDULES}")
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if int(restarts) != restarts or restarts < 1:
+        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+    if step_size is not None and not isinstance(step_size, torch.Tensor) and not float(step_size) > 0:
+        raise ValueError(f"step_size must be > 0 (or None for the default), got {step_size!r}")
+    steps, restarts = int(steps), int(restarts)
+    if victim is None and isinstance(forward, nn.Module):
+        victim = forward
+    run = _run_guo if schedule == "guo" else _run_pgd
+
+    rows_all = torch.arange(B, device=x.device).repeat(restarts)  # restart-major: row r*B + b is input b
+    chunk = batch_size or rows_all.numel()
+    if chunk < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    best_x, best_v, evals = [], [], 0
+    with contextlib.ExitStack() as stack:
+        if torch.is_inference_mode_enabled():
+            stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(evaluation_mode(victim))
+        x = x.detach().clone()  # a normal tensor even if x was made under inference mode
+        for start in range(0, rows_all.numel(), chunk):
+            rows = rows_all[start:start + chunk]
+            x0 = x[rows]
+            e = eps[rows] if isinstance(eps, torch.Tensor) else eps
+            s = step_size
+            if isinstance(step_size, torch.Tensor) and step_size.ndim:
+                s = step_size[rows.to(step_size.device)]
+            bx, bv, n = run(forward, objective, x0, rows, e, Step, steps, s, random_start, generator)
+            best_x.append(bx.detach())
+            best_v.append(bv)
+            evals += n
+    xs = torch.cat(best_x).reshape(restarts, B, *x.shape[1:])
+    vs = torch.cat(best_v).reshape(restarts, B)
+    pick = vs.argmax(dim=0)
+    ar = torch.arange(B, device=x.device)
+    return AttackResult(x_adv=xs[pick, ar], value=vs[pick, ar], restart_values=vs, grad_evals=evals)

@@ -1,0 +1,157 @@
+"""Shared helpers of the evaluation analyses: eps names for metric keys and labels, CSV tables,
+and figures (matplotlib, Agg backend, PNG, written atomically)."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from neuroguide.utils.io import atomic_path  # noqa: E402
+
+
+def check_eps_list(eps_list, name: str = "eps_list") -> list[float]:
+    """A non-empty list of finite eps > 0, or a ValueError naming ``name``, what was found and the fix."""
+    if eps_list is None:
+        raise ValueError(f"{name} is None: give a non-empty list of positive eps, e.g. {name}=[0.5, 1.0, 2.0]")
+    if isinstance(eps_list, (int, float)):
+        eps_list = [eps_list]
+    vals = list(eps_list)
+    if not vals:
+        raise ValueError(f"{name} is empty: give at least one positive eps, e.g. {name}=[0.5, 1.0, 2.0] "
+                         "(L2 in [0,1] pixel units, Linf as k/255)")
+    out = []
+    for v in vals:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} holds {v!r}, which is not a number; expected positive floats") from None
+        if not math.isfinite(f) or f <= 0:
+            raise ValueError(f"{name} holds {v!r}: every eps must be a finite number > 0 (found {vals}); "
+                             "remove it (clean results are reported separately)")
+        out.append(f)
+    return out
+
+
+def eps_tag(norm: str, eps: float) -> str:
+    """Metric-key name of an eps: ``l2_1.0``, ``linf_2_255`` (k/255 when eps*255 is a whole number)."""
+    norm = norm.lower()
+    if norm in ("linf", "fgsm"):
+        k = eps * 255
+        if abs(k - round(k)) < 1e-6 * max(1.0, k):
+            return f"{norm}_{int(round(k))}_255"
+        return f"{norm}_{eps:g}"
+    return f"{norm}_{float(eps)!r}" if len(repr(float(eps))) < 10 else f"{norm}_{eps:g}"
+
+
+def eps_label(norm: str, eps: float) -> str:
+    """Human label of an eps: ``1.0`` or ``2/255``."""
+    tag = eps_tag(norm, eps)
+    return tag.split("_", 1)[1].replace("_", "/")
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str] | None = None) -> Path:
+    """Rows (dicts) as a CSV file, written atomically."""
+    columns = list(columns or (list(rows[0]) if rows else []))
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: _cell(r.get(k)) for k in columns})
+    return Path(path)
+
+
+def _cell(v):
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else repr(v)
+    return v
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save ``fig`` as PNG (atomically) and close it."""
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def curve_figure(panels: Sequence[dict], path: str | os.PathLike, *, title: str | None = None,
+                 logx: bool = False, logy: bool = False) -> Path:
+    """One axis per panel; each panel ``{"title", "xlabel", "ylabel", "curves": [...], "hlines": [...]}``.
+
+    A curve is ``{"x", "y", "yerr" (optional, drawn as a band), "label", "style" (optional fmt)}``; an
+    hline is ``{"y", "label"}`` (dashed grey).
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        bottom = None
+        if logy:  # a band reaching below zero is drawn down to the axis floor: a decade under the lowest mean
+            ys = [v for c in panel.get("curves", []) for v in np.asarray(c["y"], float) if np.isfinite(v) and v > 0]
+            ys += [h["y"] for h in panel.get("hlines", []) if h["y"] > 0]
+            bottom = min(ys) / 10 if ys else None
+        for c in panel.get("curves", []):
+            x, y = np.asarray(c["x"], float), np.asarray(c["y"], float)
+            line = ax.plot(x, y, c.get("style", "o-"), label=c.get("label"))[0]
+            if c.get("yerr") is not None:
+                e = np.asarray(c["yerr"], float)
+                lo = np.maximum(y - e, bottom) if bottom is not None else y - e
+                ax.fill_between(x, lo, y + e, color=line.get_color(), alpha=0.2)
+        if bottom is not None:
+            ax.set_ylim(bottom=bottom)
+        for h in panel.get("hlines", []):
+            ax.axhline(h["y"], ls="--", color="grey", lw=1, label=h.get("label"))
+        if logx:
+            ax.set_xscale("log")
+        if logy:
+            ax.set_yscale("log")
+        ax.set_title(panel.get("title", ""))
+        ax.set_xlabel(panel.get("xlabel", ""))
+        ax.set_ylabel(panel.get("ylabel", ""))
+        if any(c.get("label") for c in panel.get("curves", [])) or panel.get("hlines"):
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def heatmap_figure(matrices: Sequence[tuple[str, np.ndarray]], row_names: Iterable[str], col_names: Iterable[str],
+                   path: str | os.PathLike, *, xlabel: str = "target", ylabel: str = "source",
+                   cbar_label: str = "", title: str | None = None) -> Path:
+    """Side-by-side annotated heatmaps with one shared colour scale; ``matrices`` = [(title, (S, T) array)]."""
+    row_names, col_names = list(row_names), list(col_names)
+    vals = np.concatenate([np.asarray(m, float).ravel() for _, m in matrices])
+    finite = vals[np.isfinite(vals)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if vmin == vmax:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    n = len(matrices)
+    panel_w = max(3.6, 0.9 * len(col_names) + 1.6)
+    fig, axes = plt.subplots(1, n, figsize=(1.2 + panel_w * n, 2.0 + 0.7 * len(row_names)), squeeze=False)
+    im = None
+    for k, (ax, (name, m)) in enumerate(zip(axes[0], matrices)):
+        m = np.asarray(m, float)
+        im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap="viridis")
+        ax.set_xticks(range(len(col_names)), col_names, rotation=45, ha="right")
+        ax.set_yticks(range(len(row_names)), row_names if k == 0 else [])  # rows are shared: named once
+        ax.set_xlabel(xlabel)
+        if k == 0:
+            ax.set_ylabel(ylabel)
+        ax.set_title(name)
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                v = m[i, j]
+                colour = "black" if np.isfinite(v) and v > vmin + 0.6 * (vmax - vmin) else "white"
+                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=8, color=colour)
+    fig.colorbar(im, ax=list(axes[0]), label=cbar_label, shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)

@@ -1,0 +1,378 @@
+"""Unit adversarial sensitivity (Guo et al. 2022, eqs. 1-3) on any named layer of any model.
+
+For unit ``i`` (a penultimate feature, a neural-head unit, a predictor voxel, an IT site) with
+response ``h_i``:
+
+    s_i(x, eps) = max_{||d|| <= eps} |h_i(x) - h_i(x + d)|          (image-specific, eq. 1 / 3)
+    s_i(eps)    = E_x s_i(x, eps)                                    (eq. 2)
+    s~_i(eps)   = s_i(eps) / sigma_i,   sigma_i = std_x h_i(x) over clean images
+
+The two directions ``max h_i(x + d) - h_i(x)`` ("up") and ``max h_i(x) - h_i(x + d)`` ("down") are
+solved separately and the larger is kept (sec. 3.2); each with ``restarts`` random starts and the
+Guo schedule (or plain PGD) of :mod:`neuroguide.attacks.pgd`. Units, directions, eps, images and
+restarts are all stacked along the batch axis: each row's objective is its own unit, so one
+backward pass serves many units.
+
+Measured responses with repeats (e.g. recorded IT sites, or a simulated noisy neuron) use the
+paper's sign-corrected, negatively biased estimator (sec. 3.1)::
+
+    E_j |r_i(x_j) - r_i(x_j + d_ij)|  >=  1/M sum_j sign(f_i(x_j) - f_i(x_j + d_ij)) (r_i(x_j) - r_i(x_j + d_ij))
+
+with ``f_i`` the model the perturbations were made on and ``r_i`` the repeat-averaged measurement.
+The plain mean of ``|r(x) - r(x + d)|`` is biased upwards by measurement noise.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from neuroguide.attacks import objectives, pgd_attack
+from neuroguide.attacks.objectives import direction_sign
+from neuroguide.attacks.pgd import evaluation_mode
+from neuroguide.evaluation.plots import check_eps_list, curve_figure, eps_tag, write_csv
+from neuroguide.models.features import LayerOutput
+
+Measure = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- estimators
+def repeat_mean(responses: torch.Tensor) -> torch.Tensor:
+    """(M, K, R) responses with NaN for missing repeats -> (M, K) mean over repeats; (M, K) passes."""
+    responses = torch.as_tensor(responses, dtype=torch.float32)
+    return responses.nanmean(dim=-1) if responses.ndim == 3 else responses
+
+
+def sign_corrected_sensitivity(pred_clean: torch.Tensor, pred_adv: torch.Tensor, resp_clean: torch.Tensor,
+                               resp_adv: torch.Tensor) -> torch.Tensor:
+    """Guo et al.'s sign-corrected estimate of ``E_j |r_i(x_j) - r_i(x_j + d_ij)|`` per unit.
+
+    ``1/M sum_j sign(f_i(x_j) - f_i(x_j + d)) (r_i(x_j) - r_i(x_j + d))``: unbiased when the model
+    ``f`` predicts every direction of change correctly, biased towards zero otherwise; noise in
+    ``r`` averages out instead of adding a positive bias.
+
+    Args:
+        pred_clean, pred_adv: (M, K) model responses ``f_i`` to clean and perturbed images.
+        resp_clean, resp_adv: (M, K) or (M, K, R) measured responses (NaN = missing repeat).
+    Returns:
+        (K,) estimate per unit (NaN-aware mean over images).
+    """
+    sign = torch.sign(torch.as_tensor(pred_clean) - torch.as_tensor(pred_adv)).float()
+    dr = repeat_mean(resp_clean) - repeat_mean(resp_adv)
+    _check_same(sign, dr, "pred", "resp")
+    return (sign * dr).nanmean(dim=0)
+
+
+def naive_sensitivity(resp_clean: torch.Tensor, resp_adv: torch.Tensor) -> torch.Tensor:
+    """``1/M sum_j |r_i(x_j) - r_i(x_j + d)|`` per unit (K,): positively biased under noise."""
+    return (repeat_mean(resp_clean) - repeat_mean(resp_adv)).abs().nanmean(dim=0)
+
+
+def _check_same(a, b, na, nb):
+    if a.shape != b.shape:
+        raise ValueError(f"{na} and {nb} must have the same (M, K) shape; got {tuple(a.shape)} vs {tuple(b.shape)}")
+
+
+def _nanstd(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Unbiased std ignoring NaN along ``dim``."""
+    ok = ~torch.isnan(x)
+    n = ok.sum(dim)
+    mean = x.nanmean(dim=dim, keepdim=True)
+    ss = torch.where(ok, (x - mean) ** 2, torch.zeros_like(x)).sum(dim)
+    return torch.sqrt(ss / (n - 1).clamp(min=1)).where(n > 1, torch.full_like(ss, math.nan))
+
+
+# ----------------------------------------------------------------------------- result
+@dataclass
+class SensitivityResult:
+    """Per-unit sensitivities. E eps values, U units, D directions, N images.
+
+    Attributes:
+        change: (E, U, D, N) best response change ``max_d sign * (h_i(x + d) - h_i(x))`` per direction
+            (>= 0: ``d = 0`` is feasible).
+        clean: (N, U) clean responses ``h_i(x)``; ``sigma``: (U,) their std over images (or given).
+        measured: with measured responses, ``{"delta_f", "delta_r"}`` (E, U, N) model and measured
+            changes along the chosen direction, ``"clean"`` (N, U) repeat means, ``"sigma"`` (U,).
+    """
+
+    layer: str | None
+    norm: str
+    schedule: str
+    eps: torch.Tensor
+    units: torch.Tensor
+    directions: tuple[str, ...]
+    change: torch.Tensor
+    clean: torch.Tensor
+    sigma: torch.Tensor
+    grad_evals: int
+    measured: dict | None = field(default=None)
+
+    @property
+    def per_image(self) -> torch.Tensor:
+        """(E, U, N) ``s_i(x, eps)``: the larger of the two directions."""
+        return self.change.amax(dim=2)
+
+    @property
+    def s(self) -> torch.Tensor:
+        """(E, U) ``s_i(eps) = E_x s_i(x, eps)``."""
+        return self.per_image.mean(dim=-1)
+
+    @property
+    def s_norm(self) -> torch.Tensor:
+        """(E, U) ``s~_i(eps) = s_i(eps) / sigma_i`` (NaN for a unit with sigma_i = 0)."""
+        return torch.where(self.sigma > 0, self.s / self.sigma, torch.full_like(self.s, math.nan))
+
+    @property
+    def s_measured(self) -> torch.Tensor | None:
+        """(E, U) sign-corrected estimate from measured responses (None without them)."""
+        if self.measured is None:
+            return None
+        return (torch.sign(self.measured["delta_f"]) * self.measured["delta_r"]).nanmean(dim=-1)
+
+    @property
+    def s_measured_naive(self) -> torch.Tensor | None:
+        """(E, U) plain ``mean |delta r|`` (positively biased by noise; for comparison)."""
+        return None if self.measured is None else self.measured["delta_r"].abs().nanmean(dim=-1)
+
+    def rows(self) -> list[dict]:
+        """One row per (eps, unit): eps, unit, sigma, s, s_norm and s per direction (+ measured)."""
+        out = []
+        per_dir = self.change.mean(dim=-1)  # (E, U, D)
+        for e, eps in enumerate(self.eps.tolist()):
+            for u, unit in enumerate(self.units.tolist()):
+                row = {"layer": self.layer or "output", "norm": self.norm, "schedule": self.schedule, "eps": eps,
+                       "unit": unit, "sigma": float(self.sigma[u]), "s": float(self.s[e, u]),
+                       "s_norm": float(self.s_norm[e, u])}
+                for d, name in enumerate(self.directions):
+                    row[f"s_{name}"] = float(per_dir[e, u, d])
+                if self.measured is not None:
+                    sm = float(self.s_measured[e, u])
+                    row.update(s_measured=sm, s_measured_naive=float(self.s_measured_naive[e, u]),
+                               sigma_measured=float(self.measured["sigma"][u]),
+                               s_measured_norm=sm / float(self.measured["sigma"][u]))
+                out.append(row)
+        return out
+
+    def summary(self) -> list[dict]:
+        """One row per eps: mean and sd across units of ``s`` and ``s~`` (the curve of Fig. 1)."""
+        out = []
+        for e, eps in enumerate(self.eps.tolist()):
+            ok = self.sigma > 0  # a unit silent on every clean image has no dynamic range to normalize by
+            row = {"eps": eps, "mean": float(self.s[e].mean()), "sd": _sd(self.s[e]),
+                   "mean_norm": float(self.s_norm[e][ok].mean()) if ok.any() else math.nan,
+                   "sd_norm": _sd(self.s_norm[e][ok]), "n_units": int(ok.sum())}
+            if self.measured is not None:
+                sm = self.s_measured[e] / self.measured["sigma"]
+                row.update(mean_norm_measured=float(sm.nanmean()), sd_norm_measured=_sd(sm))
+            out.append(row)
+        return out
+
+    def to_dataframe(self):
+        """The per-unit table as a pandas DataFrame (pandas imported on demand)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows())
+
+    def write_csv(self, path: str | os.PathLike) -> Path:
+        rows = self.rows()
+        return write_csv(path, rows, list(rows[0]))
+
+
+def _sd(t: torch.Tensor) -> float:
+    t = t[~torch.isnan(t)]
+    return float(t.std()) if t.numel() > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------- the analysis
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _pick_units(units, k: int) -> torch.Tensor:
+    if units is None:
+        return torch.arange(k)
+    if isinstance(units, int):
+        if units < 1:
+            raise ValueError(f"units={units}: give a number of units >= 1, a list of unit indices, or None for all")
+        if units >= k:
+            return torch.arange(k)
+        g = torch.Generator().manual_seed(0)
+        return torch.randperm(k, generator=g)[:units].sort().values
+    idx = torch.as_tensor(list(units) if not isinstance(units, torch.Tensor) else units).long().flatten()
+    if idx.numel() == 0:
+        raise ValueError("units is empty: give unit indices, a number of units, or None for all")
+    bad = idx[(idx < 0) | (idx >= k)]
+    if bad.numel():
+        raise ValueError(f"units {bad.tolist()} are out of range: the layer has {k} units (valid 0..{k - 1})")
+    return idx
+
+
+@torch.no_grad()
+def _responses(forward: nn.Module, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    return torch.cat([forward(images[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def unit_sensitivity(model: nn.Module, images: torch.Tensor, layer: str | None, eps_list: Sequence[float], *,
+                     units: int | Sequence[int] | None = None, norm: str = "l2", restarts: int = 2, steps: int = 32,
+                     schedule: str = "guo", directions: Sequence[str] = ("up", "down"), batch_size: int = 128,
+                     step_size: float | None = None, sigma: torch.Tensor | None = None,
+                     responses_with_repeats: Measure | None = None, generator: torch.Generator | None = None,
+                     progress: bool = True) -> SensitivityResult:
+    """``s_i(x, eps)`` for every (eps, unit, image), with both directions and restarts, in big batches.
+
+    Args:
+        model: takes (B, 3, H, W) in [0, 1].
+        images: (N, 3, H, W) clean images in [0, 1].
+        layer: a name of ``model.named_modules()`` (e.g. "avgpool", "neural_head", "readout"), or None
+            for the model's output. Its output is flattened to (B, K) units.
+        eps_list: radii (> 0) in [0, 1] pixel units (L2) or k/255 (Linf).
+        units: None (all K), a number n (n units drawn with a fixed seed), or a list of indices.
+        norm, restarts, steps, schedule, step_size: passed to :func:`neuroguide.attacks.pgd_attack`.
+        directions: "up" and/or "down"; ``s`` keeps the larger.
+        batch_size: rows per forward pass, counting restarts (jobs of ``batch_size // restarts``).
+        sigma: (K,) or (U,) per-unit std to normalize with (default: std over ``images``).
+        responses_with_repeats: a measurement ``images (B, 3, H, W) -> (B, K, R)`` responses with
+            repeats (NaN = missing) of the same K units, e.g. recorded or simulated neurons; when given,
+            ``result.s_measured`` holds the sign-corrected estimate on it.
+    Returns:
+        :class:`SensitivityResult`.
+    """
+    eps_vals = check_eps_list(eps_list, "eps_list")
+    forward = LayerOutput(model, layer)  # KeyError listing valid layer names for a bad one
+    if images.ndim != 4 or images.shape[0] < 1:
+        raise ValueError(f"images: expected (N, 3, H, W) in [0, 1] with N >= 1, got {tuple(images.shape)}")
+    dirs = tuple(directions)
+    if not dirs:
+        raise ValueError("directions is empty: use ('up', 'down') (or one of them)")
+    signs = torch.tensor([direction_sign(d) for d in dirs])
+    device = _device_of(model)
+    images = images.detach().float().cpu()
+    n = images.shape[0]
+
+    with evaluation_mode(model):
+        clean_all = _responses(forward, images, batch_size, device)  # (N, K)
+    k = clean_all.shape[1]
+    unit_idx = _pick_units(units, k)
+    clean = clean_all[:, unit_idx]  # (N, U)
+    if sigma is None:
+        if n < 2:
+            raise ValueError("sigma_i is the std over clean images: give at least 2 images (or pass sigma=)")
+        sig = clean.std(dim=0)
+    else:
+        sig = torch.as_tensor(sigma, dtype=torch.float32).flatten().cpu()
+        if sig.numel() == k:
+            sig = sig[unit_idx]
+        elif sig.numel() != len(unit_idx):
+            raise ValueError(f"sigma has {sig.numel()} values; expected one per layer unit ({k}) or per chosen unit "
+                             f"({len(unit_idx)})")
+
+    meas_clean = None
+    if responses_with_repeats is not None:
+        meas_clean = torch.cat([repeat_mean(_measure(responses_with_repeats, images[j:j + batch_size].to(device), k))
+                                for j in range(0, n, batch_size)])[:, unit_idx]  # (N, U)
+
+    E, U, D = len(eps_vals), len(unit_idx), len(dirs)
+    # every job is one (eps, unit, direction, image); flattened in that order
+    grid = torch.stack(torch.meshgrid(torch.arange(E), torch.arange(U), torch.arange(D), torch.arange(n),
+                                      indexing="ij"), dim=-1).reshape(-1, 4)
+    eps_t = torch.tensor(eps_vals, dtype=torch.float32)
+    change = torch.empty(len(grid))
+    f_adv = torch.empty(len(grid))
+    r_adv = torch.empty(len(grid)) if meas_clean is not None else None
+    per_call = max(1, batch_size // restarts)
+    evals = 0
+    bar = tqdm(range(0, len(grid), per_call), desc=f"unit sensitivity ({layer or 'output'})", disable=not progress,
+               leave=False)
+    for start in bar:
+        job = grid[start:start + per_call]
+        e, u, d, i = job.unbind(1)
+        x = images[i].to(device)
+        obj = objectives.Unit(unit_idx[u].to(device), signs[d].to(device))
+        res = pgd_attack(forward, x, obj, eps=eps_t[e].to(device), norm=norm, steps=steps, step_size=step_size,
+                         random_start=True, restarts=restarts, schedule=schedule, victim=model, generator=generator)
+        evals += res.grad_evals
+        value = res.value.float().cpu()  # sign * h_u(x_adv)
+        f_adv[start:start + len(job)] = signs[d] * value
+        change[start:start + len(job)] = (value - signs[d] * clean[i, u]).clamp(min=0)
+        if r_adv is not None:
+            r = repeat_mean(_measure(responses_with_repeats, res.x_adv.detach(), k))
+            r_adv[start:start + len(job)] = r[torch.arange(len(job)), unit_idx[u]]
+    change = change.reshape(E, U, D, n)
+
+    measured = None
+    if meas_clean is not None:
+        best = change.argmax(dim=2, keepdim=True)  # the direction kept for s_i(x, eps)
+        f_adv = f_adv.reshape(E, U, D, n).gather(2, best)[:, :, 0]
+        r_adv = r_adv.reshape(E, U, D, n).gather(2, best)[:, :, 0]
+        measured = {"delta_f": f_adv - clean.T[None], "delta_r": r_adv - meas_clean.T[None], "clean": meas_clean,
+                    "sigma": _nanstd(meas_clean, 0)}
+    return SensitivityResult(layer=layer, norm=norm, schedule=schedule, eps=eps_t, units=unit_idx, directions=dirs,
+                             change=change, clean=clean, sigma=sig, grad_evals=evals, measured=measured)
+
+
+def _measure(measure: Measure, images: torch.Tensor, k: int) -> torch.Tensor:
+    with torch.no_grad():
+        r = torch.as_tensor(measure(images)).float().cpu()
+    if r.ndim == 2:
+        r = r[..., None]
+    if r.ndim != 3 or r.shape[0] != images.shape[0] or r.shape[1] != k:
+        raise ValueError(f"responses_with_repeats must map ({images.shape[0]}, 3, H, W) images to ({images.shape[0]}, "
+                         f"{k}, R) responses (the same {k} units as the layer, R repeats); got {tuple(r.shape)}")
+    return r
+
+
+# ----------------------------------------------------------------------------- evaluate.py entry
+def evaluate(model: nn.Module, images: torch.Tensor, out_dir: str | os.PathLike, *, layer: str | None = None,
+             eps_list: Sequence[float] = (0.25, 0.5, 1.0, 2.0), norm: str = "l2",
+             units: int | Sequence[int] | None = 32,
+             restarts: int = 2, steps: int = 32, schedule: str = "guo", directions: Sequence[str] = ("up", "down"),
+             batch_size: int = 128, responses_with_repeats: Measure | None = None,
+             key_prefix: str = "eval/sensitivity", seed: int | None = 0, progress: bool = True) -> dict:
+    """Run :func:`unit_sensitivity`; write ``sensitivity_<layer>.csv`` (per unit) and
+    ``sensitivity_<layer>.png`` (mean +/- sd of ``s~`` across units against eps, like Fig. 1 of
+    Guo et al.) into ``out_dir``.
+
+    Returns flat metrics: ``{key_prefix}/{norm}_{eps}/mean_norm``, ``.../sd_norm``, ``.../mean`` (absolute
+    ``s``), with measured responses also ``.../mean_norm_measured``; and ``{key_prefix}/n_units`` (units
+    with sigma > 0, over which the normalized means are taken). ``seed`` fixes the random starts.
+    """
+    res = unit_sensitivity(model, images, layer, eps_list, units=units, norm=norm, restarts=restarts, steps=steps,
+                           schedule=schedule, directions=directions, batch_size=batch_size,
+                           responses_with_repeats=responses_with_repeats, progress=progress,
+                           generator=torch.Generator().manual_seed(seed) if seed is not None else None)
+    out_dir = Path(out_dir)
+    name = (layer or "output").replace("/", "_")
+    res.write_csv(out_dir / f"sensitivity_{name}.csv")
+    summary = res.summary()
+    eps = [r["eps"] for r in summary]
+    curves = [{"x": eps, "y": [r["mean_norm"] for r in summary], "yerr": [r["sd_norm"] for r in summary],
+               "label": f"model units ({len(res.units)})"}]
+    if res.measured is not None:
+        curves.append({"x": eps, "y": [r["mean_norm_measured"] for r in summary],
+                       "yerr": [r["sd_norm_measured"] for r in summary], "label": "measured (sign-corrected)",
+                       "style": "s--"})
+    curve_figure([{"title": f"{name}: unit adversarial sensitivity", "xlabel": f"{norm} eps",
+                   "ylabel": "normalized sensitivity s/sigma", "curves": curves,
+                   "hlines": [{"y": 1.0, "label": "sigma (clean images)"}]}],
+                 out_dir / f"sensitivity_{name}.png", logx=True, logy=True)
+    metrics = {f"{key_prefix}/n_units": summary[0]["n_units"]}
+    for r in summary:
+        tag = eps_tag(norm, r["eps"])
+        metrics[f"{key_prefix}/{tag}/mean_norm"] = r["mean_norm"]
+        metrics[f"{key_prefix}/{tag}/sd_norm"] = r["sd_norm"]
+        metrics[f"{key_prefix}/{tag}/mean"] = r["mean"]
+        if "mean_norm_measured" in r:
+            metrics[f"{key_prefix}/{tag}/mean_norm_measured"] = r["mean_norm_measured"]
+    return metrics
+
+
+__all__ = ["unit_sensitivity", "evaluate", "SensitivityResult", "sign_corrected_sensitivity", "naive_sensitivity",
+           "repeat_mean"]

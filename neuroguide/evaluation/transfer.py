@@ -1,0 +1,262 @@
+"""Transfer attacks: perturbations made on a source model, applied to a target model.
+
+For every source ``s``, adversarial images ``x + d_s`` are made on ``s`` with the one engine
+(:func:`neuroguide.attacks.pgd_attack`); every target ``t`` is then evaluated on them. The result is a
+source x target matrix (McNeal & Murty; Guo et al.'s attack transfer), next to a control made of random
+directions with the same per-image norm as ``d_s`` (L2 norm for L2 attacks, Linf norm for Linf attacks).
+
+Classification (labels given): the attack maximizes the source's cross-entropy and the entry is the
+target's accuracy drop ``acc_t(x) - acc_t(x + d_s)``.
+
+Neural outputs (labels None): the attack moves the source's response away from its clean response
+(``objective="change"``: maximize ``mean_k (f_s,k(x + d) - f_s,k(x))^2``) or pushes the region's mean
+response ``"up"`` / ``"down"``; the entry is the target's response change in units of its clean
+spread:
+
+    change_t = 1/(N K) sum_{n,k} |f_t,k(x_n + d_n) - f_t,k(x_n)| / sigma_t,k      ("change")
+    change_t = 1/N sum_n sign * (m_t(x_n + d_n) - m_t(x_n)) / sigma(m_t)           ("up" / "down")
+
+with ``sigma`` the std over the clean images and ``m_t`` the mean over the target's outputs.
+
+All models must take the same input size (the perturbation lives in pixel space).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from neuroguide.attacks import objectives, pgd_attack
+from neuroguide.attacks.objectives import direction_sign
+from neuroguide.attacks.pgd import evaluation_mode
+from neuroguide.attacks.steps import get_step_class
+from neuroguide.evaluation.plots import check_eps_list, eps_label, eps_tag, heatmap_figure, write_csv
+from neuroguide.evaluation.robustness import check_labels
+
+NEURAL_OBJECTIVES = ("change", "up", "down")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def declared_input_size(model: nn.Module) -> int | None:
+    """The input size a model declares: ``neuroguide_info["model_config"]["image_size"]`` (set by
+    ``neuroguide.load_model``) or an ``image_size`` / ``input_size`` attribute; None if it declares none."""
+    info = getattr(model, "neuroguide_info", None) or {}
+    size = (info.get("model_config") or {}).get("image_size")
+    for attr in ("image_size", "input_size"):
+        if size is None:
+            size = getattr(model, attr, None)
+    if isinstance(size, (tuple, list)):
+        size = size[-1]
+    return int(size) if size is not None else None
+
+
+def check_input_sizes(models: Mapping[str, nn.Module], images: torch.Tensor,
+                      input_sizes: Mapping[str, int] | None = None) -> None:
+    """One input size for all models of a transfer matrix, equal to the images' size; else ValueError."""
+    sizes = {}
+    for name, m in models.items():
+        s = (input_sizes or {}).get(name, declared_input_size(m))
+        if s is not None:
+            sizes[name] = int(s)
+    if len(set(sizes.values())) > 1:
+        listing = ", ".join(f"{n!r}: {s} px" for n, s in sizes.items())
+        raise ValueError(f"transfer needs models with one input size, but they differ ({listing}). A pixel-space "
+                         "perturbation made at one size does not apply at another: evaluate models of one input size "
+                         "together, or wrap a model with a resize to the common size and pass input_sizes={...}")
+    h = images.shape[-1]
+    for name, s in sizes.items():
+        if s != h:
+            raise ValueError(f"model {name!r} takes {s} px images but the images are {h} px: resize the images to "
+                             f"{s} px (or pass input_sizes={{{name!r}: size}} if the model resizes its input itself)")
+
+
+def random_like(delta: torch.Tensor, norm: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random directions with the same per-row norm as ``delta`` (B, C, H, W).
+
+    L2: a Gaussian direction scaled to ``||delta_b||_2``; Linf: random signs times ``||delta_b||_inf``.
+    """
+    get_step_class(norm)
+    flat = delta.flatten(1)
+    if norm.lower() == "linf":
+        r = torch.randint(0, 2, delta.shape, generator=generator).to(delta) * 2 - 1
+        return r * flat.abs().amax(1).reshape(-1, *([1] * (delta.ndim - 1)))
+    g = torch.randn(delta.shape, generator=generator).to(delta)
+    scale = flat.norm(dim=1) / g.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return g * scale.reshape(-1, *([1] * (delta.ndim - 1)))
+
+
+def _norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    flat = delta.flatten(1)
+    return flat.abs().amax(1) if norm.lower() == "linf" else flat.norm(dim=1)
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    device = _device_of(model)
+    with evaluation_mode(model):
+        return torch.cat([model(images[i:i + batch_size].to(device)).float().flatten(1).cpu()
+                          for i in range(0, len(images), batch_size)])
+
+
+def _score(out_clean: torch.Tensor, out_pert: torch.Tensor, labels: torch.Tensor | None, objective: str) -> float:
+    """Accuracy drop (labels) or normalized response change of one target."""
+    if labels is not None:
+        return float((out_clean.argmax(1) == labels).float().mean() - (out_pert.argmax(1) == labels).float().mean())
+    if objective == "change":
+        sigma = out_clean.std(0)
+        ok = sigma > 0
+        return float(((out_pert - out_clean).abs()[:, ok] / sigma[ok]).mean())
+    m0, m1 = out_clean.mean(1), out_pert.mean(1)
+    sd = m0.std()
+    return float(direction_sign(objective) * (m1 - m0).mean() / sd) if sd > 0 else float("nan")
+
+
+@dataclass
+class TransferResult:
+    """Source x target matrices (S = T = the models, in the given order).
+
+    Attributes:
+        adversarial: (S, T) accuracy drop or response change of target t on source s's attacks.
+        random: (S, T) the same for random directions of the same per-image norm.
+        delta_norm, random_norm: (S,) mean per-image norm of the attack and control perturbations
+            (after [0, 1] clipping).
+        metric: "acc_drop" or "change".
+    """
+
+    names: list[str]
+    eps: float
+    norm: str
+    metric: str
+    adversarial: np.ndarray
+    random: np.ndarray
+    delta_norm: np.ndarray
+    random_norm: np.ndarray
+    clean_acc: np.ndarray | None = None
+
+    def rows(self) -> list[dict]:
+        out = []
+        for i, s in enumerate(self.names):
+            for j, t in enumerate(self.names):
+                out.append({"source": s, "target": t, "norm": self.norm, "eps": self.eps, "metric": self.metric,
+                            "adversarial": float(self.adversarial[i, j]), "random": float(self.random[i, j]),
+                            "delta_norm": float(self.delta_norm[i]), "random_norm": float(self.random_norm[i]),
+                            "target_clean_acc": float(self.clean_acc[j]) if self.clean_acc is not None else ""})
+        return out
+
+
+def transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torch.Tensor | None, *,
+                    eps: float, norm: str = "l2", steps: int = 10, step_size: float | None = None,
+                    restarts: int = 1, objective: str = "change", batch_size: int = 128,
+                    input_sizes: Mapping[str, int] | None = None, generator: torch.Generator | None = None,
+                    progress: bool = True) -> TransferResult:
+    """Attack each source, evaluate each target: see the module docstring.
+
+    Args:
+        models: name -> model, each taking (B, 3, H, W) in [0, 1] to logits or responses (B, K).
+        images: (N, 3, H, W) clean images in [0, 1].
+        labels: (N,) class indices for classifiers, or None for neural-output models.
+        eps, norm, steps, step_size, restarts: the attack (one engine, plain PGD).
+        objective: for neural outputs, "change", "up" or "down".
+        input_sizes: name -> input size, for models that do not declare one.
+    """
+    if not models:
+        raise ValueError("models is empty: give a dict name -> model with at least one model")
+    eps = check_eps_list([eps], "eps")[0]
+    get_step_class(norm)
+    if images.ndim != 4:
+        raise ValueError(f"images: expected (N, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
+    if labels is not None:
+        labels = check_labels(images, labels)
+    elif objective not in NEURAL_OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not known: expected one of {NEURAL_OBJECTIVES}")
+    check_input_sizes(models, images, input_sizes)
+    names = list(models)
+    images = images.detach().float().cpu()
+    clean = {n: _outputs(m, images, batch_size) for n, m in models.items()}
+    S = len(names)
+    adv, rnd = np.zeros((S, S)), np.zeros((S, S))
+    dn, rn = np.zeros(S), np.zeros(S)
+    for i, src in enumerate(tqdm(names, desc="transfer sources", disable=not progress, leave=False)):
+        model = models[src]
+        device = _device_of(model)
+        x_adv = []
+        for b in range(0, len(images), batch_size):
+            x = images[b:b + batch_size].to(device)
+            if labels is not None:
+                obj = objectives.CrossEntropy(labels[b:b + batch_size].to(device))
+            elif objective == "change":
+                obj = objectives.ResponseChange(clean[src][b:b + batch_size].to(device))
+            else:
+                obj = objectives.MeanResponse(objective)
+            res = pgd_attack(model, x, obj, eps=eps, norm=norm, steps=steps, step_size=step_size, random_start=True,
+                             restarts=restarts, generator=generator)
+            x_adv.append(res.x_adv.detach().float().cpu())
+        x_adv = torch.cat(x_adv)
+        delta = x_adv - images
+        x_rnd = (images + random_like(delta, norm, generator)).clamp(0, 1)
+        dn[i], rn[i] = float(_norms(delta, norm).mean()), float(_norms(x_rnd - images, norm).mean())
+        for j, tgt in enumerate(names):
+            adv[i, j] = _score(clean[tgt], _outputs(models[tgt], x_adv, batch_size), labels, objective)
+            rnd[i, j] = _score(clean[tgt], _outputs(models[tgt], x_rnd, batch_size), labels, objective)
+    clean_acc = None
+    if labels is not None:
+        clean_acc = np.array([float((clean[n].argmax(1) == labels).float().mean()) for n in names])
+    metric = "acc_drop" if labels is not None else "change"
+    return TransferResult(names=names, eps=eps, norm=norm.lower(), metric=metric, adversarial=adv, random=rnd,
+                          delta_norm=dn, random_norm=rn, clean_acc=clean_acc)
+
+
+def _safe(name: str) -> str:
+    return str(name).replace("/", "_")
+
+
+def evaluate(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torch.Tensor | None,
+             out_dir: str | os.PathLike, *, eps: float | Sequence[float] = 1.0, norm: str = "l2", steps: int = 10,
+             step_size: float | None = None, restarts: int = 1, objective: str = "change", batch_size: int = 128,
+             input_sizes: Mapping[str, int] | None = None, key_prefix: str = "eval/transfer", seed: int | None = 0,
+             progress: bool = True) -> dict:
+    """Transfer matrices at each eps; writes ``transfer_<norm>_<eps>.csv`` and ``.png`` (heatmaps of the
+    attack and the random control side by side) into ``out_dir``.
+
+    Returns flat metrics: ``{key_prefix}/{norm}_{eps}/{source}/{target}/{metric}`` and ``.../random_{metric}``
+    (metric ``acc_drop`` or ``change``), and per eps ``diag_mean`` (white-box), ``offdiag_mean``
+    (transfer) and ``random_mean`` (control). ``seed`` fixes the random starts and the control directions.
+    """
+    eps_list = check_eps_list(eps, "eps")
+    out_dir = Path(out_dir)
+    metrics: dict = {}
+    for e in eps_list:
+        res = transfer_matrix(models, images, labels, eps=e, norm=norm, steps=steps, step_size=step_size,
+                              restarts=restarts, objective=objective, batch_size=batch_size, input_sizes=input_sizes,
+                              progress=progress,
+                              generator=torch.Generator().manual_seed(seed) if seed is not None else None)
+        tag = eps_tag(res.norm, e)
+        write_csv(out_dir / f"transfer_{tag}.csv", res.rows())
+        what = "accuracy drop" if res.metric == "acc_drop" else "response change / sigma"
+        heatmap_figure([("attack made on source", res.adversarial), ("random, same norm", res.random)],
+                       res.names, res.names, out_dir / f"transfer_{tag}.png", cbar_label=what,
+                       title=f"transfer, {res.norm} eps {eps_label(res.norm, e)}")
+        for i, s in enumerate(res.names):
+            for j, t in enumerate(res.names):
+                base = f"{key_prefix}/{tag}/{_safe(s)}/{_safe(t)}"
+                metrics[f"{base}/{res.metric}"] = float(res.adversarial[i, j])
+                metrics[f"{base}/random_{res.metric}"] = float(res.random[i, j])
+        S = len(res.names)
+        off = ~np.eye(S, dtype=bool)
+        metrics[f"{key_prefix}/{tag}/diag_mean"] = float(np.diag(res.adversarial).mean())
+        metrics[f"{key_prefix}/{tag}/offdiag_mean"] = float(res.adversarial[off].mean()) if S > 1 else float("nan")
+        metrics[f"{key_prefix}/{tag}/random_mean"] = float(res.random.mean())
+    return metrics
+
+
+__all__ = ["transfer_matrix", "evaluate", "TransferResult", "random_like", "check_input_sizes", "declared_input_size"]
