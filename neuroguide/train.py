@@ -122,8 +122,12 @@ def _finish(trainer: L.Trainer, module, cfg: DictConfig, out: Path, metrics: dic
         module.export(p, metrics)
         log.info("saved %s model to %s", cfg.task.name, p)
     for lg in trainer.loggers:
-        exp = getattr(lg, "experiment", None)
-        if type(lg).__name__ == "WandbLogger" and exp is not None and hasattr(exp, "summary"):
-            exp.summary.update(metrics)
+        if type(lg).__name__ == "WandbLogger":
+            exp = lg.experiment
+            if hasattr(exp, "summary"):
+                exp.summary.update(metrics)
+            import wandb
+
+            wandb.finish()  # each job of a multirun finishes its own run
     log.info("metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
     log.info("wrote %s and %s", out / "metrics.json", out / "config.yaml")

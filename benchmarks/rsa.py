@@ -1,0 +1,117 @@
+"""RSA: neuroguide.evaluation.rsa against rsatoolbox, same data, one process.
+
+Part 1 (one pair): two stimulus sets of 2000 stimuli x 512 features (a "model" and a "region" whose
+patterns share a low-rank component). Each side computes both RDMs and compares them by Spearman,
+Kendall tau-a and cosine; the script checks that both sides agree (1e-6) and prints each side's time
+per stage and the ratios.
+
+Part 2 (model-vs-model, ``--models M``): M pattern sets of the same size; each side computes the M
+RDMs and the M x M similarity matrices for the three comparisons (rsatoolbox:
+``compare(rdms, rdms, method)``; ours: :func:`rsa.compare_all`, which ranks each RDM once and
+computes each unordered pair once).
+
+rsatoolbox is the peer (``rsatoolbox.rdm.calc_rdm`` + ``rsatoolbox.rdm.compare``).
+
+    python benchmarks/rsa.py [--stimuli 2000] [--features 512] [--method correlation] [--repeats 3] [--models 4]
+
+Times are the best of ``--repeats`` runs in part 1 and one run in part 2 (the machine may be shared).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from neuroguide.evaluation import rsa
+
+COMPARISONS = ("spearman", "tau-a", "cosine")
+
+
+def best_time(fn, repeats):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return out, best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stimuli", type=int, default=2000)
+    ap.add_argument("--features", type=int, default=512)
+    ap.add_argument("--method", default="correlation", choices=rsa.METHODS)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--models", type=int, default=4, help="part 2: number of models (0 skips it)")
+    args = ap.parse_args()
+
+    from rsatoolbox.data import Dataset
+    from rsatoolbox.rdm import calc_rdm, compare
+
+    rng = np.random.default_rng(0)
+    n, k = args.stimuli, args.features
+    shared = rng.standard_normal((n, 8))
+    a = shared @ rng.standard_normal((8, k)) + rng.standard_normal((n, k))
+    b = shared @ rng.standard_normal((8, k)) + 2 * rng.standard_normal((n, k))
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+
+    def ours_rdms():
+        return rsa.rdm(ta, args.method), rsa.rdm(tb, args.method)
+
+    def ours_compare(va, vb):
+        pa, pb = rsa.prepare(va), rsa.prepare(vb)
+        return {c: rsa.compare(pa, pb, c) for c in COMPARISONS}
+
+    def peer_rdms():
+        return calc_rdm(Dataset(a), method=args.method), calc_rdm(Dataset(b), method=args.method)
+
+    def peer_compare(ra, rb):
+        return {c: float(compare(ra, rb, method=c)[0, 0]) for c in COMPARISONS}
+
+    print(f"{n} stimuli x {k} features, {args.method} RDMs ({rsa.n_pairs(n)} pairs), best of {args.repeats}; "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    (va, vb), t_ours_rdm = best_time(ours_rdms, args.repeats)
+    (ra, rb), t_peer_rdm = best_time(peer_rdms, args.repeats)
+    err = max(float(np.abs(ra.get_vectors()[0] - va.numpy()).max()), float(np.abs(rb.get_vectors()[0] - vb.numpy()).max()))
+    print(f"RDMs (2)          ours {t_ours_rdm:7.3f} s   rsatoolbox {t_peer_rdm:7.3f} s   ratio {t_peer_rdm / t_ours_rdm:6.1f}x"
+          f"   max |diff| {err:.1e}")
+    ours, t_ours_cmp = best_time(lambda: ours_compare(va, vb), args.repeats)
+    peer, t_peer_cmp = best_time(lambda: peer_compare(ra, rb), args.repeats)
+    print(f"compare (3 ways)  ours {t_ours_cmp:7.3f} s   rsatoolbox {t_peer_cmp:7.3f} s   ratio {t_peer_cmp / t_ours_cmp:6.1f}x")
+    for c in COMPARISONS:
+        print(f"  {c:9s} ours {ours[c]: .8f}  rsatoolbox {peer[c]: .8f}  diff {abs(ours[c] - peer[c]):.1e}")
+        assert abs(ours[c] - peer[c]) < 1e-6, c
+    # per method, each side on its own (ours ranks each RDM inside the call: no sharing across methods)
+    for c in COMPARISONS:
+        _, t_o = best_time(lambda: rsa.compare(va, vb, c), args.repeats)
+        _, t_p = best_time(lambda: compare(ra, rb, method=c), args.repeats)
+        print(f"  {c:9s} alone: ours {t_o:7.3f} s   rsatoolbox {t_p:7.3f} s   ratio {t_p / t_o:6.1f}x")
+    t_ours, t_peer = t_ours_rdm + t_ours_cmp, t_peer_rdm + t_peer_cmp
+    print(f"PART 1 total (2 RDMs + 3 comparisons): ours {t_ours:.3f} s, rsatoolbox {t_peer:.3f} s, "
+          f"speed-up {t_peer / t_ours:.1f}x", flush=True)
+    if args.models >= 2:
+        from rsatoolbox.rdm import concat
+
+        sets = [shared @ rng.standard_normal((8, k)) + rng.standard_normal((n, k)) for _ in range(args.models)]
+
+        def ours_matrix():
+            vecs = {f"m{i}": rsa.rdm(torch.from_numpy(x), args.method) for i, x in enumerate(sets)}
+            return rsa.compare_all(vecs, COMPARISONS)
+
+        def peer_matrix():
+            rdms = concat([calc_rdm(Dataset(x), method=args.method) for x in sets])
+            return {c: compare(rdms, rdms, method=c) for c in COMPARISONS}
+
+        mo, t_o = best_time(ours_matrix, 1)
+        mp, t_p = best_time(peer_matrix, 1)
+        err = max(float(np.abs(mo[c] - mp[c]).max()) for c in COMPARISONS)
+        assert err < 1e-6, err
+        print(f"PART 2 model-vs-model, {args.models} models ({args.models} RDMs + {args.models}x{args.models} matrices, "
+              f"3 comparisons): ours {t_o:.3f} s, rsatoolbox {t_p:.3f} s, speed-up {t_p / t_o:.1f}x, "
+              f"max |diff| {err:.1e}")
+
+
+if __name__ == "__main__":
+    main()

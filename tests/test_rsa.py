@@ -1,0 +1,208 @@
+"""RSA against rsatoolbox (RDMs and comparisons), against the project's Pearson r, planted and
+shuffled controls, MDS against known geometry, and bad input."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from neuroguide.evaluation import rsa
+from neuroguide.metrics import pearson_r
+
+rsatoolbox = pytest.importorskip("rsatoolbox")
+from rsatoolbox.data import Dataset  # noqa: E402
+from rsatoolbox.rdm import RDMs, calc_rdm  # noqa: E402
+from rsatoolbox.rdm import compare as rsa_compare  # noqa: E402
+
+
+def patterns(n=40, k=12, seed=0, noise=1.0):
+    rng = np.random.default_rng(seed)
+    shared = rng.standard_normal((n, 3))
+    a = shared @ rng.standard_normal((3, k)) + rng.standard_normal((n, k))
+    b = shared @ rng.standard_normal((3, k)) + noise * rng.standard_normal((n, k))
+    return a, b
+
+
+@pytest.mark.parametrize("method", ["correlation", "euclidean"])
+def test_rdm_equals_rsatoolbox(method):
+    a, _ = patterns(n=41, k=9)
+    ours = rsa.rdm(torch.from_numpy(a), method, chunk_size=6)  # several chunks, a ragged last one
+    theirs = calc_rdm(Dataset(a), method=method).get_vectors()[0]
+    assert ours.shape == theirs.shape == (41 * 40 // 2,)
+    np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-6, rtol=0)
+    # chunking does not change the result
+    np.testing.assert_allclose(rsa.rdm(torch.from_numpy(a), method, chunk_size=1000).numpy(), ours.numpy(), atol=1e-12)
+
+
+def test_rdm_scaling_documented():
+    """Our 'euclidean' is rsatoolbox's: squared distance / K; sqrt(K d) is the Euclidean distance."""
+    a, _ = patterns(n=10, k=7)
+    d = rsa.squareform(rsa.rdm(torch.from_numpy(a), "euclidean")).numpy()
+    direct = np.linalg.norm(a[:, None] - a[None], axis=-1)
+    np.testing.assert_allclose(np.sqrt(7 * d.clip(min=0)), direct, atol=1e-8)
+
+
+def test_correlation_rdm_is_one_minus_project_pearson():
+    a, _ = patterns(n=8, k=30)
+    sq = rsa.squareform(rsa.rdm(torch.from_numpy(a)))
+    t = torch.from_numpy(a).T  # columns = stimuli
+    for i, j in [(0, 1), (2, 7), (5, 3)]:
+        r = float(pearson_r(t[:, i], t[:, j]))
+        assert abs(float(sq[i, j]) - (1 - r)) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["correlation", "euclidean"])
+@pytest.mark.parametrize("comparison", ["spearman", "tau-a", "cosine"])
+def test_compare_equals_rsatoolbox(method, comparison):
+    a, b = patterns(n=35, k=10, seed=3)
+    ra, rb = calc_rdm(Dataset(a), method=method), calc_rdm(Dataset(b), method=method)
+    ours = rsa.compare(rsa.rdm(torch.from_numpy(a), method), rsa.rdm(torch.from_numpy(b), method), comparison)
+    theirs = float(rsa_compare(ra, rb, method=comparison)[0, 0])
+    assert abs(ours - theirs) < 1e-6
+    assert abs(ours) > 0.05  # related patterns: a similarity that could be wrong
+
+
+@pytest.mark.parametrize("comparison", ["spearman", "tau-a", "cosine"])
+def test_compare_with_ties_equals_rsatoolbox(comparison):
+    rng = np.random.default_rng(1)
+    m = 20 * 19 // 2
+    x = rng.integers(0, 6, m).astype(float)  # many ties in both vectors, and joint ties
+    y = (x + rng.integers(0, 4, m)).astype(float)
+    theirs = float(rsa_compare(RDMs(x[None]), RDMs(y[None]), method=comparison)[0, 0])
+    assert abs(rsa.compare(torch.from_numpy(x), torch.from_numpy(y), comparison) - theirs) < 1e-6
+
+
+def test_tau_a_public_fallback(monkeypatch):
+    """If scipy's compiled discordant-pair count moves, tau-a comes from the public tau-b; same number."""
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 5, 190).astype(float)
+    y = x + rng.standard_normal(190)
+    theirs = float(rsa_compare(RDMs(x[None]), RDMs(y[None]), method="tau-a")[0, 0])
+
+    def gone(*_a):
+        raise ImportError("moved")
+
+    monkeypatch.setattr(rsa, "_discordant_pairs", gone)
+    assert abs(rsa.compare(torch.from_numpy(x), torch.from_numpy(y), "tau-a") - theirs) < 1e-6
+
+
+def test_spearman_is_project_pearson_of_ranks():
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.integers(0, 9, 300).astype(float))
+    y = x + torch.from_numpy(rng.standard_normal(300))
+    a, b = rsa.prepare(x), rsa.prepare(y)
+    assert abs(rsa.spearman(a, b) - float(pearson_r(a.ranks, b.ranks))) < 1e-6
+
+
+def test_compare_all_matrix_equals_rsatoolbox():
+    rng = np.random.default_rng(5)
+    vecs = {f"m{i}": rng.integers(0, 4, 45).astype(float) + (0 if i else 0.1 * rng.standard_normal(45))
+            for i in range(3)}
+    ours = rsa.compare_all({k: torch.from_numpy(v) for k, v in vecs.items()})
+    rdms = RDMs(np.stack(list(vecs.values())))
+    for c in rsa.COMPARISONS:
+        np.testing.assert_allclose(ours[c], rsa_compare(rdms, rdms, method=c), atol=1e-6)
+        np.testing.assert_allclose(ours[c], ours[c].T)
+
+
+def test_shuffled_control():
+    """Same patterns -> spearman 1; stimuli shuffled in one set -> near 0."""
+    a, _ = patterns(n=60, k=20, seed=6)
+    va = rsa.rdm(torch.from_numpy(a))
+    assert rsa.compare(va, rsa.rdm(torch.from_numpy(a * 3 + 1))) == pytest.approx(1.0, abs=1e-9)
+    perm = np.random.default_rng(0).permutation(60)
+    assert abs(rsa.compare(va, rsa.rdm(torch.from_numpy(a[perm])))) < 0.15
+
+
+def test_nan_positions_left_out():
+    a, b = patterns(n=12, k=6, seed=7)
+    a[3] = 1.0  # a constant pattern: its correlation distances are undefined
+    va, vb = rsa.rdm(torch.from_numpy(a)), rsa.rdm(torch.from_numpy(b))
+    keep = torch.isfinite(va)
+    assert int((~keep).sum()) == 11
+    for c in rsa.COMPARISONS:
+        theirs = float(rsa_compare(RDMs(va[keep].numpy()[None]), RDMs(vb[keep].numpy()[None]), method=c)[0, 0])
+        assert abs(rsa.compare(va, vb, c) - theirs) < 1e-6
+
+
+def test_different_stimulus_sets_refused():
+    a, b = patterns(n=10, k=5)
+    with pytest.raises(ValueError, match=r"different stimulus sets.*10 stimuli.*8 .*same stimuli"):
+        rsa.compare(rsa.rdm(torch.from_numpy(a)), rsa.rdm(torch.from_numpy(b[:8])), names=("model", "V1"))
+
+
+def test_bad_input_messages():
+    with pytest.raises(ValueError, match="RDM method 'cityblock' is not known"):
+        rsa.rdm(torch.randn(5, 3), "cityblock")
+    with pytest.raises(ValueError, match="not known: expected some of"):
+        rsa.compare(torch.rand(10), torch.rand(10), "kendall-b")
+    with pytest.raises(ValueError, match="at least 3 stimuli"):
+        rsa.rdm(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="non-finite"):
+        rsa.rdm(torch.tensor([[1.0, float("nan")], [0.0, 1.0], [2.0, 3.0]]))
+    with pytest.raises(ValueError, match="not the upper triangle"):
+        rsa.prepare(torch.rand(11))
+
+
+def test_classical_mds_recovers_planted_geometry():
+    pts = torch.randn(15, 2, dtype=torch.float64)
+    d = torch.cdist(pts, pts)
+    xy = rsa.classical_mds(d)
+    torch.testing.assert_close(torch.cdist(xy, xy), d, atol=1e-8, rtol=0)
+    # on an RDM: sqrt of the euclidean RDM is Euclidean, so pairwise distances are kept (up to scale)
+    a = torch.randn(12, 2, dtype=torch.float64)
+    xy = rsa.rdm_mds(rsa.rdm(a, "euclidean"))
+    torch.testing.assert_close(torch.cdist(xy, xy) * 2 ** 0.5, torch.cdist(a, a), atol=1e-8, rtol=0)
+
+
+# ----------------------------------------------------------------------------- evaluate
+def tiny_net(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 5))
+
+
+def test_evaluate_planted_region_and_shuffle(tmp_path):
+    model = tiny_net(0)
+    images = torch.rand(30, 3, 12, 12)
+    with torch.no_grad():
+        feats = model[:4](images)
+    perm = torch.randperm(30, generator=torch.Generator().manual_seed(0))
+    responses = {"V1": feats * 2.0 + 1.0, "shuffled": feats[perm]}
+    m = rsa.evaluate(model, images, tmp_path, layers="3", responses=responses, progress=False)
+    assert m["eval/rsa/V1/spearman"] == pytest.approx(1.0, abs=1e-9)
+    assert m["eval/rsa/V1/tau-a"] == pytest.approx(1.0, abs=1e-9)
+    assert abs(m["eval/rsa/shuffled/spearman"]) < 0.3
+    rows = list(csv.DictReader(open(tmp_path / "rsa.csv")))
+    assert len(rows) == 2 * 3
+    assert (tmp_path / "rsa_rdms.png").stat().st_size > 1000
+    # several layers: the layer goes into the key
+    m2 = rsa.evaluate(model, images, tmp_path / "two", layers=["3", None], responses=responses["V1"],
+                      comparisons=["cosine"], progress=False)
+    assert set(m2) == {"eval/rsa/region/3/cosine", "eval/rsa/region/output/cosine"}
+
+
+def test_evaluate_responses_must_match_images(tmp_path):
+    with pytest.raises(ValueError, match=r"responses\['V4'\] has 7 stimuli but the images are 9"):
+        rsa.evaluate(tiny_net(0), torch.rand(9, 3, 8, 8), tmp_path, responses={"V4": torch.randn(7, 4)}, progress=False)
+
+
+def test_evaluate_models(tmp_path):
+    models = {"a": tiny_net(0), "b": tiny_net(1), "c": tiny_net(0)}
+    images = torch.rand(20, 3, 10, 10)
+    m = rsa.evaluate_models(models, images, tmp_path, layer="3", responses={"TO": torch.randn(20, 7)}, progress=False)
+    assert m["eval/rsa/model_vs_model/a/c/spearman"] == pytest.approx(1.0, abs=1e-9)  # same weights
+    assert m["eval/rsa/model_vs_model/a/b/spearman"] < 0.999
+    assert "eval/rsa/model_vs_model/b/a/spearman" not in m
+    assert {"eval/rsa/TO/a/tau-a", "eval/rsa/TO/b/cosine"} <= set(m)
+    for f in ("rsa_model_vs_model.csv", "rsa_model_vs_model.png", "rsa_models_mds.png"):
+        assert (tmp_path / f).is_file()
+
+
+def test_sub_rdm_reads_the_condensed_vector():
+    a = torch.randn(9, 4, dtype=torch.float64)
+    v = rsa.rdm(a)
+    idx = [0, 3, 4, 8]
+    torch.testing.assert_close(rsa.sub_rdm(v, idx), rsa.squareform(v)[idx][:, idx])
