@@ -52,10 +52,23 @@ def test_one_checkpoint_sensitivity_and_robustness(trained):
     assert "eval/sensitivity/l2_0.5/mean_norm" in m and not any(k.startswith("eval/robustness") for k in m)
 
 
+def test_rsa_cka_smoothness_against_regions(trained):
+    tmp, pred, guided, _ = trained
+    m, out = _eval(tmp, "e8", f"ckpt={guided}", "eval=[rsa,cka,smoothness]", "eval.rsa.regions=[V1,TO]",
+                   "eval.cka.regions=[TO]", "eval.cka.layers=[avgpool]", "eval.smoothness.steps=2")
+    assert {"eval/rsa/V1/spearman", "eval/rsa/TO/tau-a", "eval/cka/TO/avgpool"} <= set(m)
+    assert -1 <= m["eval/rsa/TO/spearman"] <= 1 and 0 <= m["eval/cka/TO/avgpool"] <= 1 + 1e-6
+    assert m["eval/smoothness/adv"] >= 0 and m["eval/smoothness/clean"] >= 0
+    # a predictor's own output (its region's voxels) against that region, on the NSD test images
+    m, _ = _eval(tmp, "e9", f"ckpt={pred}", "eval=[rsa]", "eval.rsa.layers=[output]")
+    assert "eval/rsa/TO/spearman" in m
+
+
 def test_transfer_between_models(trained):
     tmp, _, guided, none = trained
-    m, out = _eval(tmp, "e3", f"models=[{guided},{none}]", "eval=[transfer]", "eval.transfer.steps=2")
+    m, out = _eval(tmp, "e3", f"models=[{guided},{none}]", "eval=[transfer,rsa]", "eval.transfer.steps=2")
     assert any(k.endswith("offdiag_mean") for k in m)
+    assert any(k.startswith("eval/rsa/model_vs_model/") for k in m)
     assert list((out / "transfer").glob("*.png"))
 
 

@@ -78,6 +78,78 @@ def _transfer(models, stim, out, p):
     return transfer.evaluate(models, stim.images, stim.labels, out, **p)
 
 
+def neural_reference(model, params: dict, cfg_n: int | None) -> tuple[torch.Tensor, dict]:
+    """Images and measured responses to compare a model with: NSD test images with the voxels of
+    ``params['regions']`` (default: the model's own region), or an IT model's test sites."""
+    from neuroguide.evaluation.stimuli import STIMULI, nsd_stimuli
+
+    info = model.neuroguide_info
+    regions = params.pop("regions", None)
+    n = params.pop("n_images", None) or cfg_n
+    device = next(model.parameters()).device
+    if info["task_name"] == "it_encoding" and not regions:
+        st = STIMULI["it_encoding"](info["run_config"], info["model_config"], n, {})
+        return st.images.to(device), {"IT": st.responses}
+    st = nsd_stimuli(info["run_config"], info["model_config"], n, params.pop("stimuli", {}) or {}, regions)
+    return st.images.to(device), st.region_responses
+
+
+@per_model("rsa")
+def _rsa(model, stim, out, p):
+    from neuroguide.evaluation import rsa
+
+    p.pop("layer", None)  # the model-vs-model layer
+    images, responses = neural_reference(model, p, len(stim))
+    return rsa.evaluate(model, images, out, responses=responses, **p)
+
+
+@per_model("cka")
+def _cka(model, stim, out, p):
+    from neuroguide.evaluation import cka
+
+    p.pop("layer", None)
+    images, responses = neural_reference(model, p, len(stim))
+    return cka.evaluate(model, images, out, responses=responses, **p)
+
+
+@per_model("shape_bias")
+def _shape_bias(model, stim, out, p):
+    from neuroguide.evaluation import shape_bias
+
+    if stim.labels is None:
+        log.warning("shape_bias: %s has no class labels (not a classifier): skipped", stim.source)
+        return {}
+    return shape_bias.evaluate(model, out, images=stim.images, labels=stim.labels, **p)
+
+
+@per_model("smoothness")
+def _smoothness(model, stim, out, p):
+    from neuroguide.evaluation import smoothness
+
+    if stim.labels is None:
+        log.warning("smoothness: %s has no class labels (not a classifier): skipped", stim.source)
+        return {}
+    return smoothness.evaluate(model, stim.images, stim.labels, out, **p)
+
+
+@multi_model("rsa")
+def _rsa_models(models, stim, out, p):
+    from neuroguide.evaluation import rsa
+
+    p = dict(p)
+    p.pop("regions", None), p.pop("n_images", None), p.pop("layers", None)
+    return rsa.evaluate_models(models, stim.images, out, **p)
+
+
+@multi_model("cka")
+def _cka_models(models, stim, out, p):
+    from neuroguide.evaluation import cka
+
+    p = dict(p)
+    p.pop("regions", None), p.pop("n_images", None), p.pop("layers", None)
+    return cka.evaluate_models(models, stim.images, out, **p)
+
+
 # --------------------------------------------------------------------------- modes
 def _device(cfg) -> torch.device:
     d = str(cfg.get("device", "auto"))

@@ -20,6 +20,8 @@ class Stimuli:
     labels: torch.Tensor | None = None  # (N,) class indices
     responses: torch.Tensor | None = None  # (N, V) measured responses (NSD voxels, IT sites)
     source: str = ""
+    region: str | None = None  # whose responses these are ("IT" for IT sites)
+    region_responses: dict | None = None  # {region: (N, V)} when several regions were read
 
     def __len__(self) -> int:
         return len(self.images)
@@ -39,21 +41,40 @@ def _get(d: Mapping, path: str, default=None):
     return d
 
 
-def nsd_stimuli(run_config: Mapping, model_config: Mapping, n: int | None, override: Mapping) -> Stimuli:
-    """The NSD test images of the predictor's region and subject, with the measured responses."""
+def nsd_stimuli(run_config: Mapping, model_config: Mapping, n: int | None, override: Mapping,
+                regions: list | None = None) -> Stimuli:
+    """NSD test (shared) images of the run's subject with the measured responses of its region (or of
+    ``regions``: region configs or names of conf/region/*.yaml), resized to the model's input size."""
+    from neuroguide.config import CONF_DIR
     from neuroguide.data.nsd import NSDPaths, NSDStimuli, extract_regions
+    from omegaconf import OmegaConf
 
     root = override.get("nsd_root") or _get(run_config, "data.nsd_root")
+    if not root:
+        raise ValueError("no NSD data for this model: set stimuli.nsd_root=<NSD folder> (evaluate.py) to compare with regions")
     subject = int(model_config.get("subject") or _get(run_config, "subject", 1))
-    region = dict(_get(run_config, "region") or {})
-    rd = extract_regions(root, subject, [region], cache_dir=_get(run_config, "paths.cache_dir"),
-                         betas_format=_get(run_config, "data.betas_format", "nii.gz"),
-                         max_sessions=_get(run_config, "data.max_sessions"), progress=False)[region["name"]]
-    rows = _spread(len(rd.test_images), n)
+    specs = []
+    for r in regions or [dict(_get(run_config, "region") or {})]:
+        if isinstance(r, str):
+            f = CONF_DIR / "region" / f"{r}.yaml"
+            if not f.exists():
+                raise KeyError(f"unknown region {r!r}: no {f}; known: {sorted(p.stem for p in f.parent.glob('*.yaml'))}")
+            r = OmegaConf.to_container(OmegaConf.load(f), resolve=True)
+        if not r.get("atlas"):
+            raise ValueError(f"region {r.get('name')!r} has no voxels (a baseline): name the regions to compare with, "
+                             "e.g. eval.rsa.regions=[V1,TO]")
+        specs.append(r)
+    rds = extract_regions(root, subject, specs, cache_dir=_get(run_config, "paths.cache_dir"),
+                          betas_format=_get(run_config, "data.betas_format", "nii.gz"),
+                          max_sessions=_get(run_config, "data.max_sessions"), progress=False)
+    first = rds[specs[0]["name"]]
+    rows = _spread(len(first.test_images), n)
     size = int(override.get("image_size") or model_config.get("image_size") or _get(run_config, "data.image_size", 224))
-    ds = NSDStimuli(NSDPaths(root, subject).stimuli, np.asarray(rd.test_images)[rows], size)
+    ds = NSDStimuli(NSDPaths(root, subject).stimuli, np.asarray(first.test_images)[rows], size)
     images = torch.stack([ds[i] for i in range(len(ds))])
-    return Stimuli(images, None, torch.as_tensor(np.asarray(rd.test)[rows]), f"NSD subj{subject:02d} {region['name']} test")
+    responses = {name: torch.as_tensor(np.asarray(rd.test)[rows]) for name, rd in rds.items()}
+    return Stimuli(images, None, responses[specs[0]["name"]], f"NSD subj{subject:02d} test", region=specs[0]["name"],
+                   region_responses=responses)
 
 
 def classification_stimuli(run_config: Mapping, model_config: Mapping, n: int | None, override: Mapping) -> Stimuli:
