@@ -39,3 +39,20 @@ def pearson_r(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def rowwise_pearson_r(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson r of each row (e.g. per image across outputs): (N, K), (N, K) -> (N,)."""
     return pearson_r(a.T, b.T)
+
+
+def nan_pearson_r(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-column Pearson r of (N, K) tensors over the rows where both are finite (via ``pearson_r``).
+
+    A column with fewer than 3 such rows gives NaN.
+    """
+    pred, target = torch.as_tensor(pred), torch.as_tensor(target)
+    ok = torch.isfinite(pred) & torch.isfinite(target)
+    if bool(ok.all()):
+        return pearson_r(pred, target)
+    out = torch.full((pred.shape[1],), float("nan"))
+    for k in range(pred.shape[1]):
+        m = ok[:, k]
+        if int(m.sum()) >= 3:
+            out[k] = pearson_r(pred[m, k], target[m, k])
+    return out

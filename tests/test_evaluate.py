@@ -89,3 +89,22 @@ def test_bad_modes_and_names(trained):
         _eval(tmp, "e6", f"ckpt={guided}", "+eval.nonsense={}")
     with pytest.raises(KeyError, match="Valid layer names"):
         _eval(tmp, "e7", f"ckpt={guided}", "eval=[sensitivity]", "eval.sensitivity.layer=layer9")
+
+
+def test_it_model_sensitivity_and_selection(tmp_path):
+    """`evaluate.py ckpt=<it model> eval=sensitivity` measures the fitted IT sites; eval=[selection]
+    scores (eps, layer) pairs of backbones without a trained model."""
+    from conftest import small_overrides
+
+    cfg = compose_config("train", small_overrides(tmp_path) + [
+        "task=it_encoding", "backbone=resnet18", "backbone.layer=layer2.1", "backbone.at_eps=null",
+        "task.synthetic_it.n_images=60", "+trainer.fast_dev_run=true"], output_dir=tmp_path / "it")
+    train(cfg)
+    m, out = _eval(tmp_path, "e10", f"ckpt={tmp_path}/it/model.ckpt", "eval=[sensitivity]")
+    assert 0 < m["eval/sensitivity/n_units"] <= 3 and m["eval/sensitivity/l2_0.5/mean_norm"] > 0  # 3 of the sites
+    it_file = next((tmp_path / "data" / "synthetic" / "it").glob("*.h5"))
+    teacher = next((tmp_path / "data" / "synthetic" / "it").glob("teacher_*.pt"))
+    m, out = _eval(tmp_path, "e11", "eval=[selection]", f"eval.selection.it_file={it_file}",
+                   "eval.selection.backbone=resnet18", "eval.selection.layers=[layer1.1,layer2.1]",
+                   f"+paths.robust_weights.2={teacher}", "eval.selection.image_size=32", "eval.selection.n_folds=2")
+    assert (out / "selection.png").exists() and any(k.startswith("eval/selection/2.0/layer2.1/") for k in m)

@@ -48,7 +48,8 @@ def test_experiment_configs_compose_and_run(experiment, tmp_path):
     cfg = compose_config("train", small_overrides(tmp_path) + [f"experiment={experiment}", *first,
                                                               "+trainer.fast_dev_run=true",
                                                               'predictor.train_overrides=["+trainer.fast_dev_run=true"]'
-                                                              if "it_encoding" not in str(base.task.name) else "seed=0"],
+                                                              if "it_encoding" not in str(base.task.name)
+                                                              else "backbone.at_eps=null"],
                          output_dir=tmp_path / "run")
     metrics = run(cfg)
     assert metrics and (tmp_path / "run" / "metrics.json").exists()

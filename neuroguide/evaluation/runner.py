@@ -160,9 +160,10 @@ def _device(cfg) -> torch.device:
 
 def _analyses(cfg: DictConfig) -> dict[str, dict]:
     chosen = OmegaConf.to_container(cfg.get("eval") or {}, resolve=True)
-    unknown = sorted(set(chosen) - set(PER_MODEL) - set(MULTI_MODEL))
+    known = set(PER_MODEL) | set(MULTI_MODEL) | {"selection"}
+    unknown = sorted(set(chosen) - known)
     if unknown:
-        raise KeyError(f"unknown analyses {unknown} in eval=[...]; available: {sorted(set(PER_MODEL) | set(MULTI_MODEL))}")
+        raise KeyError(f"unknown analyses {unknown} in eval=[...]; available: {sorted(known)}")
     return chosen
 
 
@@ -194,6 +195,14 @@ def run(cfg: DictConfig) -> dict:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     modes = [k for k in ("ckpt", "models", "sweep_dir") if cfg.get(k)]
+    if set(analyses) == {"selection"} and not modes:  # backbones x layers; no trained model needed
+        from neuroguide.evaluation.selection import run_selection
+
+        res = run_selection({**analyses["selection"], "out_dir": str(out)})
+        metrics = {f"eval/selection/{r['at_eps']}/{r['layer']}/{k}": v for r in res["rows"] for k, v in r.items()
+                   if isinstance(v, float)}
+        write_json(out / "metrics.json", metrics)
+        return metrics
     if len(modes) != 1:
         raise ValueError("give exactly one of ckpt=<path>, models=[<path>,...] or sweep_dir=<dir> "
                          f"(got {modes or 'none'})")

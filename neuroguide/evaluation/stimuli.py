@@ -96,11 +96,20 @@ def classification_stimuli(run_config: Mapping, model_config: Mapping, n: int | 
 
 
 def it_stimuli(run_config: Mapping, model_config: Mapping, n: int | None, override: Mapping) -> Stimuli:
-    """The IT test images with the recorded (repeat-averaged) responses."""
-    from neuroguide.data.it import eval_stimuli
+    """The IT test images (the same split by image as in training) with the recorded mean responses."""
+    from neuroguide.data.it import ITDataModule
 
-    images, responses = eval_stimuli(run_config, model_config, n, override)
-    return Stimuli(images, None, responses, "IT test")
+    dm_cfg = dict(_get(run_config, "task.datamodule") or {})
+    path = override.get("it_file") or model_config.get("it_file") or dm_cfg.get("path")
+    size = int(override.get("image_size") or model_config.get("image_size") or dm_cfg.get("image_size", 224))
+    dm = ITDataModule(path, image_size=size, val_fraction=dm_cfg.get("val_fraction", 0.1),
+                      test_fraction=dm_cfg.get("test_fraction", 0.2), seed=int(dm_cfg.get("seed", 0)))
+    dm.setup("test")
+    ds = dm.sets["test"]
+    rows = _spread(len(ds), n)
+    items = [ds[int(i)] for i in rows]
+    return Stimuli(torch.stack([x for x, _ in items]), None, torch.stack([torch.as_tensor(y) for _, y in items]),
+                   "IT test", region="IT")
 
 
 STIMULI: dict[str, Callable[..., Stimuli]] = {

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuroguide.data.it import nan_pearson_r
+from neuroguide.metrics import nan_pearson_r
 from neuroguide.models.backbones import Backbone
 from neuroguide.models.readouts import FactorizedReadout, masked_mse
 from neuroguide.tasks import register_task
@@ -74,7 +74,8 @@ class ITEncodingTask(Task):
         super().__init__(model_config, run_config, model)
         self.lr, self.backbone_lr, self.weight_decay = float(lr), float(backbone_lr), float(weight_decay)
         self.l1_spatial, self.l1_features = float(l1_spatial), float(l1_features)
-        self.reliability = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in (reliability or {}).items()}
+        self.reliability = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32)
+                            for k, v in (reliability or {}).items()}
         self._preds: dict[str, list] = {"val": [], "test": []}
         self.scores_by_split: dict[str, dict[str, torch.Tensor]] = {}
 

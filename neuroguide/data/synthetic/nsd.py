@@ -47,7 +47,7 @@ def betas_dir(root: Path, subject: int) -> Path:
             / "betas_fithrf_GLMdenoise_RR")
 
 
-def _render_images(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+def render_images(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """(n, size, size, 3) uint8 natural-ish scenes: background, blobs, rectangles, a grating."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     out = np.empty((n, size, size, 3), np.uint8)
@@ -163,7 +163,7 @@ def _write(root: Path, p: dict) -> None:
     rng = np.random.default_rng(p["seed"])
     S, n_stim = p["image_size"], p["n_stimuli"]
     # --- stimuli -------------------------------------------------------------------------
-    images = _render_images(n_stim, S, rng)
+    images = render_images(n_stim, S, rng)
     stim_path = root / "nsddata_stimuli" / "stimuli" / "nsd" / "nsd_stimuli.hdf5"
     stim_path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(stim_path, "w") as f:

@@ -1,0 +1,250 @@
+"""Choosing the base network of the IT model (Guo et al., Appendix 6.1, Fig. 6).
+
+For every (adversarial training eps, layer) pair of a backbone, two criteria on the IT recordings:
+
+A. **linear CKA** (Kornblith et al. 2019; :func:`neuroguide.evaluation.cka.linear_cka`) between the
+   layer's flattened activations X (N, D) and the IT responses Y (N, sites);
+B. **cross-validated linear predictivity**: ridge regression from X to each site, k-fold over images;
+   the ridge penalty of each site is chosen inside the training fold by leave-one-out error
+   (closed form from one eigendecomposition per fold); the score is the per-site Pearson r of the
+   out-of-fold predictions (median over sites, and divided by sqrt of the split-half reliability).
+
+The table (CSV) has one row per pair; the figure shows each criterion as a layer x eps heatmap
+with the best pair marked by an asterisk. (Guo et al.'s third criterion, transfer of
+layer-targeted perturbations to IT, needs new recordings and is not computed here.)
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from neuroguide.metrics import nan_pearson_r
+from neuroguide.evaluation.cka import linear_cka
+from neuroguide.models.features import capture, get_layer
+
+log = logging.getLogger("neuroguide")
+
+
+def _folds(n: int, n_folds: int, seed: int) -> list[np.ndarray]:
+    if n_folds < 2 or n < 2 * n_folds:
+        raise ValueError(f"n_folds={n_folds} needs 2 <= n_folds <= N/2 images; N={n}")
+    return np.array_split(np.random.default_rng(seed).permutation(n), n_folds)
+
+
+def ridge_cv_predictions(x: torch.Tensor, y: torch.Tensor, n_folds: int = 5, alphas: Sequence[float] | None = None,
+                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Out-of-fold ridge predictions of ``y`` (N, K) from ``x`` (N, D) with an intercept.
+
+    ``alphas`` are relative penalties: the penalty is ``alpha * mean eigenvalue of the training
+    Gram matrix`` (so one grid fits layers of any scale); default 10^-4 .. 10^4. Each site's alpha is
+    the one with the lowest leave-one-out error on the training fold. Returns (predictions (N, K),
+    chosen relative alpha per fold and site (n_folds, K)).
+    """
+    x, y = x.double(), y.double()
+    rel = torch.tensor(list(alphas) if alphas is not None else np.logspace(-4, 4, 17), dtype=torch.float64)
+    pred = torch.empty_like(y)
+    chosen = []
+    for test in _folds(len(x), n_folds, seed):
+        train = np.setdiff1d(np.arange(len(x)), test)
+        xm, ym = x[train].mean(0), y[train].mean(0)
+        xt, yt, xs = x[train] - xm, y[train] - ym, x[test] - xm
+        # fitted(a) = B_tr diag(g) P, test(a) = B_te diag(g) P, leverages h(a) = L g, g = 1 / (lam + a)
+        if xt.shape[1] <= xt.shape[0]:  # primal: eigendecomposition of X^T X (D x D)
+            lam, v = torch.linalg.eigh(xt.T @ xt)
+            b_tr, b_te, p = xt @ v, xs @ v, v.T @ (xt.T @ yt)
+            lev = b_tr.pow(2)
+        else:  # dual: eigendecomposition of the Gram matrix X X^T (n x n)
+            lam, u = torch.linalg.eigh(xt @ xt.T)
+            lam = lam.clamp_min(0)
+            b_tr, b_te, p = u * lam, (xs @ xt.T) @ u, u.T @ yt
+            lev = u.pow(2) * lam
+        lam = lam.clamp_min(0)
+        scale = lam.sum() / min(xt.shape)  # mean non-trivial eigenvalue: alphas are relative to it
+        best_loo = torch.full((y.shape[1],), float("inf"), dtype=torch.float64)
+        best_a = torch.zeros(y.shape[1], dtype=torch.float64)
+        test_pred = torch.zeros(len(test), y.shape[1], dtype=torch.float64)
+        for a in rel:
+            g = 1.0 / (lam + a * scale)
+            gp = g[:, None] * p
+            loo = (((yt - b_tr @ gp) / (1 - lev @ g).clamp_min(1e-9)[:, None]) ** 2).mean(0)  # (K,)
+            better = loo < best_loo
+            if bool(better.any()):
+                test_pred[:, better] = (b_te @ gp[:, better])
+                best_loo, best_a = torch.where(better, loo, best_loo), torch.where(better, a, best_a)
+        pred[test] = test_pred + ym
+        chosen.append(best_a)
+    return pred.float(), torch.stack(chosen).float()
+
+
+def layer_activations(network: nn.Module, images, layers: Sequence[str], batch_size: int = 64,
+                      pool: int | None = None, root: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Flattened activations (N, D) of each layer on ``images``, on CPU.
+
+    ``images``: a (N, 3, H, W) tensor in [0, 1], or a dataset of (3, H, W) images read batch by
+    batch (so a large image set never sits in memory). ``layers`` are names in ``root`` (default:
+    ``network``); ``pool`` average-pools feature maps to (pool x pool) before flattening (to bound D
+    for large layers).
+    """
+    root = network if root is None else root
+    prefix = {m: n for n, m in network.named_modules()}[root]
+    names = {layer: (f"{prefix}.{layer}" if prefix else layer) for layer in layers}
+    for layer in layers:
+        get_layer(root, layer)  # KeyError listing the valid names
+    device = next(network.parameters()).device
+    chunks: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+    mode = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            batches = ((images[i:i + batch_size] for i in range(0, len(images), batch_size))
+                       if isinstance(images, torch.Tensor) else DataLoader(images, batch_size=batch_size))
+            for xb in tqdm(batches, total=math.ceil(len(images) / batch_size), desc="activations", leave=False):
+                with capture(network, list(names.values()), flatten=False) as out:
+                    network(xb.to(device))
+                for layer, name in names.items():
+                    a = out[name]
+                    if pool is not None and a.ndim == 4 and a.shape[-1] > pool:
+                        a = F.adaptive_avg_pool2d(a, pool)
+                    chunks[layer].append(a.flatten(1).float().cpu())
+    finally:
+        network.train(mode)
+    return {layer: torch.cat(c) for layer, c in chunks.items()}
+
+
+def _fill_nan(y: torch.Tensor) -> torch.Tensor:
+    """Missing (image, site) targets replaced by the site's mean (for CKA and the ridge fits only)."""
+    m = torch.nanmean(y, 0)
+    return torch.where(torch.isfinite(y), y, m.expand_as(y))
+
+
+def selection_scores(networks: Mapping[float, tuple[nn.Module, nn.Module]], images,
+                     responses: torch.Tensor, layers: Sequence[str], reliability: torch.Tensor | None = None,
+                     n_folds: int = 5, alphas: Sequence[float] | None = None, pool: int | None = None,
+                     batch_size: int = 64, seed: int = 0) -> list[dict]:
+    """One row per (eps, layer): ``at_eps, layer, cka, r_median, r_mean`` (and ``r_corrected_median``).
+
+    Args:
+        networks: eps -> (network taking [0, 1] images, the module the layer names refer to).
+        images: (N, 3, H, W) in [0, 1] (tensor or dataset); responses: (N, sites) mean responses
+            (NaN = not recorded).
+        reliability: (sites,) split-half reliability of ``responses`` for the corrected r.
+    """
+    y = responses.double()
+    y_filled = _fill_nan(y)
+    rows = []
+    for eps, (network, root) in networks.items():
+        acts = layer_activations(network, images, layers, batch_size, pool, root)
+        for layer in layers:
+            x = acts[layer]
+            pred, _ = ridge_cv_predictions(x, y_filled, n_folds, alphas, seed)
+            r = nan_pearson_r(pred.double(), y)
+            row = {"at_eps": float(eps), "layer": layer, "dim": int(x.shape[1]), "cka": linear_cka(x, y_filled),
+                   "r_median": float(torch.nanmedian(r)), "r_mean": float(torch.nanmean(r))}
+            if reliability is not None:
+                rc = torch.where(reliability > 0, r / reliability.clamp_min(1e-12).sqrt(), torch.nan)
+                row["r_corrected_median"] = float(torch.nanmedian(rc))
+            rows.append(row)
+            log.info("selection eps=%s %s: CKA %.3f, median r %.3f", eps, layer, row["cka"], row["r_median"])
+    return rows
+
+
+def best_pair(rows: Sequence[dict], metric: str) -> tuple[float, str]:
+    """(eps, layer) with the highest ``metric``."""
+    ok = [r for r in rows if math.isfinite(r[metric])]
+    if not ok:
+        raise ValueError(f"no finite {metric} in the selection table")
+    r = max(ok, key=lambda r: r[metric])
+    return r["at_eps"], r["layer"]
+
+
+def selection_figure(rows: Sequence[dict], path: str | os.PathLike,
+                     metrics: Sequence[tuple[str, str]] = (("cka", "A. CKA to IT"),
+                                                           ("r_median", "B. CV predictivity (median r)"))) -> Path:
+    """Layer (rows) x eps (columns) heatmap per metric, best pair marked with a black asterisk (Fig. 6)."""
+    from neuroguide.evaluation.plots import plt, save_figure
+
+    eps = sorted({r["at_eps"] for r in rows})
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(1.5 + 2.6 * len(metrics) + 0.5 * len(eps) * len(metrics),
+                                                       1.2 + 0.45 * len(layers)), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], metrics):
+        m = np.full((len(layers), len(eps)), np.nan)
+        for r in rows:
+            m[layers.index(r["layer"]), eps.index(r["at_eps"])] = r[metric]
+        im = ax.imshow(m, cmap="viridis", aspect="auto")
+        be, bl = best_pair(rows, metric)
+        ax.text(eps.index(be), layers.index(bl), "*", ha="center", va="center", fontsize=22, color="black",
+                fontweight="bold")
+        ax.set_xticks(range(len(eps)), [f"{e:g}" for e in eps])
+        ax.set_yticks(range(len(layers)), layers)
+        ax.set_xlabel("adversarial training eps")
+        ax.set_ylabel("layer")
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def run_selection(config: Mapping) -> dict:
+    """The whole sweep from a plain config; writes ``selection.csv`` and ``selection.png`` in ``out_dir``.
+
+    Keys: ``it_file``; ``out_dir``; ``backbone`` (default resnet50); ``eps`` (list, default the keys of
+    ``robust_weights``); ``layers`` (names in the backbone); ``robust_weights`` ({eps: path or null},
+    null = random init, allowed for eps 0 only); ``image_size`` (224); ``n_folds`` (5); ``pool``
+    (null); ``max_images`` (null = all); ``batch_size`` (64); ``seed`` (0). Returns
+    ``{"rows", "best": {metric: (eps, layer)}, "csv", "png"}``.
+    """
+    from neuroguide.data.it import ITImages, read_it, split_half_reliability
+    from neuroguide.evaluation.plots import write_csv
+    from neuroguide.models.backbones import build_network, layer_root
+    from neuroguide.models.robust_weights import load_robust_weights, robust_weights_path
+
+    cfg = dict(config)
+    for key in ("it_file", "out_dir", "layers"):
+        if cfg.get(key) in (None, [], ""):
+            raise ValueError(f"selection config needs {key!r} (found {cfg.get(key)!r}); keys: it_file, out_dir, "
+                             "backbone, eps, layers, robust_weights, image_size, n_folds, pool")
+    table = {float(k): v for k, v in dict(cfg.get("robust_weights") or {}).items()}
+    eps_list = [float(e) for e in (cfg.get("eps") or sorted(table))]
+    if not eps_list:
+        raise ValueError("selection config: give eps=[...] or robust_weights={eps: path}")
+    rec = read_it(cfg["it_file"])
+    rows_idx = np.arange(rec.n_images)
+    if cfg.get("max_images"):
+        perm = np.random.default_rng(int(cfg.get("seed", 0))).permutation(rec.n_images)
+        rows_idx = np.sort(perm[:int(cfg["max_images"])])
+    images = ITImages(rec.path, rows_idx, int(cfg.get("image_size", 224)))  # read batch by batch
+    responses = torch.from_numpy(rec.mean_response(rows_idx))
+    reliability = torch.from_numpy(split_half_reliability(rec.responses[rows_idx], seed=int(cfg.get("seed", 0))))
+
+    name = cfg.get("backbone", "resnet50")
+    networks = {}
+    for eps in eps_list:
+        net = build_network(name)
+        path = table.get(eps)
+        if path is None and eps != 0:
+            robust_weights_path(eps, table, key="robust_weights")  # raises: names the key and the fix
+        if path is not None:
+            load_robust_weights(layer_root(net), robust_weights_path(eps, table, key="robust_weights"))
+        else:
+            log.warning("selection: eps=0 has no checkpoint, using a randomly initialised %s", name)
+        networks[eps] = (net, layer_root(net))
+    rows = selection_scores(networks, images, responses, list(cfg["layers"]), reliability,
+                            n_folds=int(cfg.get("n_folds", 5)), pool=cfg.get("pool"),
+                            batch_size=int(cfg.get("batch_size", 64)), seed=int(cfg.get("seed", 0)))
+    out = Path(cfg["out_dir"])
+    csv_path = write_csv(out / "selection.csv", rows)
+    png = selection_figure(rows, out / "selection.png")
+    best = {m: best_pair(rows, m) for m in ("cka", "r_median")}
+    log.info("selection: best (eps, layer) by CKA %s, by predictivity %s", best["cka"], best["r_median"])
+    return {"rows": rows, "best": best, "csv": csv_path, "png": png}
