@@ -22,7 +22,8 @@ TOL = 1e-4
 def command(tmp, run_dir):
     return [sys.executable, str(REPO / "train.py"), "task=predictor", "region=V1", "task.max_epochs=3",
             "task.batch_size=16", "trainer.deterministic=true", f"hydra.run.dir={run_dir}",
-            *small_overrides(tmp)]
+            *small_overrides(tmp), "data.synthetic_nsd.n_stimuli=120", "data.synthetic_nsd.n_subject_images=100",
+            "data.synthetic_nsd.n_shared=20"]
 
 
 def env():

@@ -287,7 +287,7 @@ def fit_pca(train: np.ndarray, variance: float = 0.95) -> tuple[np.ndarray, np.n
 
 # ----------------------------------------------------------------------------- one-pass extraction
 def _cache_key(paths: NSDPaths, spec: RegionSpec, sessions: list[Path], params: dict) -> str:
-    files = [paths.expdesign, paths.ncsnr, *(paths.roi(a) for a in {spec.atlas, spec.intersect} if a), *sessions]
+    files = [paths.expdesign, paths.ncsnr, *(paths.roi(a) for a in sorted({spec.atlas, spec.intersect} - {None})), *sessions]
     return hash_inputs(spec.__dict__, params, paths.subject, [file_fingerprint(f) for f in files])
 
 
