@@ -40,3 +40,15 @@ def compose_train(tmp_path):
         return compose_config(config_name, small + list(overrides), output_dir=tmp_path / out)
 
     return _compose
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (restored after): on a shared 2-core CPU two contending
+    threads are several times slower for the small tensors of the attack tests."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -9,13 +9,7 @@ from torch import nn
 from neuroguide.attacks import L2Step, LinfStep, objectives, pgd_attack
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPU is shared: one intra-op thread is much faster here than two contending ones (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def linear_units(k=3, shape=(3, 6, 6), seed=0):

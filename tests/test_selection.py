@@ -11,15 +11,6 @@ from sklearn.linear_model import Ridge
 from neuroguide.evaluation.selection import (_folds, best_pair, linear_cka, ridge_cv_predictions, run_selection)
 
 
-@pytest.fixture
-def one_thread():
-    """Small dense algebra: one thread is many times faster than two when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _hsic_cka(x: np.ndarray, y: np.ndarray) -> float:
     """CKA from its definition: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), K = XX^T, L = YY^T, H centring."""
     n = len(x)

@@ -12,13 +12,7 @@ from neuroguide.evaluation import sensitivity
 from neuroguide.evaluation.sensitivity import naive_sensitivity, sign_corrected_sensitivity, unit_sensitivity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPU is shared: one intra-op thread is much faster here than two contending ones (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPE = (3, 6, 6)

@@ -16,12 +16,7 @@ SHAPE = (3, 4, 4)
 D = 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
