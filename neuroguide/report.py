@@ -23,8 +23,11 @@ FACTORS = ["task", "region", "alpha", "at_eps", "shuffle", "seed", "subject"]
 def factors_of(config: dict) -> dict:
     """The sweep factors of one run from its resolved config."""
     g = lambda *ks: _get(config, ks)  # noqa: E731
-    return {"task": g("task", "name"), "region": g("region", "name"), "alpha": g("alpha"),
-            "at_eps": g("at", "eps"), "shuffle": g("predictor", "shuffle"), "seed": g("seed"), "subject": g("subject")}
+    task = g("task", "name")
+    guided = task == "guidance"  # alpha and at.eps mean something for the guided classifier only
+    return {"task": task, "region": g("region", "name"), "alpha": g("alpha") if guided else None,
+            "at_eps": g("at", "eps") if guided else None, "shuffle": g("predictor", "shuffle"), "seed": g("seed"),
+            "subject": g("subject")}
 
 
 def _get(d, keys):
