@@ -148,9 +148,15 @@ def test_main_command_trains_missing_predictor_then_guides(compose_train, tmp_pa
     assert model(x).shape[0] == 2
 
 
-def test_baselines_none_and_random(compose_train, caplog):
+def test_baselines_none_and_random(compose_train, tmp_path, caplog):
     m = run(compose_train("region=none", "alpha=0.5", "+trainer.fast_dev_run=true", out="none"))
     assert "val/neural_r" not in m and "alpha forced" in caplog.text
-    m = run(compose_train("region=random", "region.like=V4", "+trainer.fast_dev_run=true", out="random"))
-    model = neuroguide.load_model(compose_train().paths.output_dir.replace("/run", "/random") + "/model.ckpt")
-    assert model.neuroguide_info["model_config"]["predictor"]["region"] == "random_V4"
+    assert neuroguide.load_model(tmp_path / "none" / "model.ckpt").predictor is None
+    run(compose_train("region=random", "region.like=V4", "+trainer.fast_dev_run=true", out="random"))
+    model = neuroguide.load_model(tmp_path / "random" / "model.ckpt")
+    pred = model.neuroguide_info["model_config"]["predictor"]
+    from neuroguide.data.nsd import RegionSpec, extract_regions
+
+    n_v4 = extract_regions(tmp_path / "data" / "synthetic" / "nsd", 1, [RegionSpec("V4", "Kastner2015", (7,), "nsdgeneral")],
+                           progress=False)["V4"].n_voxels
+    assert pred["region"] == "random_V4" and pred["n_outputs"] == n_v4  # sized like V4
