@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from neuroguide.data.loaders import eval_loader, train_loader
-from neuroguide.metrics import nan_pearson_r, pearson_r
+from neuroguide.metrics import nan_pearson_r
 
 log = logging.getLogger("neuroguide")
 

@@ -324,7 +324,6 @@ def evaluate_style_transfer(model: nn.Module, images: torch.Tensor, labels: torc
     stylizer = AdaIN.from_files(vgg_path, decoder_path).to(device)
     cc = cue_conflict_from_classes(images, labels, lambda c, s: stylizer(c, s, alpha), n_images=n_images,
                                    batch_size=batch_size, seed=seed, progress=progress)
-    del stylizer
     out_dir = Path(out_dir)
     if save_images:
         cc.save(out_dir / "cue_conflict", class_names)
