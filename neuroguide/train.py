@@ -91,13 +91,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = _float_metrics(trainer.callback_metrics)
-    if cfg.get("test", True) and hasattr(module, "test_step") and not trainer.fast_dev_run:
+    if cfg.get("test", True) and hasattr(module, "test_step"):
         trainer.test(module, datamodule=datamodule, verbose=False)
         metrics.update(_float_metrics(trainer.callback_metrics))
-    elif trainer.fast_dev_run:
-        trainer.test(module, datamodule=datamodule, verbose=False) if hasattr(module, "test_step") else None
-        metrics.update(_float_metrics(trainer.callback_metrics))
-    metrics.update(getattr(module, "extra_metrics", lambda: {})())
     _finish(trainer, module, cfg, out, metrics)
     return metrics
 

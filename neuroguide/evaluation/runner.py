@@ -32,9 +32,18 @@ PER_MODEL: dict[str, PerModel] = {}
 MULTI_MODEL: dict[str, Callable[[dict, Stimuli, Path, dict], dict]] = {}
 
 
-def per_model(name: str):
+def per_model(name: str, needs_labels: bool = False):
+    """Register a per-model analysis; with ``needs_labels`` it is skipped (with a warning) on stimuli
+    without class labels (predictors, IT models)."""
+
     def deco(fn):
-        PER_MODEL[name] = fn
+        def run_if_labelled(model, stim, out, p):
+            if needs_labels and stim.labels is None:
+                log.warning("%s: %s has no class labels (not a classifier): skipped", name, stim.source)
+                return {}
+            return fn(model, stim, out, p)
+
+        PER_MODEL[name] = run_if_labelled
         return fn
 
     return deco
@@ -61,13 +70,10 @@ def _sensitivity(model, stim, out, p):
     return sensitivity.evaluate(model, _images(stim, n), out, **p)
 
 
-@per_model("robustness")
+@per_model("robustness", needs_labels=True)
 def _robustness(model, stim, out, p):
     from neuroguide.evaluation import robustness
 
-    if stim.labels is None:
-        log.warning("robustness: %s has no class labels (not a classifier): skipped", stim.source)
-        return {}
     return robustness.evaluate(model, stim.images, stim.labels, out, **p)
 
 
@@ -112,23 +118,17 @@ def _cka(model, stim, out, p):
     return cka.evaluate(model, images, out, responses=responses, **p)
 
 
-@per_model("shape_bias")
+@per_model("shape_bias", needs_labels=True)
 def _shape_bias(model, stim, out, p):
     from neuroguide.evaluation import shape_bias
 
-    if stim.labels is None:
-        log.warning("shape_bias: %s has no class labels (not a classifier): skipped", stim.source)
-        return {}
     return shape_bias.evaluate(model, out, images=stim.images, labels=stim.labels, **p)
 
 
-@per_model("smoothness")
+@per_model("smoothness", needs_labels=True)
 def _smoothness(model, stim, out, p):
     from neuroguide.evaluation import smoothness
 
-    if stim.labels is None:
-        log.warning("smoothness: %s has no class labels (not a classifier): skipped", stim.source)
-        return {}
     return smoothness.evaluate(model, stim.images, stim.labels, out, **p)
 
 

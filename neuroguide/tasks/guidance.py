@@ -80,8 +80,6 @@ def ensure_predictor(cfg: DictConfig, region: str) -> Path:
 
 @register_task("guidance")
 class GuidanceTask(Task):
-    monitor = ("val/acc", "max")
-
     def __init__(self, model_config: dict, run_config: dict | None = None, *, alpha: float = 0.5,
                  at: dict | None = None, optimizer=None, scheduler=None, predictor: torch.nn.Module | None = None):
         model = self.build_model(**model_config, predictor_module=predictor) if predictor is not None else None
@@ -160,7 +158,6 @@ class GuidanceTask(Task):
         x, y = batch
         if float(self.at.get("eps", 0)) > 0:
             x = self.adversarial(x, y)
-        self.last_train_inputs = x  # for tests and callbacks: what the loss was computed on
         out = self.losses(x, y)
         self._log("train", out, y)
         return out["loss"]

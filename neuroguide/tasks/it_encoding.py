@@ -66,8 +66,6 @@ def check_sites(n_checkpoint: int, n_data: int, where: str) -> None:
 
 @register_task("it_encoding")
 class ITEncodingTask(Task):
-    monitor = ("val/r_median", "max")
-
     def __init__(self, model_config: dict, run_config: dict | None = None, *, lr: float = 1e-2,
                  backbone_lr: float = 1e-4, weight_decay: float = 0.0, l1_spatial: float = 1.0,
                  l1_features: float = 1.0, reliability: dict | None = None, model: nn.Module | None = None):

@@ -26,8 +26,6 @@ def predictor_path(predictors_dir: str | Path, subject: int, region: str, shuffl
 
 @register_task("predictor")
 class PredictorTask(Task):
-    monitor = ("val/r_median", "max")
-
     def __init__(self, model_config: dict, run_config: dict | None = None, lr: float = 1e-3,
                  weight_decay: float = 5e-4, nc: np.ndarray | None = None, pca_components=None, pca_mean=None):
         super().__init__(model_config, run_config)
@@ -111,8 +109,6 @@ class PredictorTask(Task):
         self.log(f"{split}/r_mean", torch.nanmean(r))
         if "r_nc" in s:
             self.log(f"{split}/r_nc_median", torch.nanmedian(s["r_nc"]))
-        if split == "test":
-            self.test_r = r
 
     def on_validation_epoch_end(self):
         self._eval_end("val")
