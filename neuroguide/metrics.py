@@ -56,3 +56,12 @@ def nan_pearson_r(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if int(m.sum()) >= 3:
             out[k] = pearson_r(pred[m, k], target[m, k])
     return out
+
+
+def nanmedian(x: torch.Tensor) -> torch.Tensor:
+    """Median ignoring NaN, the mean of the two middle values for an even count (as numpy and
+    scipy report it; ``torch.nanmedian`` returns the lower one). NaN when nothing is finite."""
+    x = torch.as_tensor(x).detach().flatten().double()
+    if x.numel() == 0 or torch.isnan(x).all():
+        return torch.tensor(float("nan"))
+    return torch.nanquantile(x, 0.5).float()

@@ -91,11 +91,34 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = _float_metrics(trainer.callback_metrics)
+    selected = selected_checkpoint(trainer, str(cfg.get("test_ckpt", "best")))
+    if selected is not None:  # the best-validation weights: validated again (val/* of that epoch), tested, exported
+        log.info("testing and exporting the best validation checkpoint %s", selected)
+        trainer.validate(module, datamodule=datamodule, ckpt_path=str(selected), verbose=False)
+        metrics.update(_float_metrics(trainer.callback_metrics))
+        metrics["selected_epoch"] = float(_checkpoint_epoch(selected))
     if cfg.get("test", True) and hasattr(module, "test_step"):
-        trainer.test(module, datamodule=datamodule, verbose=False)
+        trainer.test(module, datamodule=datamodule, ckpt_path=str(selected) if selected else None, verbose=False)
         metrics.update(_float_metrics(trainer.callback_metrics))
     _finish(trainer, module, cfg, out, metrics)
     return metrics
+
+
+def selected_checkpoint(trainer: L.Trainer, which: str) -> Path | None:
+    """The checkpoint whose weights are tested and exported: ``best`` (by the task's monitor, the
+    default) or ``last`` (the weights at the end of fitting; returns None: they are in memory)."""
+    if which not in ("best", "last"):
+        raise ValueError(f"test_ckpt must be 'best' or 'last'; got {which!r}")
+    cb = trainer.checkpoint_callback
+    if which == "last" or cb is None or not getattr(cb, "best_model_path", ""):
+        if which == "best":
+            log.info("no checkpoint callback with a best model (callbacks=none?): testing the last weights")
+        return None
+    return Path(cb.best_model_path)
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
 
 
 @rank_zero_only

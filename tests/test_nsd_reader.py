@@ -18,23 +18,25 @@ def _nii(path, data):
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
 
 
-def make_tiny_tree(root, betas_by_session, fmt="nii.gz", float_betas=False):
+def make_tiny_tree(root, betas_by_session, fmt="nii.gz", float_betas=False, masterordering=(1, 2, 1, 3, 2, 1, 3, 3),
+                   subject_images=(11, 12, 13), sharedix=(13,), session_numbers=None):
     """Subject 2; 73k ids of its images: subjectim[1] = [11, 12, 13] (1-based) -> 0-based 10, 11, 12.
 
     Trials (masterordering, 1-based into the subject list) : [1, 2, 1, 3, 2, 1, 3, 3] -> images
     [10, 11, 10, 12, 11, 10, 12, 12]; sharedix = [13] -> image 12 is the test image.
+    ``session_numbers``: the NN of each session file (default 1, 2, ...).
     """
     p = NSDPaths(root, 2)
-    subjectim = np.zeros((8, 3))
-    subjectim[1] = [11, 12, 13]
-    scipy.io.savemat(_mk(p.expdesign), {"masterordering": np.array([[1, 2, 1, 3, 2, 1, 3, 3]], float),
-                                        "subjectim": subjectim, "sharedix": np.array([[13]], float)})
+    subjectim = np.zeros((8, len(subject_images)))
+    subjectim[1] = subject_images
+    scipy.io.savemat(_mk(p.expdesign), {"masterordering": np.array([masterordering], float),
+                                        "subjectim": subjectim, "sharedix": np.array([sharedix], float)})
     kastner = np.array([1, 2, 0, -1], np.int16).reshape(SHAPE)  # voxel 0: label 1, voxel 1: label 2
     general = np.array([1, 1, 1, -1], np.int16).reshape(SHAPE)
     _nii(p.roi("Kastner2015"), kastner)
     _nii(p.roi("nsdgeneral"), general)
     _nii(p.ncsnr, np.array([0.5, 1.0, 2.0, 0.0], np.float32).reshape(SHAPE))
-    for s, b in enumerate(betas_by_session, 1):  # b: (trials, 4 voxels) percent signal change
+    for s, b in zip(session_numbers or range(1, len(betas_by_session) + 1), betas_by_session):  # b: (trials, 4 voxels)
         vol = np.asarray(b, np.float32 if float_betas else np.float64).T.reshape(*SHAPE, len(b))
         if not float_betas:
             vol = np.round(vol * 300).astype(np.int16)
@@ -194,3 +196,86 @@ def test_pca_fitted_on_train_only(synthetic_nsd):
     y = np.asarray(rd.train) - mean
     recon = (y @ comps.T) @ comps
     assert 1 - ((y - recon) ** 2).sum() / (y**2).sum() >= 0.95
+
+
+def test_noise_ceiling_with_mixed_repeat_counts(tmp_path):
+    """Test images seen 3, 2 and 1 times: NSD's n has 1/n = mean of 1/n_i (not the mean count)."""
+    # subject images (1-based 73k ids 11..16) -> 0-based 10..15; shared: 12, 13, 14 (the test images)
+    order = [1, 3, 4, 3, 5, 2, 3, 4, 6, 1]  # images 10 12 13 12 14 11 12 13 15 10
+    rng = np.random.default_rng(0)
+    sessions = [rng.normal(size=(5, 4)).round(2), rng.normal(size=(5, 4)).round(2)]
+    make_tiny_tree(tmp_path, sessions, masterordering=order, subject_images=range(11, 17), sharedix=(13, 14, 15))
+    rd = extract_regions(tmp_path, 2, [V1], progress=False)["V1"]
+    assert list(rd.test_images) == [12, 13, 14] and list(rd.test_repeats) == [3, 2, 1]
+    ncsnr = np.array([0.5, 1.0])  # the tree's ncsnr of the two V1 voxels
+    inv_n = (1 / 3 + 1 / 2 + 1 / 1) / 3  # (A/3 + B/2 + C/1) / (A + B + C) with A = B = C = 1
+    np.testing.assert_allclose(rd.nc, 100 * ncsnr**2 / (ncsnr**2 + inv_n), rtol=1e-5)
+    wrong = 100 * ncsnr**2 / (ncsnr**2 + 1 / 2.0)  # the arithmetic mean count (2) overstates the ceiling
+    assert (rd.nc < wrong - 1).all()
+
+
+def test_noise_ceiling_monte_carlo_matches_formula():
+    """Simulated voxels: the ceiling is the variance explained in repeat-averaged responses by the
+    signal. With 60/25/15 % of images at 3/2/1 repeats the formula with the harmonic n matches the
+    simulation; the arithmetic mean count does not."""
+    rng = np.random.default_rng(1)
+    n_img, n_vox, snr = 20000, 8, 0.8
+    reps = rng.choice([3, 2, 1], size=n_img, p=[0.6, 0.25, 0.15])
+    signal = rng.normal(size=(n_img, n_vox)) * snr
+    noise_mean = rng.normal(size=(n_img, n_vox)) / np.sqrt(reps)[:, None]  # mean of n_i unit-variance trials
+    measured = signal + noise_mean
+    simulated = 100 * signal.var(0) / measured.var(0)
+    formula = noise_ceiling(np.full(n_vox, snr), nsd.effective_repeats(reps))
+    np.testing.assert_allclose(simulated.mean(), formula.mean(), atol=0.6)
+    assert abs(noise_ceiling(snr, reps.mean()) - simulated.mean()) > 2
+
+
+def _copy_without(src, dst, session):
+    import shutil
+
+    shutil.copytree(src, dst)
+    p = NSDPaths(dst, 1)
+    for f in p.betas_dir.glob(f"betas_session{session:02d}.*"):
+        f.unlink()
+    return p
+
+
+def test_missing_session_pairs_trials_by_session_number(synthetic_nsd, tmp_path):
+    """Without betas_session02 every later trial keeps its image: the responses of images not seen in
+    session 2 are exactly those of the full tree, and the repeat counts follow the design."""
+    spec = [RegionSpec("TO", "Kastner2015", (12, 13), "nsdgeneral")]
+    full = extract_regions(synthetic_nsd, 1, spec, progress=False)["TO"]
+    p = _copy_without(synthetic_nsd, tmp_path / "nsd", 2)
+    gap = extract_regions(tmp_path / "nsd", 1, spec, progress=False)["TO"]
+    assert gap.meta["session_numbers"][:2] == [1, 3]
+    # expected trial -> image pairing, computed here from the design and the per-session trial count
+    design = Design.read(p.expdesign)
+    T = nib.load(str(next(p.betas_dir.glob("betas_session01.nii.gz")))).shape[-1]
+    n_sessions = len(list(NSDPaths(synthetic_nsd, 1).betas_dir.glob("betas_session*.nii.gz")))
+    trial_images = design.subjectim[0, design.masterordering[:n_sessions * T] - 1] - 1
+    in_s2 = np.unique(trial_images[T:2 * T])
+    kept = np.concatenate([trial_images[:T], trial_images[2 * T:]])
+    for images, resp, gimages, gresp in ((full.train_images, full.train, gap.train_images, gap.train),
+                                         (full.test_images, full.test, gap.test_images, gap.test)):
+        np.testing.assert_array_equal(gimages, np.unique(kept[np.isin(kept, images)]))
+        same = ~np.isin(gimages, in_s2)
+        assert same.sum() > 10
+        np.testing.assert_allclose(np.asarray(gresp)[same], np.asarray(resp)[np.isin(images, gimages[same])],
+                                   atol=1e-5)
+    counts = {i: int((kept == i).sum()) for i in gap.test_images}
+    assert list(gap.test_repeats) == [counts[i] for i in gap.test_images]
+
+
+def test_missing_session_with_unequal_sessions_is_an_error(tmp_path):
+    """A gap, and sessions of different lengths: the pairing is unknowable, so the error names the
+    missing file and the fix."""
+    make_tiny_tree(tmp_path, SESSIONS, session_numbers=[1, 3])
+    with pytest.raises(ValueError, match=r"betas_session02\.nii\.gz missing.*data\.max_sessions=1"):
+        extract_regions(tmp_path, 2, [V1], progress=False)
+
+
+def test_max_sessions_counts_session_numbers(synthetic_nsd, tmp_path):
+    _copy_without(synthetic_nsd, tmp_path / "nsd", 2)
+    spec = [RegionSpec("V1", "Kastner2015", (1, 2), "nsdgeneral")]
+    rd = extract_regions(tmp_path / "nsd", 1, spec, max_sessions=3, progress=False)["V1"]
+    assert rd.meta["session_numbers"] == [1, 3]

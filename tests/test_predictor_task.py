@@ -50,3 +50,45 @@ def test_bad_config_values(compose_train):
         run(compose_train("alpha=1.5"))
     with pytest.raises(ValueError, match="subject must be an integer 1..8"):
         run(compose_train("task=predictor", "subject=11"))
+
+
+def test_pca_predictor_scored_against_measured_voxels_with_best_checkpoint(compose_train, tmp_path):
+    """data.pca=true: test/r_median is the per-voxel r between the exported model's back-projected
+    predictions and the measured test voxels (not a PCA reconstruction), and the exported model is the
+    best-validation epoch's."""
+    import csv
+
+    import numpy as np
+    from hydra.utils import instantiate
+
+    from neuroguide.metrics import pearson_r
+
+    cfg = compose_train("task=predictor", "region=V1", "data.pca=true", "task.max_epochs=3", "task.batch_size=32")
+    metrics = run(cfg)
+    dm = instantiate(cfg.task.datamodule, _recursive_=False)
+    dm.setup("test")
+    rd = dm.region_data
+    assert rd.pca_components.shape[0] < rd.n_voxels
+    model = neuroguide.load_model(tmp_path / "predictors" / "subj01" / "V1.ckpt")
+    images = torch.stack([dm.test_set.stimuli[i] for i in range(len(dm.test_set))])
+    with torch.no_grad():
+        scores = model(images).numpy()
+    voxels_hat = scores @ np.asarray(rd.pca_components) + np.asarray(rd.pca_mean)  # back-projection, by hand
+    r = pearson_r(torch.tensor(voxels_hat), torch.tensor(np.asarray(rd.test)))
+    assert metrics["test/r_median"] == pytest.approx(float(np.nanmedian(r.numpy())), abs=1e-4)
+    # the component-space score is its own key, not the voxel score
+    measured_scores = (np.asarray(rd.test) - np.asarray(rd.pca_mean)) @ np.asarray(rd.pca_components).T
+    r_pc = pearson_r(torch.tensor(scores), torch.tensor(measured_scores))
+    assert metrics["test/r_pc_median"] == pytest.approx(float(np.nanmedian(r_pc.numpy())), abs=1e-4)
+    # r / sqrt(NC) over the voxels above data.nc_threshold only, and their count reported
+    keep = np.asarray(rd.nc) >= cfg.data.nc_threshold
+    assert metrics["test/n_voxels_nc"] == keep.sum()
+    r_nc = r.numpy()[keep] / np.sqrt(np.asarray(rd.nc)[keep] / 100)
+    assert metrics["test/r_nc_median"] == pytest.approx(float(np.nanmedian(r_nc)), abs=1e-4)
+    # the selected epoch is the one with the best val/r_median of the epochs logged
+    rows = [r for r in csv.DictReader(open(next((tmp_path / "run").rglob("metrics.csv")))) if r.get("val/r_median")]
+    per_epoch = {int(r["epoch"]): float(r["val/r_median"]) for r in rows[:3]}
+    assert len(per_epoch) == 3
+    best_epoch = max(per_epoch, key=per_epoch.get)
+    assert metrics["selected_epoch"] == best_epoch
+    assert metrics["val/r_median"] == pytest.approx(per_epoch[best_epoch], abs=1e-5)

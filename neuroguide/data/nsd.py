@@ -16,6 +16,7 @@ caches each region as memory-mappable ``.npy`` arrays keyed by a hash of inputs 
 """
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import tempfile
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from neuroguide.utils.io import file_fingerprint, hash_inputs, read_json, write_json
+
+log = logging.getLogger("neuroguide")
 
 BETA_SCALE = 300.0
 BETAS_SUBDIR = "betas_fithrf_GLMdenoise_RR"
@@ -77,7 +80,7 @@ class NSDPaths:
         return self.roi_dir / f"{atlas}.nii.gz"
 
     def sessions(self, fmt: str = "nii.gz") -> list[Path]:
-        """Session beta files present, sorted by session number."""
+        """Session beta files present, sorted by session number (see :func:`session_number`)."""
         if fmt not in ("nii.gz", "hdf5"):
             raise ValueError(f"betas_format must be 'nii.gz' or 'hdf5', got {fmt!r}")
         if not self.betas_dir.is_dir():
@@ -89,6 +92,40 @@ class NSDPaths:
         if not found:
             raise FileNotFoundError(f"no betas_sessionNN.{fmt} files in {self.betas_dir} (data.betas_format={fmt})")
         return [p for _, p in found]
+
+
+def session_number(path: Path) -> int:
+    """``betas_session07.nii.gz`` -> 7."""
+    m = re.search(r"betas_session(\d+)\.", Path(path).name)
+    if not m:
+        raise ValueError(f"{path} is not named betas_sessionNN.<format>")
+    return int(m.group(1))
+
+
+def session_offsets(sessions: Sequence[Path], counts: Sequence[int]) -> np.ndarray:
+    """Global index of the first trial of each session file: trial t of session s is global trial
+    ``(s - 1) * trials_per_session + t``, so a missing session never shifts the ones after it.
+
+    Sessions 1..N all present: the cumulative counts (any counts). With a gap, every session present
+    must hold the same number of trials (750 in NSD), which is then the trials per session (a warning
+    names the missing files); otherwise a ValueError names them and the fix.
+    """
+    numbers = [session_number(p) for p in sessions]
+    counts = [int(c) for c in counts]
+    if numbers == list(range(1, len(numbers) + 1)):
+        return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    folder, suffix = Path(sessions[0]).parent, Path(sessions[0]).name.split(".", 1)[1]
+    missing = sorted(set(range(1, max(numbers) + 1)) - set(numbers))
+    names = ", ".join(f"betas_session{m:02d}.{suffix}" for m in missing)
+    if len(set(counts)) > 1:
+        raise ValueError(
+            f"{folder}: {names} missing, and the sessions present hold different numbers of trials "
+            f"({dict(zip(numbers, counts))}), so the trials after the gap cannot be paired with their images. "
+            f"Restore the missing files, or read only the sessions before the first gap with "
+            f"data.max_sessions={missing[0] - 1}.")
+    log.warning("%s: %s missing; trials are paired with images by session number (%d trials per session)",
+                folder, names, counts[0])
+    return np.asarray([(n - 1) * counts[0] for n in numbers], np.int64)
 
 
 def require(path: Path, what: str, fix: str = "check paths.nsd_root") -> Path:
@@ -116,12 +153,14 @@ class Design:
                    np.asarray(d["subjectim"]).astype(np.int64),
                    np.asarray(d["sharedix"]).ravel().astype(np.int64))
 
-    def trial_images(self, subject: int, n_trials: int) -> np.ndarray:
-        """0-based 73k image id of each of the first ``n_trials`` trials of ``subject``."""
-        if n_trials > len(self.masterordering):
-            raise ValueError(f"{n_trials} trials in the beta files but masterordering has only "
-                             f"{len(self.masterordering)}")
-        return self.subjectim[subject - 1, self.masterordering[:n_trials] - 1] - 1
+    def trial_images(self, subject: int, trials: int | np.ndarray) -> np.ndarray:
+        """0-based 73k image id of each trial of ``subject``: of the first ``trials`` trials (an int), or
+        of the given 0-based global trial indices (an array)."""
+        t = np.arange(trials) if np.ndim(trials) == 0 else np.asarray(trials, np.int64)
+        if len(t) and t.max() >= len(self.masterordering):
+            raise ValueError(f"the beta files hold trial {t.max() + 1} but masterordering has only "
+                             f"{len(self.masterordering)} trials")
+        return self.subjectim[subject - 1, self.masterordering[t] - 1] - 1
 
     @property
     def shared_images(self) -> np.ndarray:
@@ -182,9 +221,23 @@ def average_repeats(responses: np.ndarray, image_ids: np.ndarray) -> tuple[np.nd
 
 
 def noise_ceiling(ncsnr: np.ndarray, n: float | np.ndarray) -> np.ndarray:
-    """NSD noise ceiling in percent of variance: ``NC = 100 * ncsnr^2 / (ncsnr^2 + 1/n)``."""
+    """NSD noise ceiling in percent of variance: ``NC = 100 * ncsnr^2 / (ncsnr^2 + 1/n)``.
+
+    ``n`` is the number of trials averaged per image; with mixed repeat counts pass
+    :func:`effective_repeats` of the counts (``1/n`` = the mean of ``1/n_i``), not their mean.
+    """
     ncsnr = np.asarray(ncsnr, np.float64)
     return 100.0 * ncsnr**2 / (ncsnr**2 + 1.0 / np.asarray(n, np.float64))
+
+
+def effective_repeats(counts: np.ndarray) -> float:
+    """The ``n`` of NSD's noise ceiling for images averaged over ``counts`` (n_i,) trials each:
+    ``1/n = mean_i 1/n_i``, i.e. ``(A/3 + B/2 + C/1) / (A + B + C)`` for A, B, C images with 3, 2, 1 repeats
+    (the harmonic mean of the counts; their arithmetic mean would overstate the ceiling)."""
+    counts = np.asarray(counts, np.float64)
+    if counts.size == 0 or (counts < 1).any():
+        raise ValueError(f"repeat counts must be >= 1 for every image, got {counts}")
+    return float(1.0 / np.mean(1.0 / counts))
 
 
 # ----------------------------------------------------------------------------- regions
@@ -226,7 +279,8 @@ class RegionData:
 
     train_images / test_images: (n,) 0-based 73k ids; train / test: (n, V) z-scored, repeat-averaged
     responses; test_repeats: (n_test,) repeats averaged; ncsnr and nc: (V,) noise-ceiling SNR and
-    noise ceiling (percent) at the mean test repeat count; pca_*: optional PCA fitted on train.
+    noise ceiling (percent) of the test responses (``n`` = :func:`effective_repeats` of test_repeats);
+    pca_*: optional PCA fitted on train.
     """
 
     region: str
@@ -306,8 +360,12 @@ def extract_regions(root: str | Path, subject: int, regions: Sequence[RegionSpec
     specs = [r if isinstance(r, RegionSpec) else RegionSpec.from_config(r) for r in regions]
     sessions = paths.sessions(betas_format)
     if max_sessions:
-        sessions = sessions[:max_sessions]
-    params = {"betas_format": betas_format, "pca": bool(pca), "pca_variance": float(pca_variance), "v": 1}
+        sessions = [p for p in sessions if session_number(p) <= int(max_sessions)]
+        if not sessions:
+            raise FileNotFoundError(f"data.max_sessions={max_sessions}: no betas_sessionNN.{betas_format} file with "
+                                    f"NN <= {max_sessions} in {paths.betas_dir}")
+    # v2: session-number trial offsets, harmonic-mean repeats in the noise ceiling
+    params = {"betas_format": betas_format, "pca": bool(pca), "pca_variance": float(pca_variance), "v": 2}
     out: dict[str, RegionData] = {}
     todo: list[tuple[RegionSpec, Path | None]] = []
     for spec in specs:
@@ -333,28 +391,31 @@ def extract_regions(root: str | Path, subject: int, regions: Sequence[RegionSpec
 
     from tqdm.auto import tqdm
 
-    chunks, n_trials = [], 0
+    chunks = []
     for s in tqdm(sessions, desc=f"NSD {paths.subj} sessions", disable=not progress):
-        b = read_session(s, flat, shape)
-        chunks.append(zscore_session(b))
-        n_trials += len(b)
+        chunks.append(zscore_session(read_session(s, flat, shape)))
+    counts_per_session = [len(c) for c in chunks]
+    offsets = session_offsets(sessions, counts_per_session)
+    trials = np.concatenate([o + np.arange(n) for o, n in zip(offsets, counts_per_session)])
+    n_trials = len(trials)
     responses = np.concatenate(chunks)
-    image_ids = design.trial_images(paths.subject, n_trials)
+    image_ids = design.trial_images(paths.subject, trials)
     images, means, counts = average_repeats(responses, image_ids)
     is_test = np.isin(images, design.shared_images)
     if not is_test.any():
         raise ValueError(f"none of the images of {paths.subj} in the {len(sessions)} sessions read is a shared "
                          "image (sharedix): there is no test split")
     ncsnr_all = read_volume(require(paths.ncsnr, "ncsnr volume")).ravel()[flat].astype(np.float32)
-    n_test_rep = float(counts[is_test].mean())
+    n_test_rep = effective_repeats(counts[is_test])
     for (spec, folder), c in zip(todo, cols):
         rd = RegionData(
             region=spec.name, train_images=images[~is_test], train=means[~is_test][:, c],
             test_images=images[is_test], test=means[is_test][:, c], test_repeats=counts[is_test],
             ncsnr=ncsnr_all[c], nc=noise_ceiling(ncsnr_all[c], n_test_rep).astype(np.float32),
             voxel_index=flat[c],
-            meta={"subject": paths.subject, "sessions": len(sessions), "trials": n_trials,
-                  "volume_shape": list(shape), "test_repeats_mean": n_test_rep, **params})
+            meta={"subject": paths.subject, "sessions": len(sessions),
+                  "session_numbers": [session_number(p) for p in sessions], "trials": n_trials,
+                  "volume_shape": list(shape), "test_repeats_effective": n_test_rep, **params})
         if pca:
             rd.pca_components, rd.pca_mean = fit_pca(rd.train, pca_variance)
         if folder is not None:

@@ -30,6 +30,9 @@ class ImageResponseDataset(Dataset):
 class NSDDataModule(L.LightningDataModule):
     """One region of one subject: train (minus a validation tenth) / val / test = shared images.
 
+    Training targets are the predictor's outputs (voxels, or PCA scores with ``pca``); validation and
+    test targets are always the measured, repeat-averaged voxel responses.
+
     Args:
         nsd_root: NSD folder (real layout). subject: 1..8. region: a region config
         (name, atlas, labels, intersect). shuffle: the shuffle control (the image-response pairing of
@@ -61,19 +64,21 @@ class NSDDataModule(L.LightningDataModule):
                              pca_variance=self.pca_variance)[self.spec.name]
         self.region_data = rd
         stim = NSDPaths(self.nsd_root, self.subject).stimuli
-        y = rd.targets("train")
+        y = rd.targets("train")  # what the predictor outputs: voxels, or PCA scores
         rng = np.random.default_rng(self.seed)
         perm = rng.permutation(len(y))
         n_val = max(1, int(round(self.val_fraction * len(y))))
         val_rows, train_rows = perm[:n_val], perm[n_val:]
         y_train = y[train_rows]
+        # validation and test are scored against the measured voxels (never a PCA reconstruction)
         if self.shuffle:  # shuffle control: break the image-response pairing of the training data
             y_train = y_train[np.random.default_rng(self.seed + 1).permutation(len(y_train))]
         ids = np.asarray(rd.train_images)
         self.train_set = ImageResponseDataset(NSDStimuli(stim, ids[train_rows], self.image_size), y_train)
-        self.val_set = ImageResponseDataset(NSDStimuli(stim, ids[val_rows], self.image_size), y[val_rows])
+        self.val_set = ImageResponseDataset(NSDStimuli(stim, ids[val_rows], self.image_size),
+                                            np.asarray(rd.train)[val_rows])
         self.test_set = ImageResponseDataset(NSDStimuli(stim, np.asarray(rd.test_images), self.image_size),
-                                             rd.targets("test"))
+                                             np.asarray(rd.test))
 
     @property
     def n_outputs(self) -> int:

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from neuroguide.metrics import nan_pearson_r
+from neuroguide.metrics import nan_pearson_r, nanmedian
 from neuroguide.evaluation.cka import linear_cka
 from neuroguide.models.features import capture, get_layer
 
@@ -149,10 +149,10 @@ def selection_scores(networks: Mapping[float, tuple[nn.Module, nn.Module]], imag
             pred, _ = ridge_cv_predictions(x, y_filled, n_folds, alphas, seed)
             r = nan_pearson_r(pred.double(), y)
             row = {"at_eps": float(eps), "layer": layer, "dim": int(x.shape[1]), "cka": linear_cka(x, y_filled),
-                   "r_median": float(torch.nanmedian(r)), "r_mean": float(torch.nanmean(r))}
+                   "r_median": float(nanmedian(r)), "r_mean": float(torch.nanmean(r))}
             if reliability is not None:
                 rc = torch.where(reliability > 0, r / reliability.clamp_min(1e-12).sqrt(), torch.nan)
-                row["r_corrected_median"] = float(torch.nanmedian(rc))
+                row["r_corrected_median"] = float(nanmedian(rc))
             rows.append(row)
             log.info("selection eps=%s %s: CKA %.3f, median r %.3f", eps, layer, row["cka"], row["r_median"])
     return rows

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuroguide.metrics import nan_pearson_r
+from neuroguide.metrics import nan_pearson_r, nanmedian
 from neuroguide.models.backbones import Backbone
 from neuroguide.models.readouts import FactorizedReadout, masked_mse
 from neuroguide.tasks import register_task
@@ -200,11 +200,11 @@ class ITEncodingTask(Task):
         if len(pred) < 3:
             return
         s = self.scores_by_split[split] = self.scores(pred, target, split)
-        self.log(f"{split}/r_median", torch.nanmedian(s["r"]), prog_bar=split == "val")
+        self.log(f"{split}/r_median", nanmedian(s["r"]), prog_bar=split == "val")
         self.log(f"{split}/r_mean", torch.nanmean(s["r"]))
         self.log(f"{split}/ev_mean", torch.nanmean(s["ev"]))
         if "r_corrected" in s:
-            self.log(f"{split}/r_corrected_median", torch.nanmedian(s["r_corrected"]))
+            self.log(f"{split}/r_corrected_median", nanmedian(s["r_corrected"]))
 
     def on_validation_epoch_end(self):
         self._eval_end("val")

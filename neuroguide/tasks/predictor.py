@@ -1,8 +1,10 @@
 """Neural predictor (NeuralGuidance): ResNet18 -> one region's voxels (or PCA components).
 
 Loss: squared error summed over outputs, averaged over the batch; Adam (lr 1e-3, weight decay
-5e-4). Scores on the test (shared) images: per-voxel Pearson r, its median and mean, and r relative
-to the noise ceiling, ``r / sqrt(NC / 100)``; with PCA, predictions are mapped back to voxels first.
+5e-4). Scores on the validation and test (shared) images, always in voxel space against the measured
+(repeat-averaged) voxel responses: per-voxel Pearson r, its median and mean, and r relative to the
+noise ceiling, ``r / sqrt(NC / 100)``, over the voxels with ``NC >= nc_threshold`` (percent). With
+PCA, predictions are mapped back to voxels first; the component-space r is reported as ``r_pc_*``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuroguide.metrics import pearson_r
+from neuroguide.metrics import nanmedian, pearson_r
 from neuroguide.models.resnet import NormalizedResNet
 from neuroguide.tasks import register_task
 from neuroguide.tasks.base import Task
@@ -27,14 +29,15 @@ def predictor_path(predictors_dir: str | Path, subject: int, region: str, shuffl
 @register_task("predictor")
 class PredictorTask(Task):
     def __init__(self, model_config: dict, run_config: dict | None = None, lr: float = 1e-3,
-                 weight_decay: float = 5e-4, nc: np.ndarray | None = None, pca_components=None, pca_mean=None):
+                 weight_decay: float = 5e-4, nc: np.ndarray | None = None, pca_components=None, pca_mean=None,
+                 nc_threshold: float = 0.0):
         super().__init__(model_config, run_config)
-        self.lr, self.weight_decay = lr, weight_decay
+        self.lr, self.weight_decay, self.nc_threshold = lr, weight_decay, float(nc_threshold)
         # noise ceiling and PCA back-projection: buffers (not part of the exported model)
         self.register_buffer("nc", torch.tensor(np.asarray(nc if nc is not None else [], np.float32)),
                              persistent=False)
-        self.pca_components = None if pca_components is None else torch.as_tensor(np.asarray(pca_components))
-        self.pca_mean = None if pca_mean is None else torch.as_tensor(np.asarray(pca_mean))
+        self.pca_components = None if pca_components is None else torch.tensor(np.array(pca_components))
+        self.pca_mean = None if pca_mean is None else torch.tensor(np.array(pca_mean))
         self._preds: dict[str, list] = {"val": [], "test": []}
 
     @staticmethod
@@ -53,7 +56,7 @@ class PredictorTask(Task):
                         "shuffle": bool(cfg.task.shuffle), "image_size": int(cfg.data.image_size)}
         return cls(model_config, OmegaConf.to_container(cfg, resolve=True), lr=cfg.task.lr,
                    weight_decay=cfg.task.weight_decay, nc=np.asarray(rd.nc), pca_components=rd.pca_components,
-                   pca_mean=rd.pca_mean)
+                   pca_mean=rd.pca_mean, nc_threshold=float(cfg.data.get("nc_threshold") or 0.0))
 
     @staticmethod
     def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -67,10 +70,11 @@ class PredictorTask(Task):
         return loss
 
     def _eval_step(self, split, batch):
-        x, y = batch
+        x, voxels = batch  # validation and test targets are the measured voxel responses (see the datamodule)
         pred = self.model(x)
-        self.log(f"{split}/loss", self.loss_fn(pred, y), on_epoch=True, batch_size=len(x), sync_dist=True)
-        self._preds[split].append((pred.detach().cpu(), y.detach().cpu()))
+        self.log(f"{split}/loss", self.loss_fn(pred, self.to_outputs(voxels)), on_epoch=True, batch_size=len(x),
+                 sync_dist=True)
+        self._preds[split].append((pred.detach().cpu(), voxels.detach().cpu()))
 
     def validation_step(self, batch, batch_idx):
         self._eval_step("val", batch)
@@ -79,16 +83,32 @@ class PredictorTask(Task):
         self._eval_step("test", batch)
 
     def to_voxels(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, n_outputs) outputs -> (N, V) voxels (PCA back-projection when the outputs are components)."""
         if self.pca_components is None:
             return z
         return z @ self.pca_components.to(z) + self.pca_mean.to(z)
 
-    def scores(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-voxel r, and r relative to the noise ceiling, from (N, K) predictions and targets."""
-        r = pearson_r(self.to_voxels(pred), self.to_voxels(target))
+    def to_outputs(self, voxels: torch.Tensor) -> torch.Tensor:
+        """(N, V) voxels -> (N, n_outputs) what the model is trained to output (PCA scores when on)."""
+        if self.pca_components is None:
+            return voxels
+        return (voxels - self.pca_mean.to(voxels)) @ self.pca_components.to(voxels).T
+
+    def scores(self, pred: torch.Tensor, voxels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Scores of (N, n_outputs) predictions against (N, V) measured voxel responses.
+
+        Returns ``r`` (V,) per-voxel Pearson r of the back-projected predictions; ``r_nc`` (V_kept,)
+        ``r / sqrt(NC / 100)`` over the voxels with ``NC >= nc_threshold``; with PCA ``r_pc`` (k,) the
+        per-component r against the measured responses' PCA scores.
+        """
+        r = pearson_r(self.to_voxels(pred), voxels)
         out = {"r": r}
         if self.nc.numel() == r.numel():
-            out["r_nc"] = r / torch.sqrt(self.nc.cpu().clamp_min(1e-6) / 100.0)
+            nc = self.nc.cpu()
+            keep = nc >= self.nc_threshold
+            out["r_nc"] = r[keep] / torch.sqrt(nc[keep].clamp_min(1e-6) / 100.0)
+        if self.pca_components is not None:
+            out["r_pc"] = pearson_r(pred, self.to_outputs(voxels))
         return out
 
     def _eval_end(self, split):
@@ -105,10 +125,15 @@ class PredictorTask(Task):
             return
         s = self.scores(pred, target)
         r = s["r"]
-        self.log(f"{split}/r_median", torch.nanmedian(r), prog_bar=split == "val")
+        self.log(f"{split}/r_median", nanmedian(r), prog_bar=split == "val")
         self.log(f"{split}/r_mean", torch.nanmean(r))
         if "r_nc" in s:
-            self.log(f"{split}/r_nc_median", torch.nanmedian(s["r_nc"]))
+            kept = s["r_nc"]
+            self.log(f"{split}/r_nc_median", nanmedian(kept))
+            self.log(f"{split}/r_nc_mean", torch.nanmean(kept) if kept.numel() else torch.tensor(float("nan")))
+            self.log(f"{split}/n_voxels_nc", float(kept.numel()))
+        if "r_pc" in s:
+            self.log(f"{split}/r_pc_median", nanmedian(s["r_pc"]))
 
     def on_validation_epoch_end(self):
         self._eval_end("val")
