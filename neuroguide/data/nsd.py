@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -31,7 +29,7 @@ import scipy.io
 import torch
 import torch.nn.functional as F
 
-from neuroguide.utils.io import file_fingerprint, hash_inputs, read_json, write_json
+from neuroguide.utils.io import atomic_dir, file_fingerprint, hash_inputs, read_json, write_json
 
 log = logging.getLogger("neuroguide")
 
@@ -427,19 +425,8 @@ def extract_regions(root: str | Path, subject: int, regions: Sequence[RegionSpec
 
 def _save_atomic(rd: RegionData, folder: Path) -> None:
     """Write the region folder under a temporary name, then rename; a concurrent writer's copy wins."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder, complete=lambda f: (f / "meta.json").exists()) as tmp:
         rd.save(tmp)
-        try:
-            tmp.rename(folder)
-        except OSError:
-            if not (folder / "meta.json").exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- stimuli

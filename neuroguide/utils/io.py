@@ -11,14 +11,35 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it where /proc allows)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_permissions(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would have under the umask (0644 / 0755 under
+    umask 022): ``mkstemp``/``mkdtemp`` make private 0600 / 0700 temporaries, which a cache or a
+    checkpoint shared with the group must not keep."""
+    base = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success, with the
+    permissions a plain write would have under the user's umask.
 
     On an exception the temporary file (or folder) is removed and ``path`` is untouched.
     """
@@ -29,15 +50,42 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        plain_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             if tmp.is_dir():
-                import shutil
-
                 shutil.rmtree(tmp)
             else:
                 tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, complete: Callable[[Path], bool]) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``path`` to fill; on success rename it onto ``path`` (with
+    the permissions ``mkdir`` would give under the umask).
+
+    If another writer renamed its folder into place first and ``complete(path)`` says it is whole,
+    theirs is kept and ours removed; otherwise the rename error is raised. An empty folder at ``path``
+    is replaced. On an exception the temporary folder is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        plain_permissions(tmp)
+        try:
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+            tmp.rename(path)
+        except OSError:
+            if not complete(path):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
