@@ -1,8 +1,12 @@
 """Unit adversarial sensitivity: closed forms, the Guo schedule against plain PGD, the sign-corrected
-estimator on planted noisy neurons, outputs and bad input."""
+estimator on planted noisy neurons, sigma_i over a separate large clean set (also through evaluate.py),
+the default layer, the Guo et al. preset, outputs and bad input."""
 from __future__ import annotations
 
 import csv
+import warnings
+
+import numpy as np
 
 import pytest
 import torch
@@ -12,7 +16,8 @@ from neuroguide.evaluation import sensitivity
 from neuroguide.evaluation.sensitivity import naive_sensitivity, sign_corrected_sensitivity, unit_sensitivity
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# the older tests below take sigma_i over the attacked images (the fallback, which warns): keep their output quiet
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:unit sensitivity. sigma_i")]
 
 
 SHAPE = (3, 6, 6)
@@ -179,3 +184,176 @@ def test_measure_with_wrong_shape_is_explained():
     with pytest.raises(ValueError, match=r"responses_with_repeats must map .*the same 4 units"):
         unit_sensitivity(hidden_linear_model(), mid_images(3), "1", [0.1], progress=False,
                          responses_with_repeats=lambda im: torch.zeros(len(im), 7, 2))
+
+
+# ----------------------------------------------------------------------------- sigma_i over a large clean set
+class LinearUnit(nn.Module):
+    """One unit ``h(x) = w . x``, linear in the pixels; records the batch size of every forward pass."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+        self.batches: list[int] = []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        return (x.flatten(1) @ self.w)[:, None]
+
+
+def test_sigma_from_the_large_clean_set_not_the_attacked_images():
+    """s~ = s / sigma_large with sigma_large the std of w.x over 400 clean images (numpy, independently),
+    not the std over the 8 attacked images; the clean responses are computed in bounded batches."""
+    w = torch.randn(D, generator=torch.Generator().manual_seed(4))
+    model = LinearUnit(w)
+    attacked, large = mid_images(8, seed=1), mid_images(400, seed=2)
+    w64 = w.double().numpy()
+    sigma_large = np.std(large.double().flatten(1).numpy() @ w64, ddof=1)
+    sigma_attacked = np.std(attacked.double().flatten(1).numpy() @ w64, ddof=1)
+    assert abs(sigma_attacked / sigma_large - 1) > 0.05, (sigma_attacked, sigma_large)  # the test can tell them apart
+    eps = [0.05, 0.1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 400 >= 10 x 8 clean images: no warning
+        res = unit_sensitivity(model, attacked, None, eps, sigma_images=large, restarts=1, steps=24, batch_size=16,
+                               progress=False)
+    assert max(model.batches) <= 16  # clean responses of the 400 images in batches, like the attack
+    assert res.n_sigma == 400 and res.n_images == 8
+    torch.testing.assert_close(res.sigma.double(), torch.tensor([sigma_large], dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(res.s_norm.double(), res.s.double() / sigma_large, rtol=1e-5, atol=0)
+    expected_s = torch.tensor(eps)[:, None] * w.norm()  # closed form of a linear unit: eps ||w||_2
+    torch.testing.assert_close(res.s_norm, expected_s / float(sigma_large), rtol=0.01, atol=0)
+    wrong = res.s.double() / sigma_attacked  # what the std over the attacked images would give
+    assert ((res.s_norm.double() - wrong).abs() > 0.04 * wrong).all()
+    row = res.rows()[0]
+    assert row["n_sigma_images"] == 400 and row["n_images"] == 8 and row["sigma"] == pytest.approx(sigma_large, 1e-5)
+
+
+def test_measured_sigma_over_the_same_large_clean_set():
+    """With measured responses, their sigma is also taken over sigma_images (repeat means, NaN-aware)."""
+    model = hidden_linear_model()
+    attacked, large = mid_images(3, seed=1), mid_images(60, seed=2)
+
+    def measure(images):  # noise-free "neurons" = the layer-1 units, 2 repeats, one of them missing
+        h = model[1](images.flatten(1)).detach()
+        return torch.stack([h, torch.full_like(h, float("nan"))], dim=-1)
+
+    res = unit_sensitivity(model, attacked, "1", [0.1], units=[0, 3], restarts=1, steps=2, sigma_images=large,
+                           responses_with_repeats=measure, progress=False)
+    w, b = model[1].weight.detach().double().numpy(), model[1].bias.detach().double().numpy()
+    expected = np.std(large.double().flatten(1).numpy() @ w.T + b, axis=0, ddof=1)[[0, 3]]
+    torch.testing.assert_close(res.measured["sigma"].double(), torch.from_numpy(expected), rtol=1e-5, atol=0)
+    torch.testing.assert_close(res.sigma.double(), torch.from_numpy(expected), rtol=1e-5, atol=0)
+
+
+def test_few_sigma_images_warn_with_the_numbers(tmp_path):
+    model = LinearUnit(torch.randn(D, generator=torch.Generator().manual_seed(5)))
+    attacked = mid_images(4, seed=1)
+    with pytest.warns(UserWarning, match=r"std over 30 clean images from sigma_images, fewer than 10 x the 4 attacked "
+                                         r"images = 40"):
+        res = unit_sensitivity(model, attacked, None, [0.1], sigma_images=mid_images(30, seed=2), restarts=1,
+                               steps=2, progress=False)
+    assert res.n_sigma == 30
+    with pytest.warns(UserWarning, match=r"std over 4 clean images from the attacked images themselves"):
+        res = unit_sensitivity(model, attacked, None, [0.1], restarts=1, steps=2, progress=False)
+    assert res.n_sigma == 4
+    with pytest.raises(ValueError, match="expected \\(M, 3, 6, 6\\) clean images"):
+        unit_sensitivity(model, attacked, None, [0.1], sigma_images=torch.rand(50, 3, 8, 8), progress=False)
+    # evaluate(): the numbers go into the metrics and the CSV
+    m = sensitivity.evaluate(model, attacked, tmp_path, eps_list=[0.1], restarts=1, steps=2, progress=False,
+                             sigma_images=mid_images(50, seed=3))
+    assert m["eval/sensitivity/n_sigma_images"] == 50 and m["eval/sensitivity/n_images"] == 4
+    rows = list(csv.DictReader(open(tmp_path / "sensitivity_output.csv")))
+    assert rows[0]["n_sigma_images"] == "50" and rows[0]["n_images"] == "4"
+
+
+def test_auto_layer_is_the_penultimate_features_of_classifiers_only():
+    from neuroguide.evaluation.sensitivity import auto_layer
+
+    model = hidden_linear_model()
+    assert auto_layer(model) is None  # no neuroguide_info: the output
+    for task, layer in (("guidance", "avgpool"), ("predictor", None), ("it_encoding", None)):
+        model.neuroguide_info = {"task_name": task}
+        assert auto_layer(model) == layer
+
+
+# ----------------------------------------------------------------------------- evaluate.py: sigma images, preset
+@pytest.fixture(scope="module")
+def guided_ckpt(tmp_path_factory):
+    """An untrained guided classifier (region none) saved with a run config that points at a synthetic
+    ImageNet tree of 3 classes (70 training, 10 validation images each); no training needed."""
+    from neuroguide.data.synthetic.imagenet import write_synthetic_imagenet
+    from neuroguide.models.checkpoints import save_model_file
+    from neuroguide.tasks import get_task
+
+    tmp = tmp_path_factory.mktemp("sensitivity_runner")
+    root = write_synthetic_imagenet(tmp / "imagenet", n_classes=3, n_train=70, n_val=10, image_size=32)
+    mc = {"num_classes": 3, "branch": "layer4", "head_pool": 1, "arch": "resnet18", "n_neural": 0, "predictor": None,
+          "region": "none", "alpha": 0.0, "at_eps": 0.0, "image_size": 32}
+    torch.manual_seed(0)
+    model = get_task("guidance").build_model(**mc)
+    rc = {"data": {"classification": "imagenet_subset", "classification_root": str(root),
+                   "classification_class_list": str(root / "classes.txt"), "image_size": 32}}
+    return tmp, save_model_file(tmp / "guided.ckpt", "guidance", mc, model.state_dict(), rc)
+
+
+def _evaluate(tmp, out, *overrides):
+    from neuroguide.config import compose_config
+    from neuroguide.evaluation.runner import run
+
+    cfg = compose_config("evaluate", [f"paths.log_dir={tmp}/outputs", "device=cpu", *overrides], output_dir=tmp / out)
+    return run(cfg), tmp / out, cfg
+
+
+def test_evaluate_takes_sigma_over_all_held_out_images_at_avgpool(guided_ckpt):
+    """evaluate.py ckpt=<classifier>: 2 attacked images of the 6 evaluation stimuli, sigma_i over all the
+    model's held-out images (not only the 6), at avgpool (layer auto); sigma checked with a forward hook."""
+    from neuroguide import load_model
+    from neuroguide.evaluation.stimuli import model_stimuli
+
+    tmp, ckpt = guided_ckpt
+    m, out, _ = _evaluate(tmp, "e_sigma", f"ckpt={ckpt}", "eval=[sensitivity]", "n_images=6",
+                          "eval.sensitivity.n_images=2", "eval.sensitivity.units=3", "eval.sensitivity.steps=2",
+                          "eval.sensitivity.restarts=1", "eval.sensitivity.eps_list=[0.5]")
+    model = load_model(ckpt)
+    held_out = model_stimuli(model).images  # all of the held-out split
+    assert len(held_out) >= 20
+    assert m["eval/sensitivity/n_images"] == 2 and m["eval/sensitivity/n_sigma_images"] == len(held_out)
+    rows = list(csv.DictReader(open(out / "sensitivity" / "sensitivity_avgpool.csv")))
+    assert len(rows) == 3 and {r["layer"] for r in rows} == {"avgpool"}
+    assert {r["n_sigma_images"] for r in rows} == {str(len(held_out))}
+    # independently: the penultimate features through a hook, their std over every held-out image
+    feats = {}
+    model.avgpool.register_forward_hook(lambda _m, _i, o: feats.__setitem__("h", o.flatten(1)))
+    with torch.no_grad():
+        model(held_out)
+    units = [int(r["unit"]) for r in rows]
+    sigma_all = feats["h"][:, units].double().std(0)
+    sigma_first6 = feats["h"][:6, units].double().std(0)
+    assert ((sigma_all - sigma_first6).abs() > 1e-3 * sigma_all).all()  # the two choices are distinguishable
+    sigma = torch.tensor([float(r["sigma"]) for r in rows], dtype=torch.float64)
+    torch.testing.assert_close(sigma, sigma_all, rtol=1e-4, atol=1e-7)
+    s_norm = torch.tensor([float(r["s_norm"]) for r in rows], dtype=torch.float64)
+    s = torch.tensor([float(r["s"]) for r in rows], dtype=torch.float64)
+    torch.testing.assert_close(s_norm, s / sigma_all, rtol=1e-4, atol=0)
+
+
+def test_guo2022_preset_fills_eval_sensitivity(guided_ckpt):
+    """eval=[sensitivity_guo2022] is keyed like eval=[sensitivity] with the paper's budget; the default is
+    at most 1/10 of its gradient evaluations; the preset's keys run through the runner (budget cut here)."""
+    from neuroguide.config import compose_config
+    from neuroguide.evaluation.runner import _analyses
+
+    tmp, ckpt = guided_ckpt
+    guo = compose_config("evaluate", ["eval=[sensitivity_guo2022]"], output_dir=tmp / "c1")
+    assert list(_analyses(guo)) == ["sensitivity"]
+    p = guo.eval.sensitivity
+    assert (p.steps, p.restarts, p.schedule, list(p.directions), p.norm) == (250, 100, "guo", ["up", "down"], "l2")
+    assert list(p.eps_list) == [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0] and p.layer == "auto" and p.n_sigma_images is None
+    fast = compose_config("evaluate", [], output_dir=tmp / "c2").eval.sensitivity
+    assert fast.steps * fast.restarts <= 0.1 * p.steps * p.restarts and fast.schedule == "guo"
+    m, out, _ = _evaluate(tmp, "e_guo", f"ckpt={ckpt}", "eval=[sensitivity_guo2022]", "n_images=4",
+                          "eval.sensitivity.n_images=1", "eval.sensitivity.units=2", "eval.sensitivity.steps=2",
+                          "eval.sensitivity.restarts=2", "eval.sensitivity.eps_list=[0.5,2.5]")
+    assert {"eval/sensitivity/l2_0.5/mean_norm", "eval/sensitivity/l2_2.5/mean_norm"} <= set(m)
+    assert m["eval/sensitivity/l2_2.5/mean"] >= m["eval/sensitivity/l2_0.5/mean"] >= 0
+    assert (out / "sensitivity" / "sensitivity_avgpool.csv").exists()
+    assert m["eval/sensitivity/n_sigma_images"] >= 20

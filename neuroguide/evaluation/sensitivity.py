@@ -5,13 +5,25 @@ response ``h_i``:
 
     s_i(x, eps) = max_{||d|| <= eps} |h_i(x) - h_i(x + d)|          (image-specific, eq. 1 / 3)
     s_i(eps)    = E_x s_i(x, eps)                                    (eq. 2)
-    s~_i(eps)   = s_i(eps) / sigma_i,   sigma_i = std_x h_i(x) over clean images
+    s~_i(eps)   = s_i(eps) / sigma_i,   sigma_i = std_x h_i(x) over many clean images
+
+``sigma_i`` is the unit's dynamic range over a separate, larger set of clean images (the paper's "many
+different clean images"; :func:`evaluate` via ``evaluate.py`` uses all held-out stimuli of the model), not
+the std over the few attacked images: over 8 images that std is a noisy estimate whose errors do not
+cancel in the ratio (``E[1 / sigma_hat] > 1 / sigma``), so ``s~`` comes out inflated. A warning names the
+numbers when fewer than ``SIGMA_IMAGES_PER_ATTACKED`` (10) times the attacked images are used.
+
+The layer: Guo et al. measure the units of the penultimate layer (the average pool of a ResNet), so
+``layer="auto"`` means ``avgpool`` for a classifier (task ``guidance``) and the output (voxels, IT sites)
+for a predictor or an IT model (:func:`auto_layer`).
 
 The two directions ``max h_i(x + d) - h_i(x)`` ("up") and ``max h_i(x) - h_i(x + d)`` ("down") are
 solved separately and the larger is kept (sec. 3.2); each with ``restarts`` random starts and the
-Guo schedule (or plain PGD) of :mod:`neuroguide.attacks.pgd`. Units, directions, eps, images and
-restarts are all stacked along the batch axis: each row's objective is its own unit, so one
-backward pass serves many units.
+Guo schedule (or plain PGD) of :mod:`neuroguide.attacks.pgd`. The paper's budget is 250 steps x best of
+100 restarts (``conf/eval/sensitivity_guo2022.yaml``); the default 128 steps x 1 restart found 97-98% of its
+sensitivity with 1/195 of the gradient evaluations (``benchmarks/sensitivity_budget.py``). Units,
+directions, eps, images and restarts are all stacked along the batch axis: each row's objective is its own
+unit, so one backward pass serves many units.
 
 Measured responses with repeats (e.g. recorded IT sites, or a simulated noisy neuron) use the
 paper's sign-corrected, negatively biased estimator (sec. 3.1)::
@@ -25,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -40,6 +53,9 @@ from neuroguide.evaluation.plots import check_eps_list, curve_figure, eps_tag, w
 from neuroguide.models.features import LayerOutput
 
 Measure = Callable[[torch.Tensor], torch.Tensor]
+
+SIGMA_IMAGES_PER_ATTACKED = 10  # sigma_i from at least this many times the attacked images, or a warning
+AUTO_LAYERS = {"guidance": "avgpool"}  # layer="auto" per task: classifiers' penultimate features; others: output
 
 
 # ----------------------------------------------------------------------------- estimators
@@ -96,9 +112,13 @@ class SensitivityResult:
     Attributes:
         change: (E, U, D, N) best response change ``max_d sign * (h_i(x + d) - h_i(x))`` per direction
             (>= 0: ``d = 0`` is feasible).
-        clean: (N, U) clean responses ``h_i(x)``; ``sigma``: (U,) their std over images (or given).
+        clean: (N, U) clean responses ``h_i(x)`` of the attacked images.
+        sigma: (U,) ``sigma_i``, the std of ``h_i`` over the ``n_sigma`` clean images of ``sigma_images``
+            (or over the attacked images when none were given), or the ``sigma`` passed in.
+        n_sigma: how many clean images ``sigma`` is the std over (None when ``sigma`` was passed in).
         measured: with measured responses, ``{"delta_f", "delta_r"}`` (E, U, N) model and measured
-            changes along the chosen direction, ``"clean"`` (N, U) repeat means, ``"sigma"`` (U,).
+            changes along the chosen direction, ``"clean"`` (N, U) repeat means, ``"sigma"`` (U,) the std
+            of the measured repeat means over the same clean images as ``sigma``.
     """
 
     layer: str | None
@@ -112,6 +132,12 @@ class SensitivityResult:
     sigma: torch.Tensor
     grad_evals: int
     measured: dict | None = field(default=None)
+    n_sigma: int | None = None
+
+    @property
+    def n_images(self) -> int:
+        """Attacked images N."""
+        return int(self.change.shape[-1])
 
     @property
     def per_image(self) -> torch.Tensor:
@@ -141,14 +167,16 @@ class SensitivityResult:
         return None if self.measured is None else self.measured["delta_r"].abs().nanmean(dim=-1)
 
     def rows(self) -> list[dict]:
-        """One row per (eps, unit): eps, unit, sigma, s, s_norm and s per direction (+ measured)."""
+        """One row per (eps, unit): eps, unit, sigma, s, s_norm, the numbers of attacked images and of the
+        clean images sigma came from (empty when sigma was given), and s per direction (+ measured)."""
         out = []
         per_dir = self.change.mean(dim=-1)  # (E, U, D)
         for e, eps in enumerate(self.eps.tolist()):
             for u, unit in enumerate(self.units.tolist()):
                 row = {"layer": self.layer or "output", "norm": self.norm, "schedule": self.schedule, "eps": eps,
                        "unit": unit, "sigma": float(self.sigma[u]), "s": float(self.s[e, u]),
-                       "s_norm": float(self.s_norm[e, u])}
+                       "s_norm": float(self.s_norm[e, u]), "n_images": self.n_images,
+                       "n_sigma_images": self.n_sigma if self.n_sigma is not None else ""}
                 for d, name in enumerate(self.directions):
                     row[f"s_{name}"] = float(per_dir[e, u, d])
                 if self.measured is not None:
@@ -215,17 +243,22 @@ def _pick_units(units, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _responses(forward: nn.Module, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    return torch.cat([forward(images[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(images), batch_size)])
+def _responses(forward: nn.Module, images: torch.Tensor, batch_size: int, device,
+               units: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, K) responses (or (N, U) of ``units``), ``batch_size`` images per forward pass."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        h = forward(images[i:i + batch_size].to(device).float()).float()
+        out.append((h if units is None else h[:, units.to(h.device)]).cpu())
+    return torch.cat(out)
 
 
 def unit_sensitivity(model: nn.Module, images: torch.Tensor, layer: str | None, eps_list: Sequence[float], *,
-                     units: int | Sequence[int] | None = None, norm: str = "l2", restarts: int = 2, steps: int = 32,
+                     units: int | Sequence[int] | None = None, norm: str = "l2", restarts: int = 1, steps: int = 128,
                      schedule: str = "guo", directions: Sequence[str] = ("up", "down"), batch_size: int = 128,
                      step_size: float | None = None, sigma: torch.Tensor | None = None,
-                     responses_with_repeats: Measure | None = None, generator: torch.Generator | None = None,
-                     progress: bool = True) -> SensitivityResult:
+                     sigma_images: torch.Tensor | None = None, responses_with_repeats: Measure | None = None,
+                     generator: torch.Generator | None = None, progress: bool = True) -> SensitivityResult:
     """``s_i(x, eps)`` for every (eps, unit, image), with both directions and restarts, in big batches.
 
     Args:
@@ -238,7 +271,11 @@ def unit_sensitivity(model: nn.Module, images: torch.Tensor, layer: str | None, 
         norm, restarts, steps, schedule, step_size: passed to :func:`neuroguide.attacks.pgd_attack`.
         directions: "up" and/or "down"; ``s`` keeps the larger.
         batch_size: rows per forward pass, counting restarts (jobs of ``batch_size // restarts``).
-        sigma: (K,) or (U,) per-unit std to normalize with (default: std over ``images``).
+        sigma: (K,) or (U,) per-unit std to normalize with (overrides ``sigma_images``).
+        sigma_images: (M, 3, H, W) clean images in [0, 1] whose response std is ``sigma_i``: a separate,
+            larger set than ``images`` (e.g. all held-out stimuli; at least 10x ``images`` or a warning).
+            Responses are computed in batches of ``batch_size`` (the images may stay on the CPU). Without
+            it (and without ``sigma``), ``sigma_i`` falls back to the std over ``images``, with a warning.
         responses_with_repeats: a measurement ``images (B, 3, H, W) -> (B, K, R)`` responses with
             repeats (NaN = missing) of the same K units, e.g. recorded or simulated neurons; when given,
             ``result.s_measured`` holds the sign-corrected estimate on it.
@@ -249,6 +286,9 @@ def unit_sensitivity(model: nn.Module, images: torch.Tensor, layer: str | None, 
     forward = LayerOutput(model, layer)  # KeyError listing valid layer names for a bad one
     if images.ndim != 4 or images.shape[0] < 1:
         raise ValueError(f"images: expected (N, 3, H, W) in [0, 1] with N >= 1, got {tuple(images.shape)}")
+    if sigma_images is not None and (sigma_images.ndim != 4 or sigma_images.shape[1:] != images.shape[1:]):
+        raise ValueError(f"sigma_images: expected (M, {', '.join(map(str, images.shape[1:]))}) clean images like "
+                         f"images, got {tuple(sigma_images.shape)}")
     dirs = tuple(directions)
     if not dirs:
         raise ValueError("directions is empty: use ('up', 'down') (or one of them)")
@@ -262,22 +302,42 @@ def unit_sensitivity(model: nn.Module, images: torch.Tensor, layer: str | None, 
     k = clean_all.shape[1]
     unit_idx = _pick_units(units, k)
     clean = clean_all[:, unit_idx]  # (N, U)
-    if sigma is None:
-        if n < 2:
-            raise ValueError("sigma_i is the std over clean images: give at least 2 images (or pass sigma=)")
-        sig = clean.std(dim=0)
-    else:
+    n_sigma = None
+    if sigma is not None:
         sig = torch.as_tensor(sigma, dtype=torch.float32).flatten().cpu()
         if sig.numel() == k:
             sig = sig[unit_idx]
         elif sig.numel() != len(unit_idx):
             raise ValueError(f"sigma has {sig.numel()} values; expected one per layer unit ({k}) or per chosen unit "
                              f"({len(unit_idx)})")
+    else:
+        if sigma_images is None:
+            sig_clean = clean  # the attacked images themselves: a noisy sigma_i (see the module docstring)
+        else:
+            with evaluation_mode(model):
+                sig_clean = _responses(forward, sigma_images, batch_size, device, unit_idx)  # (M, U)
+        n_sigma = sig_clean.shape[0]
+        if n_sigma < 2:
+            raise ValueError(f"sigma_i is the std over clean images: got {n_sigma} image(s); give sigma_images with "
+                             f"many clean images (or pass sigma=)")
+        if n_sigma < SIGMA_IMAGES_PER_ATTACKED * n:
+            what = "the attacked images themselves (no sigma_images given)" if sigma_images is None else \
+                "sigma_images"
+            warnings.warn(f"unit sensitivity: sigma_i is the std over {n_sigma} clean images from {what}, fewer than "
+                          f"{SIGMA_IMAGES_PER_ATTACKED} x the {n} attacked images = {SIGMA_IMAGES_PER_ATTACKED * n}; "
+                          f"a std over few images is noisy and inflates s/sigma on average. Give more clean images "
+                          f"(evaluate.py: eval.sensitivity.n_sigma_images=null uses all held-out stimuli) or attack "
+                          f"fewer (eval.sensitivity.n_images).", stacklevel=2)
+        sig = sig_clean.double().std(dim=0).float()
 
-    meas_clean = None
+    meas_clean = meas_sigma = None
     if responses_with_repeats is not None:
-        meas_clean = torch.cat([repeat_mean(_measure(responses_with_repeats, images[j:j + batch_size].to(device), k))
-                                for j in range(0, n, batch_size)])[:, unit_idx]  # (N, U)
+        def measured_means(x: torch.Tensor) -> torch.Tensor:  # (M, U) repeat means, batch by batch
+            return torch.cat([repeat_mean(_measure(responses_with_repeats, x[j:j + batch_size].to(device), k))
+                              for j in range(0, len(x), batch_size)])[:, unit_idx]
+
+        meas_clean = measured_means(images)  # (N, U)
+        meas_sigma = measured_means(sigma_images) if sigma_images is not None else meas_clean
 
     E, U, D = len(eps_vals), len(unit_idx), len(dirs)
     # every job is one (eps, unit, direction, image); flattened in that order
@@ -313,9 +373,10 @@ def unit_sensitivity(model: nn.Module, images: torch.Tensor, layer: str | None, 
         f_adv = f_adv.reshape(E, U, D, n).gather(2, best)[:, :, 0]
         r_adv = r_adv.reshape(E, U, D, n).gather(2, best)[:, :, 0]
         measured = {"delta_f": f_adv - clean.T[None], "delta_r": r_adv - meas_clean.T[None], "clean": meas_clean,
-                    "sigma": _nanstd(meas_clean, 0)}
+                    "sigma": _nanstd(meas_sigma, 0)}
     return SensitivityResult(layer=layer, norm=norm, schedule=schedule, eps=eps_t, units=unit_idx, directions=dirs,
-                             change=change, clean=clean, sigma=sig, grad_evals=evals, measured=measured)
+                             change=change, clean=clean, sigma=sig, grad_evals=evals, measured=measured,
+                             n_sigma=n_sigma)
 
 
 def _measure(measure: Measure, images: torch.Tensor, k: int) -> torch.Tensor:
@@ -330,22 +391,37 @@ def _measure(measure: Measure, images: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- evaluate.py entry
-def evaluate(model: nn.Module, images: torch.Tensor, out_dir: str | os.PathLike, *, layer: str | None = None,
+def auto_layer(model: nn.Module) -> str | None:
+    """The layer ``layer="auto"`` stands for: the penultimate features (``avgpool``) of a classifier
+    (task ``guidance``), as in Guo et al. sec. 3.2; the output (None: voxels, IT sites, or whatever the
+    model returns) for predictors, IT models and models without ``neuroguide_info``."""
+    info = getattr(model, "neuroguide_info", None) or {}
+    return AUTO_LAYERS.get(info.get("task_name"))
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, out_dir: str | os.PathLike, *, layer: str | None = "auto",
              eps_list: Sequence[float] = (0.25, 0.5, 1.0, 2.0), norm: str = "l2",
              units: int | Sequence[int] | None = 32,
-             restarts: int = 2, steps: int = 32, schedule: str = "guo", directions: Sequence[str] = ("up", "down"),
-             batch_size: int = 128, responses_with_repeats: Measure | None = None,
+             restarts: int = 1, steps: int = 128, schedule: str = "guo", directions: Sequence[str] = ("up", "down"),
+             batch_size: int = 128, sigma_images: torch.Tensor | None = None,
+             responses_with_repeats: Measure | None = None,
              key_prefix: str = "eval/sensitivity", seed: int | None = 0, progress: bool = True) -> dict:
     """Run :func:`unit_sensitivity`; write ``sensitivity_<layer>.csv`` (per unit) and
     ``sensitivity_<layer>.png`` (mean +/- sd of ``s~`` across units against eps, like Fig. 1 of
     Guo et al.) into ``out_dir``.
 
+    ``layer="auto"``: see :func:`auto_layer`; null/None: the model's output. ``sigma_images``: the clean
+    images ``sigma_i`` is the std over (see :func:`unit_sensitivity`; evaluate.py passes all held-out stimuli).
+
     Returns flat metrics: ``{key_prefix}/{norm}_{eps}/mean_norm``, ``.../sd_norm``, ``.../mean`` (absolute
-    ``s``), with measured responses also ``.../mean_norm_measured``; and ``{key_prefix}/n_units`` (units
-    with sigma > 0, over which the normalized means are taken). ``seed`` fixes the random starts.
+    ``s``), with measured responses also ``.../mean_norm_measured``; ``{key_prefix}/n_units`` (units
+    with sigma > 0, over which the normalized means are taken), ``{key_prefix}/n_images`` (attacked images)
+    and ``{key_prefix}/n_sigma_images`` (clean images sigma came from). ``seed`` fixes the random starts.
     """
+    if layer == "auto":
+        layer = auto_layer(model)
     res = unit_sensitivity(model, images, layer, eps_list, units=units, norm=norm, restarts=restarts, steps=steps,
-                           schedule=schedule, directions=directions, batch_size=batch_size,
+                           schedule=schedule, directions=directions, batch_size=batch_size, sigma_images=sigma_images,
                            responses_with_repeats=responses_with_repeats, progress=progress,
                            generator=torch.Generator().manual_seed(seed) if seed is not None else None)
     out_dir = Path(out_dir)
@@ -361,9 +437,11 @@ def evaluate(model: nn.Module, images: torch.Tensor, out_dir: str | os.PathLike,
                        "style": "s--"})
     curve_figure([{"title": f"{name}: unit adversarial sensitivity", "xlabel": f"{norm} eps",
                    "ylabel": "normalized sensitivity s/sigma", "curves": curves,
-                   "hlines": [{"y": 1.0, "label": "sigma (clean images)"}]}],
+                   "hlines": [{"y": 1.0, "label": f"sigma ({res.n_sigma or 'given'} clean images)"}]}],
                  out_dir / f"sensitivity_{name}.png", logx=True, logy=True)
-    metrics = {f"{key_prefix}/n_units": summary[0]["n_units"]}
+    metrics = {f"{key_prefix}/n_units": summary[0]["n_units"], f"{key_prefix}/n_images": res.n_images}
+    if res.n_sigma is not None:
+        metrics[f"{key_prefix}/n_sigma_images"] = res.n_sigma
     for r in summary:
         tag = eps_tag(norm, r["eps"])
         metrics[f"{key_prefix}/{tag}/mean_norm"] = r["mean_norm"]
@@ -374,5 +452,5 @@ def evaluate(model: nn.Module, images: torch.Tensor, out_dir: str | os.PathLike,
     return metrics
 
 
-__all__ = ["unit_sensitivity", "evaluate", "SensitivityResult", "sign_corrected_sensitivity", "naive_sensitivity",
-           "repeat_mean"]
+__all__ = ["unit_sensitivity", "evaluate", "auto_layer", "SensitivityResult", "sign_corrected_sensitivity",
+           "naive_sensitivity", "repeat_mean"]

@@ -7,7 +7,7 @@ responses (N, V) when there are any), taking ``n`` images spread evenly over the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
@@ -22,6 +22,9 @@ class Stimuli:
     source: str = ""
     region: str | None = None  # whose responses these are ("IT" for IT sites)
     region_responses: dict | None = None  # {region: (N, V)} when several regions were read
+    # n -> n stimuli spread over the same held-out split (None: all of it), e.g. the clean images that unit
+    # sensitivity's sigma_i is the std over; set by model_stimuli
+    split: Callable[[int | None], "Stimuli"] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -78,7 +81,9 @@ def nsd_stimuli(run_config: Mapping, model_config: Mapping, n: int | None, overr
 
 
 def classification_stimuli(run_config: Mapping, model_config: Mapping, n: int | None, override: Mapping) -> Stimuli:
-    """Validation images and labels of the classifier's dataset (the model's own class list)."""
+    """Test images and labels of the classifier's dataset (the model's own class list): the ImageNet
+    ``val/`` folder (CIFAR-100: its test set), held out from training and from checkpoint selection
+    (the validation split is part of the train folder)."""
     from neuroguide.data.imagenet import ClassificationDataModule
 
     dm = ClassificationDataModule(
@@ -86,13 +91,13 @@ def classification_stimuli(run_config: Mapping, model_config: Mapping, n: int | 
         class_list=override.get("class_list") or _get(run_config, "data.classification_class_list"),
         dataset=override.get("dataset") or _get(run_config, "data.classification", "imagenet_subset"),
         image_size=int(override.get("image_size") or model_config.get("image_size") or 224), batch_size=64)
-    dm.setup("validate")
-    ds = dm.val_set
+    dm.setup("test")
+    ds = dm.test_set
     rows = _spread(len(ds), n)
     items = [ds[int(i)] for i in rows]
     images = torch.stack([x for x, _ in items])
     labels = torch.as_tensor([int(y) for _, y in items])
-    return Stimuli(images, labels, None, f"{dm.__class__.__name__} val")
+    return Stimuli(images, labels, None, f"{dm.__class__.__name__} test")
 
 
 def it_stimuli(run_config: Mapping, model_config: Mapping, n: int | None, override: Mapping) -> Stimuli:
@@ -127,4 +132,8 @@ def model_stimuli(model: torch.nn.Module, n: int | None = None, override: Mappin
     task = info["task_name"]
     if task not in STIMULI:
         raise KeyError(f"no evaluation stimuli known for task {task!r}; known: {sorted(STIMULI)}")
-    return STIMULI[task](info["run_config"], info["model_config"], n, dict(override or {}))
+    loader, override = STIMULI[task], dict(override or {})
+    run_config, model_config = info["run_config"], info["model_config"]
+    stim = loader(run_config, model_config, n, override)
+    stim.split = lambda m=None: loader(run_config, model_config, m, override)
+    return stim
