@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning as L
 import neuroguide
 from neuroguide.models.checkpoints import save_model_file
+from neuroguide.models.dual_head import DualHeadResNet, head_pool_size
 from neuroguide.tasks.guidance import GuidanceTask
 from neuroguide.tasks.predictor import PredictorTask
 from neuroguide.train import run
@@ -18,15 +20,16 @@ from neuroguide.train import run
 N_CLASSES, N_VOX, SIZE = 3, 7, 32
 
 
-def tiny_task(alpha=0.5, at=None, branch="layer4"):
+def tiny_task(alpha=0.5, at=None, branch="layer4", head_pool=1, scheduler=None):
     pred_cfg = {"arch": "resnet18", "n_outputs": N_VOX, "region": "TO", "subject": 1, "image_size": SIZE}
     predictor = PredictorTask.build_model(**pred_cfg)
     # give the predictor non-trivial BN statistics so that a train-mode forward would change them
     predictor.train()
     with torch.no_grad():
         predictor(torch.rand(8, 3, SIZE, SIZE))
-    mc = {"num_classes": N_CLASSES, "n_neural": N_VOX, "branch": branch, "arch": "resnet18", "predictor": pred_cfg}
-    return GuidanceTask(mc, {}, alpha=alpha, at=at or {"eps": 0.0},
+    mc = {"num_classes": N_CLASSES, "n_neural": N_VOX, "branch": branch, "arch": "resnet18", "predictor": pred_cfg,
+          "head_pool": head_pool}
+    return GuidanceTask(mc, {}, alpha=alpha, at=at or {"eps": 0.0}, scheduler=scheduler,
                         optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), predictor=predictor)
 
 
@@ -94,9 +97,9 @@ def test_adversarial_training_uses_perturbed_batches(norm, eps, monkeypatch):
     seen = []
     orig = task.losses
 
-    def spy(x, y):
+    def spy(x, y, **kw):
         seen.append(x.detach().clone())
-        return orig(x, y)
+        return orig(x, y, **kw)
 
     monkeypatch.setattr(task, "losses", spy)
     fit(task, steps=2)
@@ -107,6 +110,115 @@ def test_adversarial_training_uses_perturbed_batches(norm, eps, monkeypatch):
         assert (norms <= eps * (1 + 1e-4) + 1e-6).all()
         assert (norms > 0.1 * eps).all()  # actually perturbed
         assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step called without a Trainer
+@pytest.mark.parametrize("target", ["clean", "adv"])
+def test_at_alignment_target_is_the_predictor_on_the_chosen_image(target, monkeypatch):
+    """Heads and CE on x_adv; the MSE target is P(x) for at.target=clean, P(x_adv) for adv."""
+    pytest.importorskip("neuroguide.attacks")
+    task = tiny_task(alpha=0.4, at={"eps": 1.0, "norm": "l2", "steps": 2, "step_size": None, "random_start": True,
+                                    "target": target})
+    seen = {}
+    orig = task.losses
+
+    def spy(x, y, **kw):
+        seen["x_adv"] = x.detach().clone()
+        seen["out"] = out = orig(x, y, **kw)
+        return out
+
+    monkeypatch.setattr(task, "losses", spy)
+    x, y = next(iter(loader()))
+    task.model.train()
+    loss = task.training_step((x, y), 0)  # no optimizer step: the weights stay as they were
+    x_adv, out = seen["x_adv"], seen["out"]
+    assert (x_adv - x).flatten(1).norm(dim=1).min() > 0.1  # the heads saw the perturbed batch
+    logits, neural = task.model.forward_heads(x_adv)  # train mode, same batch: same batch-norm statistics
+    with torch.no_grad():
+        p_clean, p_adv = task.model.predictor(x), task.model.predictor(x_adv)
+    want, other = (p_clean, p_adv) if target == "clean" else (p_adv, p_clean)
+    align = F.mse_loss(neural, want)
+    torch.testing.assert_close(out["align"], align)
+    a, b = float(align.detach()), float(F.mse_loss(neural, other).detach())
+    assert abs(a - b) > 1e-4 * a  # the two targets differ, so the check above tells them apart
+    torch.testing.assert_close(loss, 0.6 * F.cross_entropy(logits, y) + 0.4 * align)
+
+
+def test_at_target_and_head_pool_are_checked_before_any_training(compose_train, tmp_path):
+    with pytest.raises(ValueError, match=r"at.target must be one of \('clean', 'adv'\).*got 'both'"):
+        tiny_task(at={"eps": 1.0, "norm": "l2", "steps": 1, "target": "both"})
+    with pytest.raises(ValueError, match=r"at.target must be one of .*got 'both'"):
+        run(compose_train("region=TO", "at.eps=1.0", "at.target=both"))
+    with pytest.raises(ValueError, match=r"task.head_pool must be 'auto' or a positive int.*got 0"):
+        run(compose_train("region=TO", "task.head_pool=0"))
+    assert not (tmp_path / "predictors").exists()  # no predictor was trained on the way
+
+
+@pytest.mark.parametrize("branch,channels,p", [("layer1", 64, 4), ("layer2", 128, 2), ("layer3", 256, 2),
+                                               ("layer4", 512, 1)])
+def test_neural_head_pools_to_p_by_p_before_the_linear_map(branch, channels, p):
+    """head_pool=auto (NeuralGuidance): 4 x 4 after layer1, 2 x 2 after layer2/3, global after layer4."""
+    torch.manual_seed(0)
+    model = GuidanceTask.build_model(N_CLASSES, N_VOX, branch, predictor={"arch": "resnet18", "n_outputs": N_VOX},
+                                     head_pool=head_pool_size(branch, "auto"))
+    head = model.neural_head
+    assert model.head_pool == p and head.linear.in_features == channels * p * p
+    fmap = torch.randn(2, channels, 8, 8)
+    blocks = fmap.reshape(2, channels, p, 8 // p, p, 8 // p).mean(dim=(3, 5))  # mean over each (8/p)^2 block
+    want = blocks.flatten(1) @ head.linear.weight.T + head.linear.bias
+    torch.testing.assert_close(head(fmap), want)
+    # in the model: the head reads the branch's feature map (captured by a hook)
+    captured = {}
+    getattr(model, branch).register_forward_hook(lambda m, i, o: captured.update(fmap=o))
+    model.eval()
+    _, neural = model.forward_heads(torch.rand(2, 3, 64, 64))
+    f = captured["fmap"]
+    want = F.adaptive_avg_pool2d(f, p).flatten(1) @ head.linear.weight.T + head.linear.bias
+    torch.testing.assert_close(neural, want)
+
+
+def test_head_pool_config_values():
+    assert [head_pool_size(b, 3) for b in ("layer1", "layer4")] == [3, 3]
+    assert head_pool_size("layer2", "1") == 1
+    for bad in (0, -2, "big", 1.5, True):
+        with pytest.raises(ValueError, match=r"task.head_pool must be 'auto' or a positive int"):
+            head_pool_size("layer1", bad)
+
+
+def test_head_pool_is_stored_and_old_checkpoints_keep_the_global_pool(compose_train, tmp_path):
+    run(compose_train("region=random", "region.like=V1", "task.branch=layer2", "+trainer.fast_dev_run=true", out="l2"))
+    model = neuroguide.load_model(tmp_path / "l2" / "model.ckpt")
+    assert model.neuroguide_info["model_config"]["head_pool"] == 2
+    assert model.neural_head.linear.in_features == 128 * 2 * 2
+    # a model file written before task.head_pool existed: no key, a global-pool head (128 inputs)
+    mc = {"num_classes": N_CLASSES, "n_neural": N_VOX, "branch": "layer2", "arch": "resnet18",
+          "predictor": {"arch": "resnet18", "n_outputs": N_VOX, "image_size": SIZE}}
+    old = DualHeadResNet(N_CLASSES, N_VOX, "layer2", predictor=PredictorTask.build_model(**mc["predictor"]))
+    assert old.neural_head.linear.in_features == 128
+    save_model_file(tmp_path / "old.ckpt", "guidance", mc, old.state_dict())
+    loaded = neuroguide.load_model(tmp_path / "old.ckpt")
+    assert loaded.neural_head.linear.in_features == 128
+    x = torch.rand(2, 3, SIZE, SIZE)
+    torch.testing.assert_close(loaded.forward_heads(x)[1], old.eval().forward_heads(x)[1])
+
+
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+def test_lr_warms_up_linearly_then_follows_the_cosine():
+    """2 batches per epoch, 3 epochs, warm-up 1 epoch: lr = base * (k + 1) / 2 for k < 2, then
+    base * 0.5 * (1 + cos(pi * (k - 2) / 4))."""
+    task = tiny_task(scheduler={"name": "cosine", "warmup_epochs": 1})
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[Record()])
+    trainer.fit(task, train_dataloaders=loader())
+    want = [0.05 * 0.5, 0.05] + [0.05 * 0.5 * (1 + math.cos(math.pi * j / 4)) for j in range(4)]
+    assert lrs == pytest.approx(want)
 
 
 def _write_predictor(path, n_outputs, region="TO", subject=1, image_size=32):

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import neuroguide.data.synthetic.imagenet as synth
-from neuroguide.data.imagenet import ClassificationDataModule, UnreadableImageError, read_class_list
+from neuroguide.data.imagenet import ClassificationDataModule, UnreadableImageError, read_class_list, stratified_split
 from neuroguide.data.synthetic.imagenet import MARKER, WNIDS, write_synthetic_imagenet
 
 SMALL = dict(n_classes=4, n_train=6, n_val=3, image_size=24, seed=0)
@@ -110,8 +110,8 @@ def test_class_recipes_are_distinct_and_pairs_share_a_hue():
 def test_datamodule_reads_the_tree(tree):
     dm = ClassificationDataModule(tree, tree / "classes.txt", image_size=16, batch_size=5)
     assert dm.num_classes == 4 and dm.class_names == list(WNIDS[:4]) and dm.image_size == 16
-    dm.setup("fit")
-    assert (len(dm.train_set), len(dm.val_set)) == (24, 12)
+    dm.setup("fit")  # val_fraction 0.1 of 6 train images per class: 1 per class held out
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (20, 4, 12)
     for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
         labels = []
         for x, y in loader:
@@ -133,6 +133,81 @@ def test_val_transform_is_deterministic_resize_then_center_crop(tree):
     assert np.abs(x0.permute(1, 2, 0).numpy() - ref).mean() < 0.03
 
 
+def _files(ds) -> list[str]:
+    return [p for p, _ in ds.samples]
+
+
+def test_validation_is_held_out_of_train_and_test_is_the_val_folder(tree):
+    dm = ClassificationDataModule(tree, tree / "classes.txt", image_size=16, batch_size=64, val_fraction=0.34, seed=0)
+    dm.setup()
+    train, val, test = _files(dm.train_set), _files(dm.val_set), _files(dm.test_set)
+    all_train = sorted(str(p) for p in (tree / "train").rglob("*.JPEG"))
+    assert sorted(train + val) == all_train and not set(train) & set(val)  # a partition of train/
+    assert sorted(test) == sorted(str(p) for p in (tree / "val").rglob("*.JPEG"))  # the val/ folder is the test split
+    for ds, n in ((dm.val_set, 2), (dm.train_set, 4)):  # stratified: round(0.34 * 6) = 2 of every class held out
+        labels = [t for _, t in ds.samples]
+        assert [labels.count(c) for c in range(4)] == [n] * 4
+        assert all(Path(p).parent.name == WNIDS[t] for p, t in ds.samples)
+    # the loaders: val and test unshuffled in that order, with the deterministic transform
+    yv = torch.cat([y for _, y in dm.val_dataloader()]).tolist()
+    xt, yt = next(iter(dm.test_dataloader()))
+    assert yv == [t for _, t in dm.val_set.samples] and yt.tolist() == [t for _, t in dm.test_set.samples]
+    torch.testing.assert_close(xt[5], dm.test_set[5][0])
+    x0 = dm.val_set[0][0]
+    assert torch.equal(x0, dm.val_set[0][0]) and x0.shape == (3, 16, 16)
+    # a fixed split: the same for another run seed (which only reshuffles training batches); split_seed changes it
+    other = ClassificationDataModule(tree, tree / "classes.txt", image_size=16, val_fraction=0.34, seed=5)
+    other.setup()
+    assert _files(other.val_set) == val
+    moved = ClassificationDataModule(tree, tree / "classes.txt", image_size=16, val_fraction=0.34, split_seed=1)
+    moved.setup()
+    assert _files(moved.val_set) != val
+
+
+def test_held_out_images_of_a_class_do_not_depend_on_the_class_list(tree, tmp_path):
+    cl = tmp_path / "two.txt"
+    cl.write_text(f"{WNIDS[3]}\n{WNIDS[1]}\n")
+    full = ClassificationDataModule(tree, tree / "classes.txt", image_size=16, val_fraction=0.34)
+    sub = ClassificationDataModule(tree, cl, image_size=16, val_fraction=0.34)
+    full.setup()
+    sub.setup()
+    for w in (WNIDS[1], WNIDS[3]):
+        assert [p for p in _files(sub.val_set) if f"/{w}/" in p] == [p for p in _files(full.val_set) if f"/{w}/" in p]
+
+
+def test_stratified_split_counts():
+    targets = [0] * 10 + [1] * 20 + [2] * 1 + [3] * 3
+    tr, va = stratified_split(targets, 0.1, seed=0)
+    t = np.asarray(targets)
+    # round(0.1 * n): 1 of 10, 2 of 20; a single image stays in train; at least 1 of 3
+    assert [int((t[va] == c).sum()) for c in range(4)] == [1, 2, 0, 1]
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(len(targets)))
+    assert np.array_equal(va, stratified_split(targets, 0.1, seed=0)[1])
+    tr0, va0 = stratified_split(targets, 0.0)
+    assert len(va0) == 0 and len(tr0) == len(targets)
+    assert [int((t[stratified_split(targets, 0.9)[1]] == c).sum()) for c in range(4)] == [9, 18, 0, 2]  # never all
+
+
+def test_val_fraction_zero_validates_on_the_test_split(tree):
+    dm = ClassificationDataModule(tree, tree / "classes.txt", image_size=16, val_fraction=0)
+    dm.setup()
+    assert len(dm.train_set) == 24 and _files(dm.val_set) == _files(dm.test_set)
+
+
+def test_classifier_evaluation_stimuli_are_the_test_split(tree):
+    from neuroguide.evaluation.stimuli import classification_stimuli
+
+    run_config = {"data": {"classification_root": str(tree), "classification_class_list": str(tree / "classes.txt")}}
+    stim = classification_stimuli(run_config, {"image_size": 16}, None, {})
+    files = sorted((tree / "val").rglob("*.JPEG"))  # the val/ folder, held out of training and selection
+    assert len(stim) == len(files) == 12
+    assert sorted(stim.labels.tolist()) == sorted(WNIDS.index(f.parent.name) for f in files)
+    dm = ClassificationDataModule(tree, tree / "classes.txt", image_size=16)
+    dm.setup()
+    torch.testing.assert_close(stim.images, torch.stack([dm.test_set[i][0] for i in range(12)]))
+    assert not {str(f) for f in files} & set(_files(dm.val_set))
+
+
 def test_class_list_selects_subset_and_order(tree, tmp_path):
     chosen = [WNIDS[3], WNIDS[1]]
     cl = tmp_path / "subset.txt"
@@ -140,12 +215,12 @@ def test_class_list_selects_subset_and_order(tree, tmp_path):
     dm = ClassificationDataModule(tree, cl, image_size=16, batch_size=4)
     assert dm.num_classes == 2 and dm.class_names == chosen
     dm.setup()
-    assert len(dm.train_set) == 2 * 6
-    for ds in (dm.train_set, dm.val_set):
+    assert len(dm.train_set) + len(dm.val_set) == 2 * 6
+    for ds in (dm.train_set, dm.val_set, dm.test_set):
         for path, label in ds.samples:  # the label is the position of the image's folder in the list
             assert Path(path).parent.name == chosen[label]
     ys = torch.cat([y for _, y in dm.train_dataloader()])
-    assert sorted(ys.tolist()) == [0] * 6 + [1] * 6
+    assert sorted(ys.tolist()) == [0] * 5 + [1] * 5
 
 
 def test_no_class_list_uses_all_train_folders(tree):
@@ -154,9 +229,9 @@ def test_no_class_list_uses_all_train_folders(tree):
 
 
 def test_val_limit_is_balanced(tree):
-    dm = ClassificationDataModule(tree, tree / "classes.txt", image_size=16, val_limit=6)
-    dm.setup()
-    assert len(dm.val_set) == 6 and len(dm.train_set) == 24
+    dm = ClassificationDataModule(tree, tree / "classes.txt", image_size=16, val_limit=6, val_fraction=0.5)
+    dm.setup()  # 3 of 6 per class held out (12), at most 6 kept; the test split stays complete
+    assert (len(dm.val_set), len(dm.train_set), len(dm.test_set)) == (6, 12, 12)
     assert sorted(t for _, t in dm.val_set.samples) == [0, 0, 1, 1, 2, 3]  # round robin
 
 
@@ -214,6 +289,8 @@ def test_bad_arguments(tree):
         ClassificationDataModule(None)
     with pytest.raises(ValueError, match=r"val_limit must be a positive"):
         ClassificationDataModule(tree, val_limit=0)
+    with pytest.raises(ValueError, match=r"task.datamodule.val_fraction must lie in \[0, 1\).*got 1.0"):
+        ClassificationDataModule(tree, val_fraction=1.0)
 
 
 # ----------------------------------------------------------------------------- unreadable files
@@ -229,7 +306,8 @@ def _corrupt(root: Path) -> tuple[Path, Path]:
 def test_unreadable_skip_replaces_counts_and_warns(tree, tmp_path):
     root = copy_tree(tree, tmp_path / "in")
     garbage, truncated = _corrupt(root)
-    dm = ClassificationDataModule(root, root / "classes.txt", image_size=16, batch_size=8, unreadable="skip")
+    dm = ClassificationDataModule(root, root / "classes.txt", image_size=16, batch_size=8, unreadable="skip",
+                                  val_fraction=0)  # every train/ image in the training split
     dm.setup()
     idx = [p for p, _ in dm.train_set.samples].index(str(garbage))
     with pytest.warns(RuntimeWarning) as record:
@@ -251,8 +329,9 @@ def test_unreadable_skip_replaces_counts_and_warns(tree, tmp_path):
 def test_unreadable_files_met_in_workers_are_counted(tree, tmp_path):
     root = copy_tree(tree, tmp_path / "in")
     garbage, truncated = _corrupt(root)
-    dm = ClassificationDataModule(root, root / "classes.txt", image_size=16, batch_size=8, num_workers=1)
-    n = sum(len(y) for _, y in dm.val_dataloader())  # val is clean
+    dm = ClassificationDataModule(root, root / "classes.txt", image_size=16, batch_size=8, num_workers=1,
+                                  val_fraction=0)  # every train/ image in the training split
+    n = sum(len(y) for _, y in dm.val_dataloader())  # val (= the val/ folder here) is clean
     assert (n, dm.n_unreadable) == (12, 0)
     assert sum(len(y) for _, y in dm.train_dataloader()) == 24
     assert dm.n_unreadable == 2 and set(dm.unreadable_files) == {str(garbage), str(truncated)}
@@ -261,7 +340,7 @@ def test_unreadable_files_met_in_workers_are_counted(tree, tmp_path):
 def test_unreadable_error_names_the_file(tree, tmp_path):
     root = copy_tree(tree, tmp_path / "in")
     garbage, _ = _corrupt(root)
-    dm = ClassificationDataModule(root, root / "classes.txt", image_size=16, unreadable="error")
+    dm = ClassificationDataModule(root, root / "classes.txt", image_size=16, unreadable="error", val_fraction=0)
     dm.setup()
     idx = [p for p, _ in dm.train_set.samples].index(str(garbage))
     with pytest.raises(UnreadableImageError, match=rf"cannot read image file {re.escape(str(garbage))}.*unreadable='skip'"):
@@ -286,22 +365,30 @@ def _write_fake_cifar100(root: Path, n_train=50, n_test=20) -> list[str]:
 
 
 def test_cifar100_from_local_folder(tmp_path):
-    names = _write_fake_cifar100(tmp_path / "cifar")
+    names = _write_fake_cifar100(tmp_path / "cifar", n_train=200)  # 2 images of every class
     dm = ClassificationDataModule(tmp_path / "cifar", dataset="cifar100", image_size=32, batch_size=8)
     dm.setup()
-    assert dm.num_classes == 100 and dm.class_names == names and (len(dm.train_set), len(dm.val_set)) == (50, 20)
+    assert dm.num_classes == 100 and dm.class_names == names
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (100, 100, 20)  # 1 of 2 per class held out
+    assert sorted(dm.val_set.targets.tolist()) == list(range(100)) == sorted(dm.train_set.targets.tolist())
+    with open(tmp_path / "cifar" / "cifar-100-python" / "train", "rb") as f:
+        raw = pickle.load(f)["data"]
+    rows = {r.tobytes() for r in raw}
+    val_rows = {a.transpose(2, 0, 1).reshape(-1).tobytes() for a in dm.val_set.data}
+    train_rows = {a.transpose(2, 0, 1).reshape(-1).tobytes() for a in dm.train_set.data}
+    assert val_rows | train_rows == rows and not val_rows & train_rows  # validation: held out of train
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (8, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
-    xv, yv = next(iter(dm.val_dataloader()))
-    assert yv.tolist() == list(range(8))
-    assert torch.equal(xv[3], torch.from_numpy(dm.val_set.data[3]).permute(2, 0, 1).float() / 255)
+    xt, yt = next(iter(dm.test_dataloader()))  # the test split is CIFAR's test set, in order
+    assert yt.tolist() == list(range(8))
+    assert torch.equal(xt[3], torch.from_numpy(dm.test_set.data[3]).permute(2, 0, 1).float() / 255)
 
     cl = tmp_path / "cifar_subset.txt"
     cl.write_text("class07\nclass02\n")
     sub = ClassificationDataModule(tmp_path / "cifar", cl, dataset="cifar100", image_size=32)
     sub.setup()
     assert sub.class_names == ["class07", "class02"] and sub.num_classes == 2
-    assert sorted(sub.train_set.targets.tolist()) == [0, 1]  # one image each of class 7 and 2 in 50
+    assert sorted(sub.train_set.targets.tolist()) == [0, 1]  # of the 2 images of class 7 and 2, one trains
 
 
 def test_cifar100_missing_folder_names_expected_layout(tmp_path):
@@ -337,13 +424,13 @@ def test_classes_are_learnable_and_shuffled_control_is_at_chance(tmp_path):
     root = write_synthetic_imagenet(tmp_path / "in", n_classes=k, n_train=25, n_val=15, image_size=24, seed=3)
     dm = ClassificationDataModule(root, root / "classes.txt", image_size=24)
     dm.setup()
-    tr, va = dm.train_set.samples, dm.val_set.samples
+    tr, va = dm.train_set.samples, dm.test_set.samples
     xtr, ytr = _pixels([p for p, _ in tr]), np.array([t for _, t in tr])
     xva, yva = _pixels([p for p, _ in va]), np.array([t for _, t in va])
     acc = _ncm_accuracy(xtr, ytr, xva, yva, k)
     rng = np.random.default_rng(0)
     shuffled = [_ncm_accuracy(xtr, rng.permutation(ytr), xva, yva, k) for _ in range(30)]
     chance = 1 / k
-    # 120 val images: the sd of a chance-level accuracy is about 0.03
+    # 120 test images (the val/ folder): the sd of a chance-level accuracy is about 0.03
     assert acc > chance + 0.15 and acc > max(shuffled), (acc, max(shuffled))
     assert abs(np.mean(shuffled) - chance) < 0.03, np.mean(shuffled)

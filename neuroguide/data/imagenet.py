@@ -10,9 +10,19 @@ ImageNet subset (``dataset="imagenet_subset"``)
 
 CIFAR-100 (``dataset="cifar100"``)
     ``<root>/cifar-100-python/{train,test,meta}`` as unpacked from ``cifar-100-python.tar.gz``
-    (read by ``torchvision.datasets.CIFAR100``, never downloaded). The test split is the
-    validation split. A class list here names CIFAR-100 fine labels (e.g. ``apple``) and selects a
-    subset the same way.
+    (read by ``torchvision.datasets.CIFAR100``, never downloaded). A class list here names CIFAR-100
+    fine labels (e.g. ``apple``) and selects a subset the same way.
+
+Splits (train / val / test)
+    ImageNet's test labels are not public, so, as is usual, its ``val/`` folder (CIFAR-100: its test
+    set) is the **test** split: held out from training and from checkpoint selection. The
+    **validation** split (early stopping, the best checkpoint) is held out from the training
+    images: ``val_fraction`` of every class (stratified: ``round(val_fraction * n_c)`` images of a
+    class of ``n_c``, at least 1 and never all), chosen by a permutation seeded by ``split_seed``
+    and the class name, so a class holds out the same images whatever the class list, the run's
+    ``seed`` or the order of classes. The rest is the training split (shuffled by ``seed``, see
+    :mod:`neuroguide.data.loaders`). ``val_fraction=0`` validates on the test split, as versions
+    before the held-out split did (checkpoint selection then sees the test images).
 
 Transforms (no normalization: every model normalizes inside, images stay in [0, 1])
     ImageNet train: RandomResizedCrop(image_size), RandomHorizontalFlip, ToTensor.
@@ -31,13 +41,15 @@ Unreadable image files (policy ``unreadable``)
     file raises :class:`UnreadableImageError` naming it.
 
 ``val_limit`` keeps at most that many validation images, balanced over classes (the first images
-of every class in turn), for quick validation on large subsets.
+of every class in turn), for quick validation on large subsets; the test split is always complete.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import warnings
+import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -49,6 +61,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.folder import IMG_EXTENSIONS, DatasetFolder, pil_loader
+from torchvision.datasets.vision import StandardTransform
 
 from neuroguide.data.loaders import train_loader
 
@@ -166,6 +179,19 @@ class ImageSubsetFolder(SkipUnreadable, DatasetFolder):
         self.imgs = self.samples
         self._init_unreadable(unreadable)
 
+    def subset(self, rows: Sequence[int], transform: Callable | None, limit: int | None = None) -> "ImageSubsetFolder":
+        """The samples ``rows`` (then at most ``limit``, balanced over classes) with ``transform``,
+        without listing the folder again; its own record of unreadable files."""
+        new = copy.copy(self)
+        new.samples = [self.samples[int(i)] for i in rows]
+        if limit is not None:
+            new.samples = balanced_head(new.samples, int(limit))
+        new.targets = [t for _, t in new.samples]
+        new.imgs = new.samples
+        new.transform, new.transforms = transform, StandardTransform(transform, None)
+        new._init_unreadable(self.unreadable)
+        return new
+
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         split = Path(directory)
         missing = [w for w in self.wnids if not (split / w).is_dir()]
@@ -199,6 +225,35 @@ def _first_files(folder: Path, n: int = 20) -> list[Path]:
             if len(out) >= n:
                 break
     return out
+
+
+def stratified_split(targets: Sequence[int], val_fraction: float, seed: int = 0,
+                     class_keys: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, val rows), sorted: ``round(val_fraction * n_c)`` rows of every class held out
+    (at least 1 when ``val_fraction > 0`` and the class has 2 rows or more; never all of them).
+
+    The held-out rows of class ``c`` are the first of a permutation of its rows (in their listed
+    order) seeded by ``(seed, crc32(class_keys[c]))``, so they depend on the class (its name when
+    ``class_keys`` is given) and ``seed`` only, not on the other classes.
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    if not 0 <= float(val_fraction) < 1:
+        raise ValueError(f"val_fraction must lie in [0, 1) (the fraction of each class's training images held out "
+                         f"for validation; 0 = validate on the test split); got {val_fraction}")
+    val = []
+    for c in np.unique(targets):
+        rows = np.flatnonzero(targets == c)
+        key = class_keys[int(c)] if class_keys is not None else str(int(c))
+        n_val = int(round(float(val_fraction) * len(rows)))
+        if val_fraction > 0 and len(rows) >= 2:
+            n_val = min(max(n_val, 1), len(rows) - 1)
+        else:
+            n_val = 0
+        perm = np.random.default_rng([int(seed), zlib.crc32(key.encode())]).permutation(len(rows))
+        val.append(rows[perm[:n_val]])
+    val_rows = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    train_rows = np.setdiff1d(np.arange(len(targets)), val_rows)
+    return train_rows, val_rows
 
 
 def balanced_head(samples: list[tuple[str, int]], limit: int) -> list[tuple[str, int]]:
@@ -260,6 +315,15 @@ class CIFARSubset(Dataset):
         self.bad = torch.zeros(0, dtype=torch.bool)
         self.unreadable_files: list[str] = []
 
+    def subset(self, rows: Sequence[int], transform: Callable | None, limit: int | None = None) -> "CIFARSubset":
+        """The images ``rows`` (then at most ``limit``, balanced over classes) with ``transform``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if limit is not None:
+            rows = rows[[i for i, _ in balanced_head(list(enumerate(self.targets[rows].tolist())), int(limit))]]
+        new = copy.copy(self)
+        new.data, new.targets, new.transform = self.data[rows], self.targets[rows], transform
+        return new
+
     def __len__(self) -> int:
         return len(self.targets)
 
@@ -286,7 +350,7 @@ def cifar_transforms(image_size: int) -> tuple[Callable, Callable]:
 
 # ----------------------------------------------------------------------------- datamodule
 class ClassificationDataModule(L.LightningDataModule):
-    """Train / val (also used as test) loaders of an ImageNet subset or CIFAR-100.
+    """Train / val / test loaders of an ImageNet subset or CIFAR-100 (splits: see the module docstring).
 
     Args:
         root: the ImageFolder root (``train/``, ``val/``) or, for CIFAR-100, the folder holding
@@ -297,15 +361,20 @@ class ClassificationDataModule(L.LightningDataModule):
         image_size: side S of the (3, S, S) images the loaders yield.
         unreadable: ``skip`` or ``error`` (see the module docstring).
         val_limit: keep at most this many validation images, balanced over classes.
+        seed: seed of the training loader's shuffling (depends on (seed, epoch) only).
+        val_fraction: fraction of each class's training images held out as the validation split;
+            0 validates on the test split.
+        split_seed: seed of the held-out choice (fixed by default, so runs with different ``seed``
+            hold out the same images and their validation numbers compare).
 
     Attributes: ``num_classes``, ``class_names`` (wnids, or CIFAR label names), ``image_size``,
-    ``n_unreadable``, ``unreadable_files``; ``train_set`` / ``val_set`` after :meth:`setup`.
+    ``n_unreadable``, ``unreadable_files``; ``train_set`` / ``val_set`` / ``test_set`` after :meth:`setup`.
     """
 
     def __init__(self, root: str | os.PathLike, class_list: str | os.PathLike | None = None,
                  dataset: str = "imagenet_subset", image_size: int = 224, batch_size: int = 64,
                  num_workers: int = 0, unreadable: str = "skip", val_limit: int | None = None,
-                 pin_memory: bool | None = None, seed: int = 0):
+                 pin_memory: bool | None = None, seed: int = 0, val_fraction: float = 0.1, split_seed: int = 0):
         super().__init__()
         self.seed = int(seed)
         if dataset not in DATASETS:
@@ -317,16 +386,21 @@ class ClassificationDataModule(L.LightningDataModule):
             raise ValueError(f"root is not set: set {key} to the dataset folder (or use data=synthetic)")
         if val_limit is not None and int(val_limit) < 1:
             raise ValueError(f"val_limit must be a positive number of images or null; got {val_limit}")
+        if not 0 <= float(val_fraction) < 1:
+            raise ValueError(f"task.datamodule.val_fraction must lie in [0, 1) (the fraction of each class's training "
+                             f"images held out for validation; 0 = validate on the test split); got {val_fraction}")
         self.root = Path(root).expanduser()
         self.class_list = Path(class_list).expanduser() if class_list not in (None, "") else None
         self.dataset = dataset
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
         self.unreadable = unreadable
         self.val_limit = None if val_limit is None else int(val_limit)
+        self.val_fraction, self.split_seed = float(val_fraction), int(split_seed)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self._class_names: list[str] | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
 
     # --- classes
     @property
@@ -352,25 +426,41 @@ class ClassificationDataModule(L.LightningDataModule):
             wnids = self.class_names
             train_tf, val_tf = imagenet_transforms(self.image_size)
             kw = dict(unreadable=self.unreadable, class_list_file=self.class_list)
-            self.train_set = ImageSubsetFolder(self.root / "train", wnids, train_tf, **kw)
-            self.val_set = ImageSubsetFolder(self.root / "val", wnids, val_tf, limit=self.val_limit, **kw)
+            full = ImageSubsetFolder(self.root / "train", wnids, None, **kw)
+            test = ImageSubsetFolder(self.root / "val", wnids, val_tf, **kw)
         else:
             names = read_class_list(self.class_list) if self.class_list is not None else None
             train_tf, val_tf = cifar_transforms(self.image_size)
-            self.train_set = CIFARSubset(self.root, True, train_tf, names, self.class_list)
-            self.val_set = CIFARSubset(self.root, False, val_tf, names, self.class_list, limit=self.val_limit)
-            self._class_names = self.train_set.classes
-        log.info("%s: %d classes, %d train / %d val images at %d px from %s", self.dataset, self.num_classes,
-                 len(self.train_set), len(self.val_set), self.image_size, self.root)
+            full = CIFARSubset(self.root, True, None, names, self.class_list)
+            test = CIFARSubset(self.root, False, val_tf, names, self.class_list)
+            self._class_names = full.classes
+        if self.val_fraction > 0:
+            train_rows, val_rows = stratified_split(full.targets, self.val_fraction, self.split_seed, self.class_names)
+            if len(val_rows) == 0:
+                raise ValueError(f"task.datamodule.val_fraction={self.val_fraction} holds out no image: every class of "
+                                 f"{self.root} has fewer than 2 training images. Add images or set val_fraction=0.")
+            self.val_set = full.subset(val_rows, val_tf, limit=self.val_limit)
+        else:
+            train_rows = np.arange(len(full.targets))
+            self.val_set = test.subset(np.arange(len(test.targets)), val_tf, limit=self.val_limit)
+            log.warning("val_fraction=0: validation (and the best checkpoint) uses the test split %s", self.root)
+        self.train_set = full.subset(train_rows, train_tf)
+        self.test_set = test
+        log.info("%s: %d classes, %d train / %d val (held out of train: %s) / %d test images at %d px from %s",
+                 self.dataset, self.num_classes, len(self.train_set), len(self.val_set), self.val_fraction > 0,
+                 len(self.test_set), self.image_size, self.root)
+
+    def _sets(self) -> list[Dataset]:
+        return [s for s in (self.train_set, self.val_set, self.test_set) if s is not None]
 
     @property
     def n_unreadable(self) -> int:
-        """Distinct unreadable image files met so far (train + val)."""
-        return sum(int(s.bad.sum()) for s in (self.train_set, self.val_set) if s is not None)
+        """Distinct unreadable image files met so far (train + val + test)."""
+        return len(self.unreadable_files)
 
     @property
     def unreadable_files(self) -> list[str]:
-        return [f for s in (self.train_set, self.val_set) if s is not None for f in s.unreadable_files]
+        return list(dict.fromkeys(f for s in self._sets() for f in s.unreadable_files))
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
@@ -383,9 +473,11 @@ class ClassificationDataModule(L.LightningDataModule):
                             pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
+        """The validation split: held out of the training images (``val_fraction``)."""
         self.setup()
         return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        """The validation split (ImageNet's test labels are not public)."""
-        return self.val_dataloader()
+        """The test split: ImageNet's ``val/`` folder (CIFAR-100's test set)."""
+        self.setup()
+        return self._loader(self.test_set, shuffle=False)

@@ -1,9 +1,12 @@
 """Dual-head ResNet18 of Shao et al.: a classification head and a neural head on one trunk.
 
-The neural head branches after ``layer1`` .. ``layer4`` (default ``layer4``, after the average
-pool) and maps to the frozen predictor's output size. The frozen predictor lives inside the model
-(so one checkpoint holds everything) and stays in eval mode with ``requires_grad=False`` whatever
-``.train()`` is called on the parent.
+The neural head branches after ``layer1`` .. ``layer4`` (default ``layer4``) and maps to the frozen
+predictor's output size: the stage's feature map is average-pooled to ``p x p`` and flattened, then a
+linear map. As in NeuralGuidance, ``head_pool="auto"`` keeps some spatial layout at the early stages:
+p = 4 after ``layer1``, 2 after ``layer2`` and ``layer3``, 1 (the global average pool) after ``layer4``.
+
+The frozen predictor lives inside the model (so one checkpoint holds everything) and stays in eval
+mode with ``requires_grad=False`` whatever ``.train()`` is called on the parent.
 """
 from __future__ import annotations
 
@@ -14,6 +17,23 @@ from torch import nn
 from neuroguide.models.resnet import NormalizedResNet
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+AUTO_HEAD_POOL = {"layer1": 4, "layer2": 2, "layer3": 2, "layer4": 1}  # NeuralGuidance's pooled sizes
+
+
+def head_pool_size(branch: str, head_pool: int | str = "auto") -> int:
+    """Side p of the ``p x p`` pool before the neural head's linear map: ``auto`` (4 after layer1, 2
+    after layer2/layer3, 1 after layer4) or a positive int (1 = global average pool)."""
+    if branch not in STAGES:
+        raise KeyError(f"neural head branch must be one of {STAGES}; got {branch!r} (config key task.branch)")
+    if isinstance(head_pool, str):
+        key = head_pool.strip().lower()
+        if key == "auto":
+            return AUTO_HEAD_POOL[branch]
+        head_pool = int(key) if key.isdigit() else head_pool
+    if isinstance(head_pool, int) and not isinstance(head_pool, bool) and head_pool >= 1:
+        return head_pool
+    raise ValueError(f"task.head_pool must be 'auto' or a positive int (the side of the p x p pool before the "
+                     f"neural head's linear map; 1 = global average pool); got {head_pool!r}")
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -25,12 +45,17 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 class NeuralHead(nn.Module):
-    """(B, C, h, w) feature map -> global average pool -> linear -> (B, n_outputs)."""
+    """(B, C, h, w) feature map -> adaptive average pool to (p, p) -> flatten -> linear -> (B, n_outputs).
 
-    def __init__(self, in_channels: int, n_outputs: int):
+    The linear map has ``C * p * p`` inputs (flattened channel-major, as ``torch.flatten`` does);
+    ``pool=1`` is the global average pool.
+    """
+
+    def __init__(self, in_channels: int, n_outputs: int, pool: int = 1):
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(in_channels, n_outputs)
+        self.pool_size = int(pool)
+        self.pool = nn.AdaptiveAvgPool2d(self.pool_size)
+        self.linear = nn.Linear(in_channels * self.pool_size ** 2, n_outputs)
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         return self.linear(torch.flatten(self.pool(fmap), 1))
@@ -47,18 +72,21 @@ class DualHeadResNet(NormalizedResNet):
         branch: trunk stage the neural head reads (layer1..layer4).
         predictor: the frozen predictor (any module mapping images in [0, 1] to (B, n_neural)).
         predictor_image_size: inputs are resized to this size before the predictor, when they differ.
+        head_pool: side p of the (p, p) average pool before the neural head's linear map, or ``auto``
+            (see :func:`head_pool_size`). The default 1 is the global pool that models made before
+            this option had, so their checkpoints rebuild unchanged.
     """
 
     def __init__(self, num_classes: int, n_neural: int = 0, branch: str = "layer4", arch: str = "resnet18",
-                 predictor: nn.Module | None = None, predictor_image_size: int | None = None):
+                 predictor: nn.Module | None = None, predictor_image_size: int | None = None,
+                 head_pool: int | str = 1):
         super().__init__(arch, num_classes)
-        if branch not in STAGES:
-            raise KeyError(f"neural head branch must be one of {STAGES}; got {branch!r} (config key task.branch)")
+        self.head_pool = head_pool_size(branch, head_pool)  # also checks the branch
         self.branch = branch
         channels = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": self.feature_dim}
         if arch == "resnet50":
             channels = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
-        self.neural_head = NeuralHead(channels[branch], n_neural) if n_neural > 0 else None
+        self.neural_head = NeuralHead(channels[branch], n_neural, self.head_pool) if n_neural > 0 else None
         self.predictor = freeze(predictor) if predictor is not None else None
         self.predictor_image_size = predictor_image_size
 

@@ -1,14 +1,19 @@
 """Neurally-guided classification (Shao et al.): a dual-head ResNet18 aligned to a frozen predictor.
 
 Loss: ``(1 - alpha) * CE(logits, y) + alpha * MSE(neural_head(x), predictor(x))``. With
-``at.eps > 0`` both terms are computed on PGD examples made by the project's attack engine (the
-model in eval mode while attacking, in train mode for the update). Baselines are regions:
+``at.eps > 0`` the heads see PGD examples ``x_adv`` made by the project's attack engine (the model in
+eval mode while attacking, in train mode for the update): ``(1 - alpha) * CE(logits(x_adv), y) +
+alpha * MSE(neural_head(x_adv), predictor(x_t))`` with ``x_t = x`` (``at.target=clean``, the default:
+like the label ``y``, the brain's response is that of the image, which an imperceptible perturbation
+does not change) or ``x_t = x_adv`` (``at.target=adv``: the predictor's own response to the perturbed
+image). Baselines are regions:
 ``region=none`` (alpha forced to 0), ``region=random`` (an untrained predictor sized like
 ``region.like``), ``predictor.shuffle=true`` (the shuffled-control predictor of the region).
 """
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -20,14 +25,23 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from neuroguide.metrics import rowwise_pearson_r
 from neuroguide.models.checkpoints import load_model, read_checkpoint
-from neuroguide.models.dual_head import DualHeadResNet
+from neuroguide.models.dual_head import DualHeadResNet, head_pool_size
 from neuroguide.tasks import get_task, register_task
 from neuroguide.tasks.base import Task
 from neuroguide.tasks.predictor import predictor_path
 
 log = logging.getLogger("neuroguide")
+AT_TARGETS = ("clean", "adv")
 # the frozen predictor is in eval mode on purpose: Lightning's notice about it is noise
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+def check_at_target(target: str) -> str:
+    """``at.target``: the image whose predictor response is the alignment target under adversarial training."""
+    if target not in AT_TARGETS:
+        raise ValueError(f"at.target must be one of {AT_TARGETS} (the predictor's input for the alignment target under "
+                         f"adversarial training: the clean image x or the adversarial x_adv); got {target!r}")
+    return target
 
 
 def predictor_train_command(cfg: DictConfig, region: str) -> str:
@@ -86,6 +100,7 @@ class GuidanceTask(Task):
         super().__init__(model_config, run_config, model)
         self.alpha = float(alpha)
         self.at = dict(at or {"eps": 0.0})
+        self.at["target"] = check_at_target(self.at.get("target", "clean"))
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         k = model_config["num_classes"]
         self.metrics = torch.nn.ModuleDict({
@@ -94,20 +109,26 @@ class GuidanceTask(Task):
 
     @staticmethod
     def build_model(num_classes: int, n_neural: int = 0, branch: str = "layer4", arch: str = "resnet18",
-               predictor: dict | None = None, predictor_module: torch.nn.Module | None = None,
-               **_meta) -> DualHeadResNet:
+                    predictor: dict | None = None, predictor_module: torch.nn.Module | None = None,
+                    head_pool: int = 1, **_meta) -> DualHeadResNet:
         """The dual-head model; ``predictor`` is the predictor's model_config (architecture only,
-        weights come from the state dict) unless an already loaded ``predictor_module`` is given."""
+        weights come from the state dict) unless an already loaded ``predictor_module`` is given.
+        ``head_pool``: side of the pool before the neural head's linear map, as resolved from
+        ``task.head_pool`` at training time; a model_config without it (checkpoints made before the
+        option) had the global pool, 1."""
         pred = predictor_module
         if pred is None and predictor:
             pred = get_task("predictor").build_model(**predictor)
         size = (predictor or {}).get("image_size")
-        return DualHeadResNet(num_classes, n_neural if pred is not None else 0, branch, arch, pred, size)
+        return DualHeadResNet(num_classes, n_neural if pred is not None else 0, branch, arch, pred, size,
+                              head_pool=head_pool)
 
     @classmethod
     def prepare_config(cls, cfg: DictConfig) -> DictConfig:
         cfg = cfg.copy()
         OmegaConf.set_struct(cfg, False)
+        check_at_target(cfg.at.get("target", "clean"))  # before a predictor is trained on the way
+        head_pool_size(cfg.task.branch, cfg.task.get("head_pool", "auto"))
         baseline = cfg.region.get("baseline")
         if baseline == "none" and float(cfg.alpha) != 0.0:
             log.warning("region=none: no neural guidance, alpha forced from %s to 0", cfg.alpha)
@@ -125,6 +146,7 @@ class GuidanceTask(Task):
         elif baseline == "random":
             pred_module, pred_cfg = random_predictor(cfg)
         model_config = {"num_classes": int(datamodule.num_classes), "branch": cfg.task.branch,
+                        "head_pool": head_pool_size(cfg.task.branch, cfg.task.get("head_pool", "auto")),
                         "arch": cfg.task.arch, "n_neural": int(pred_cfg["n_outputs"]) if pred_cfg else 0,
                         "predictor": pred_cfg, "region": cfg.region.name, "alpha": float(cfg.alpha),
                         "at_eps": float(cfg.at.eps), "image_size": int(cfg.data.image_size)}
@@ -142,11 +164,13 @@ class GuidanceTask(Task):
                           steps=int(at["steps"]), step_size=at.get("step_size"),
                           random_start=bool(at.get("random_start", True))).x_adv.detach()
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def losses(self, x: torch.Tensor, y: torch.Tensor, target_x: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Both heads on ``x``; the alignment target is the frozen predictor's response to ``target_x``
+        (default ``x``)."""
         logits, neural = self.model.forward_heads(x)
         out = {"logits": logits, "ce": F.cross_entropy(logits, y)}
         if neural is not None:
-            target = self.model.predictor_target(x)
+            target = self.model.predictor_target(x if target_x is None else target_x)
             out["align"] = F.mse_loss(neural, target)
             out["neural_r"] = rowwise_pearson_r(neural.detach(), target).nanmean()
             out["loss"] = (1 - self.alpha) * out["ce"] + self.alpha * out["align"]
@@ -156,9 +180,11 @@ class GuidanceTask(Task):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        if float(self.at.get("eps", 0)) > 0:
-            x = self.adversarial(x, y)
-        out = self.losses(x, y)
+        if float(self.at.get("eps", 0)) > 0:  # heads (and CE) on x_adv; the target per at.target
+            x_adv = self.adversarial(x, y)
+            out = self.losses(x_adv, y, target_x=x if self.at["target"] == "clean" else x_adv)
+        else:
+            out = self.losses(x, y)
         self._log("train", out, y)
         return out["loss"]
 
@@ -186,18 +212,49 @@ class GuidanceTask(Task):
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.SGD(
             params, lr=0.1, momentum=0.9, weight_decay=1e-4)
-        sched = self.scheduler_factory
-        if not sched or sched.get("name") in (None, "none"):
+        sched = dict(self.scheduler_factory or {})
+        name = sched.get("name") or "none"
+        if name not in ("none", "cosine", "step"):
+            raise ValueError(f"task.scheduler.name must be none, cosine or step; got {name!r}")
+        if name == "none" and not float(sched.get("warmup_epochs") or 0):
             return opt
+        s = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor({**sched, "name": name}, *self._steps()))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+
+    def _steps(self) -> tuple[int, int]:
+        """(optimizer steps of the whole run, optimizer steps per epoch)."""
         epochs = max(1, int(self.trainer.max_epochs or 1))
-        if sched["name"] == "cosine":
-            s = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-        elif sched["name"] == "step":
-            s = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(sched["milestones"]),
-                                                     gamma=float(sched.get("gamma", 0.1)))
-        else:
-            raise ValueError(f"task.scheduler.name must be none, cosine or step; got {sched['name']!r}")
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "epoch"}}
+        total = self.trainer.estimated_stepping_batches
+        total = max(1, int(total)) if math.isfinite(total) else epochs
+        return total, max(1, math.ceil(total / epochs))
+
+
+def lr_factor(sched: dict, total_steps: int, steps_per_epoch: int):
+    """Multiplier of the base learning rate at optimizer step ``k`` (0-based), stepped per batch.
+
+    Linear warm-up over ``warmup_epochs`` (may be fractional): ``(k + 1) / W`` for the first
+    ``W = round(warmup_epochs * steps_per_epoch)`` steps; then ``cosine``: ``0.5 * (1 + cos(pi * t))``
+    with ``t`` going from 0 to 1 over the remaining steps (the per-step form of cosine annealing to 0),
+    or ``step``: ``gamma ** (number of milestones (epochs) <= the step's epoch)``, or ``none``: 1.
+    """
+    name = sched.get("name") or "none"
+    warm = int(round(float(sched.get("warmup_epochs") or 0) * steps_per_epoch))
+    warm = min(warm, max(total_steps - 1, 0))
+    milestones = sorted(int(m) for m in sched.get("milestones") or [])
+    gamma = float(sched.get("gamma", 0.1))
+
+    def factor(k: int) -> float:
+        if k < warm:
+            return (k + 1) / warm
+        if name == "cosine":
+            t = (k - warm) / max(1, total_steps - warm)
+            return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+        if name == "step":
+            epoch = k // steps_per_epoch
+            return gamma ** sum(epoch >= m for m in milestones)
+        return 1.0
+
+    return factor
 
 
 def load_predictor(path: str | Path, cfg: DictConfig) -> tuple[torch.nn.Module, dict]:
