@@ -74,3 +74,12 @@ def test_atomic_dir_leaves_nothing_on_error_and_keeps_a_complete_concurrent_copy
         with atomic_dir(tmp_path / "d", complete=lambda p: False) as t:
             (t / "ours").write_text("x")
     assert np.array_equal(sorted(p.name for p in tmp_path.iterdir()), ["d"])
+
+
+def test_synthetic_imagenet_tree_has_plain_permissions(tmp_path, umask_022):
+    from neuroguide.data.synthetic.imagenet import write_synthetic_imagenet
+
+    file_mode, dir_mode = _plain_modes(tmp_path)
+    root = write_synthetic_imagenet(tmp_path / "imagenet", n_classes=2, n_train=2, n_val=1, image_size=8, seed=0)
+    assert _mode(root) == dir_mode
+    assert {_mode(p) for p in root.rglob("*") if p.is_file()} == {file_mode}

@@ -1,7 +1,7 @@
 """Evaluation stimuli of a model, found from the config stored in its checkpoint.
 
 Each task knows where its held-out images are: a predictor's NSD test (shared) images, a guided
-classifier's validation images with labels, an IT model's test images. :func:`model_stimuli` returns
+classifier's test images (the val/ folder) with labels, an IT model's test images. :func:`model_stimuli` returns
 them as a :class:`Stimuli` (images (N, 3, S, S) in [0, 1], labels (N,) or None, and the region's
 responses (N, V) when there are any), taking ``n`` images spread evenly over the split.
 """

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from neuroguide.utils.io import hash_inputs, read_json, write_json
+from neuroguide.utils.io import atomic_dir, hash_inputs, read_json, write_json
 
 MARKER = "_SUCCESS.json"
 CLASS_LIST = "classes.txt"
@@ -167,22 +166,10 @@ def write_synthetic_imagenet(root: str | Path, *, n_classes: int = 10, n_train: 
                 f"(found: {found}). Delete the folder, pass overwrite=True, or choose another paths.synthetic_root.")
         shutil.rmtree(root)
     recipes = class_recipes(params["n_classes"], params["seed"])  # checks n_classes
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
-    try:
+    # an empty folder (e.g. made by mkdir) is replaced; a concurrent writer's complete tree is kept
+    with atomic_dir(root, complete=lambda r: _complete(r, key)) as tmp:
         _write_tree(tmp, params, recipes)
         write_json(tmp / MARKER, {"key": key, "params": params})
-        try:
-            if root.exists():
-                root.rmdir()  # an empty folder (e.g. made by mkdir) is replaced; a full one raises
-            tmp.rename(root)
-        except OSError:  # a concurrent writer finished first: keep theirs if it is complete
-            if not _complete(root, key):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 
