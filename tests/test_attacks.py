@@ -24,6 +24,47 @@ def mid_images(n, shape, seed=1):
     return 0.3 + 0.4 * torch.rand((n, *shape), generator=g)
 
 
+def edge_images(n, shape, seed=1, frac=0.5):
+    """Images with a fraction ``frac`` of the pixels at 0 or 1 (half each), the others in [0.3, 0.7]: the
+    [0, 1] box binds."""
+    g = torch.Generator().manual_seed(seed)
+    x = 0.3 + 0.4 * torch.rand((n, *shape), generator=g)
+    at_edge = torch.rand((n, *shape), generator=g) < frac
+    edge = (torch.rand((n, *shape), generator=g) < 0.5).to(x.dtype)
+    return torch.where(at_edge, edge, x)
+
+
+def box_projection_l2(v, x0, eps, iters=200):
+    """argmin ||d - v|| s.t. ||d||_2 <= eps, 0 <= x0 + d <= 1, per row, in float64, by bisection on the
+    multiplier: d = clip(v / (1 + mu), -x0, 1 - x0), mu >= 0 (independent of the engine)."""
+    out = []
+    for vb, xb in zip(v.double().flatten(1), x0.double().flatten(1)):
+        lo, hi = -xb, 1 - xb
+        d = lambda t: torch.clamp(t * vb, lo, hi)  # noqa: E731  (t = 1 / (1 + mu))
+        if d(1.0).norm() <= eps:
+            out.append(d(1.0))
+            continue
+        a, b = 0.0, 1.0
+        for _ in range(iters):
+            m = (a + b) / 2
+            a, b = (m, b) if d(m).norm() <= eps else (a, m)
+        out.append(d(a))
+    return torch.stack(out).reshape(v.shape)
+
+
+def box_optimum(w, x, eps, norm):
+    """max_d w.d s.t. ||d|| <= eps and 0 <= x + d <= 1, per row of x, in float64 (independent of the engine).
+
+    L2: d_j = clip(lambda w_j, -x_j, 1 - x_j), lambda by bisection so that ||d||_2 = eps (or every coordinate
+    saturates). Linf: per coordinate, d_j = clip(eps sign(w_j), -x_j, 1 - x_j)."""
+    w, x = w.double().flatten(), x.double().flatten(1)
+    if norm == "linf":
+        d = torch.clamp(eps * torch.sign(w).expand_as(x), -x, 1 - x)
+    else:
+        d = box_projection_l2(w.expand_as(x) * 1e6, x, eps)  # lambda w with lambda -> inf, projected
+    return d @ w
+
+
 # ----------------------------------------------------------------------------- steps
 def test_l2_step_projects_onto_ball_and_box():
     x0 = mid_images(4, (3, 5, 5))
@@ -43,6 +84,24 @@ def test_l2_step_projects_onto_ball_and_box():
     r = s.random_perturb(x0, torch.Generator().manual_seed(0))
     assert ((r - x0).flatten(1).norm(dim=1) <= eps + 1e-5).all()
     assert not torch.equal(r, x0)
+
+
+def test_l2_projection_is_exact_onto_ball_and_box():
+    """Where the box binds, radial rescaling then clipping is not the projection onto ball ∩ box; the
+    step's projection matches the KKT solution found by bisection, for per-row radii."""
+    x0 = edge_images(6, (3, 5, 5))
+    eps = torch.tensor([0.05, 0.3, 1.0, 2.0, 4.0, 0.0])
+    v = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3)) * 0.6
+    p = L2Step(x0, eps, step_size=0.1).project(x0 + v)
+    expected = torch.stack([box_projection_l2(v[i:i + 1], x0[i:i + 1], float(e))[0] for i, e in enumerate(eps)])
+    torch.testing.assert_close((p - x0).double(), expected, atol=2e-6, rtol=0)
+    assert (p >= 0).all() and (p <= 1).all()
+    assert ((p - x0).flatten(1).norm(dim=1) <= eps * (1 + 1e-6)).all()
+    # the naive projection lands strictly inside the ball here, farther from v
+    d = x0 + v * torch.clamp(eps.view(-1, 1, 1, 1) / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1), max=1)
+    naive = d.clamp(0, 1) - x0
+    far = ((naive - v).flatten(1).norm(dim=1) - (p - x0 - v).flatten(1).norm(dim=1))[:5]
+    assert (far > 1e-3).all()
 
 
 def test_l2_step_moves_along_normalized_gradient():
@@ -123,6 +182,33 @@ def test_linear_unit_linf_sensitivity_is_eps_times_l1_norm(schedule):
     gain = res.value - model(x)[:, 1].detach()
     torch.testing.assert_close(gain, torch.full((4,), eps * float(w[1].abs().sum())), rtol=0.01, atol=0)
     assert ((res.x_adv - x).abs() <= eps + 1e-6).all()
+
+
+@pytest.mark.parametrize("norm,eps", [("l2", 0.5), ("l2", 2.0), ("linf", 8 / 255), ("linf", 0.5)])
+@pytest.mark.parametrize("schedule,steps,step_size", [("pgd", 30, 0.5), ("guo", 16, None), ("guo", 24, None)])
+def test_linear_unit_closed_form_when_the_box_binds(norm, eps, schedule, steps, step_size):
+    """Half the pixels at 0 or 1: max w.d over {||d|| <= eps} ∩ {0 <= x + d <= 1} is below the unbounded
+    eps ||w||_* and is computed independently (:func:`box_optimum`). The engine reaches >= 99% of it
+    (PGD with a step of eps / 2, the Guo schedule at the sensitivity default of 16 steps and at 24), for
+    L2 and Linf, both directions, and never exceeds it (feasibility)."""
+    model, shape = linear_units()
+    x = edge_images(4, shape)
+    w = model[1].weight.detach()
+    rows = torch.arange(4)
+    for unit in range(w.shape[0]):
+        for direction, sign in (("up", 1.0), ("down", -1.0)):
+            best = box_optimum(sign * w[unit], x, eps, norm)
+            unbounded = eps * float(w[unit].norm() if norm == "l2" else w[unit].abs().sum())
+            assert (best < 0.95 * unbounded).all()  # the box binds
+            obj = objectives.Unit(unit, direction)
+            res = pgd_attack(model, x, obj, eps=eps, norm=norm, steps=steps, schedule=schedule,
+                             step_size=None if step_size is None else step_size * eps)
+            gain = (res.value - obj(model(x), rows).detach()).double()
+            assert (gain >= 0.99 * best).all(), (gain / best).tolist()
+            assert (gain <= best + 1e-5 * best.abs() + 1e-5).all(), (gain / best).tolist()
+            d = (res.x_adv - x).flatten(1)
+            assert ((d.norm(dim=1) if norm == "l2" else d.abs().amax(1)) <= eps * (1 + 1e-5)).all()
+            assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
 
 
 def test_value_is_objective_at_x_adv_and_best_over_restarts():

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from neuroguide.evaluation import transfer
-from neuroguide.evaluation.transfer import random_like, transfer_matrix
+from neuroguide.attacks import objectives, pgd_attack
+from neuroguide.evaluation.transfer import perturbation_norms, random_control, random_like, transfer_matrix
 
 SHAPE = (3, 4, 4)
 D = 48
@@ -86,6 +87,58 @@ def test_random_control_has_the_same_norm():
     torch.testing.assert_close(rinf.flatten(1).abs().amax(1), delta.flatten(1).abs().amax(1))
 
 
+def edge_images(n=40, frac=0.6, seed=2):
+    """Images with a fraction ``frac`` of the pixels at 0 or 1 (half each), the others uniform in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((n, *SHAPE), generator=g)
+    at_edge = torch.rand((n, *SHAPE), generator=g) < frac
+    return torch.where(at_edge, (torch.rand((n, *SHAPE), generator=g) < 0.5).float(), x)
+
+
+@pytest.mark.parametrize("norm,eps", [("l2", 0.5), ("l2", 1.5), ("linf", 8 / 255), ("linf", 0.3)])
+def test_random_control_keeps_the_attack_norm_after_clipping(norm, eps):
+    """60% of the pixels at 0 or 1: the control, clipped to [0, 1], has the attack's per-image norm within 1%
+    (a random direction scaled before clipping loses about a sixth of its L2 norm here)."""
+    x = edge_images()
+    wa, _ = orthogonal_pair(2)
+    model = linear(wa)
+    y = model(x).argmax(1).detach()
+    x_adv = pgd_attack(model, x, objectives.CrossEntropy(y), eps=eps, norm=norm, steps=5,
+                       generator=torch.Generator().manual_seed(0)).x_adv
+    d_norm = perturbation_norms(x_adv, x, norm)
+    assert (d_norm > 0.5 * eps).all()
+    x_rnd = random_control(x, x_adv - x, norm, torch.Generator().manual_seed(1))
+    assert x_rnd.min() >= 0 and x_rnd.max() <= 1
+    r_norm = perturbation_norms(x_rnd, x, norm)
+    torch.testing.assert_close(r_norm, d_norm, rtol=0.01, atol=0)
+    if norm == "l2":  # the scale-then-clip control falls short here; the new one is not the attack direction
+        naive = perturbation_norms((x + random_like(x_adv - x, norm, torch.Generator().manual_seed(1))).clamp(0, 1),
+                                   x, norm)
+        assert (naive / d_norm).mean() < 0.9
+        cos = torch.nn.functional.cosine_similarity((x_rnd - x).flatten(1), (x_adv - x).flatten(1))
+        assert (cos.abs() < 0.6).all()
+    # through the transfer matrix: the reported mean norms agree, every image matched
+    res = transfer_matrix({"A": model}, x, y, eps=eps, norm=norm, steps=5, progress=False,
+                          generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(res.random_norm, res.delta_norm, rtol=0.01)
+    assert res.random_norm_matched.tolist() == [1.0]
+
+
+def test_random_control_reports_an_unreachable_norm():
+    """Every pixel at 0 or 1 and an attack that flips them all (norm sqrt(48)): a random direction can only
+    move the pixels it points into the box (about half), so no scale reaches the attack's norm. The control
+    then takes the largest norm it can reach (every movable pixel moved all the way), short of the target."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(4, *SHAPE, generator=g) < 0.5).float()
+    delta = 1 - 2 * x
+    x_rnd = random_control(x, delta, "l2", torch.Generator().manual_seed(0))
+    moved = (x_rnd - x).flatten(1)
+    assert ((moved == 0) | (moved.abs() == 1)).all()  # saturated: at the largest reachable norm
+    r = perturbation_norms(x_rnd, x, "l2")
+    torch.testing.assert_close(r ** 2, (moved != 0).sum(1).float())
+    assert (r < 0.9 * delta.flatten(1).norm(dim=1)).all()  # short of the attack's norm, and it says so
+
+
 def test_evaluate_outputs(tmp_path):
     models = classifiers()
     x = images(20)
@@ -94,9 +147,11 @@ def test_evaluate_outputs(tmp_path):
     assert "eval/transfer/l2_0.25/A/B/acc_drop" in metrics
     assert "eval/transfer/l2_0.25/A/B/random_acc_drop" in metrics
     assert {"eval/transfer/l2_0.25/diag_mean", "eval/transfer/l2_0.25/offdiag_mean",
-            "eval/transfer/l2_0.25/random_mean"} <= set(metrics)
+            "eval/transfer/l2_0.25/random_mean", "eval/transfer/l2_0.25/random_norm_matched"} <= set(metrics)
+    assert metrics["eval/transfer/l2_0.25/random_norm_matched"] == 1.0
     rows = list(csv.DictReader(open(tmp_path / "transfer_l2_0.25.csv")))
-    assert len(rows) == 9 and {"source", "target", "adversarial", "random", "delta_norm"} <= set(rows[0])
+    assert len(rows) == 9 and {"source", "target", "adversarial", "random", "delta_norm", "random_norm",
+                               "random_norm_matched"} <= set(rows[0])
     assert (tmp_path / "transfer_l2_0.25.png").stat().st_size > 1000
 
 

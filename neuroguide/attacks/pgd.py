@@ -9,7 +9,7 @@ Used by adversarial training, unit sensitivity, classification robustness and tr
 Two schedules:
 
 - ``"pgd"`` (Madry et al.): random start in the ball, ``steps`` steps of fixed size (default
-  ``2.5 * eps / steps``), projection and [0, 1] clipping after each step.
+  ``2.5 * eps / steps``), exact projection onto ball ∩ [0, 1] box after each step (see ``steps``).
 - ``"guo"`` (Guo et al. 2022, sec. 3.2): the budget of ``steps`` gradient evaluations is spent in two
   phases, first in a ball of radius ``2 eps`` then in the ball of radius ``eps`` (the relaxed first
   phase explores). Each phase is split into up to 4 cycles of simulated annealing: the step size

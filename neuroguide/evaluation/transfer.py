@@ -3,7 +3,8 @@
 For every source ``s``, adversarial images ``x + d_s`` are made on ``s`` with the one engine
 (:func:`neuroguide.attacks.pgd_attack`); every target ``t`` is then evaluated on them. The result is a
 source x target matrix (McNeal & Murty; Guo et al.'s attack transfer), next to a control made of random
-directions with the same per-image norm as ``d_s`` (L2 norm for L2 attacks, Linf norm for Linf attacks).
+directions with the same per-image norm as ``d_s`` (L2 norm for L2 attacks, Linf norm for Linf attacks),
+measured after clipping to [0, 1] (:func:`random_control`).
 
 Classification (labels given): the attack maximizes the source's cross-entropy and the entry is the
 target's accuracy drop ``acc_t(x) - acc_t(x + d_s)``.
@@ -22,6 +23,7 @@ All models must take the same input size (the perturbation lives in pixel space)
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +37,14 @@ from tqdm.auto import tqdm
 from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.attacks.objectives import direction_sign
 from neuroguide.attacks.pgd import evaluation_mode
-from neuroguide.attacks.steps import get_step_class
+from neuroguide.attacks.steps import get_step_class, scale_in_box
 from neuroguide.evaluation.plots import check_eps_list, eps_label, eps_tag, heatmap_figure, write_csv
 from neuroguide.evaluation.robustness import check_labels
 
 NEURAL_OBJECTIVES = ("change", "up", "down")
+NORM_RTOL = 0.01  # the control's per-image norm counts as matched within 1% of the attack's
+
+log = logging.getLogger("neuroguide")
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -81,7 +86,7 @@ def check_input_sizes(models: Mapping[str, nn.Module], images: torch.Tensor,
 
 
 def random_like(delta: torch.Tensor, norm: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random directions with the same per-row norm as ``delta`` (B, C, H, W).
+    """Random directions with the same per-row norm as ``delta`` (B, C, H, W), before any clipping.
 
     L2: a Gaussian direction scaled to ``||delta_b||_2``; Linf: random signs times ``||delta_b||_inf``.
     """
@@ -93,6 +98,36 @@ def random_like(delta: torch.Tensor, norm: str, generator: torch.Generator | Non
     g = torch.randn(delta.shape, generator=generator).to(delta)
     scale = flat.norm(dim=1) / g.flatten(1).norm(dim=1).clamp_min(1e-12)
     return g * scale.reshape(-1, *([1] * (delta.ndim - 1)))
+
+
+def random_control(images: torch.Tensor, delta: torch.Tensor, norm: str,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images ``x + r`` in [0, 1] with ``r`` a random direction whose norm *after* clipping equals the
+    per-image norm of ``delta`` (the attack's perturbation, ``x + delta`` in [0, 1]).
+
+    Clipping a random direction at pixels near 0 or 1 shortens it (to about 0.8 of the attack's L2 norm with
+    60% of the pixels at 0 or 1), so the direction is rescaled after clipping: L2: ``r = clip(t g)`` with ``t``
+    found per image (:func:`neuroguide.attacks.steps.scale_in_box`, Newton's method on the clipped norm);
+    Linf: random signs times ``||delta||_inf``, whose clipped Linf norm is already ``||delta||_inf`` as
+    soon as one pixel has room ``||delta||_inf`` in its drawn direction. Where no scale can reach the norm
+    (too few pixels free to move), the control keeps the largest norm it can reach: compare the norms
+    with :func:`perturbation_norms`.
+    """
+    key = get_step_class(norm).norm
+    r = random_like(delta, key, generator)
+    if key == "linf":
+        return (images + r).clamp(0, 1)
+    flat = r.flatten(1)
+    x0 = images.flatten(1).to(flat.dtype)
+    target = delta.flatten(1).norm(dim=1).to(flat.dtype)
+    t0 = torch.ones_like(target)  # ||r|| = target, so ||clip(r)|| <= target
+    d = scale_in_box(flat, -x0, 1 - x0, target, t0, t_max=1e6)
+    return (x0 + d).clamp(0, 1).reshape(images.shape).to(images.dtype)
+
+
+def perturbation_norms(x: torch.Tensor, images: torch.Tensor, norm: str) -> torch.Tensor:
+    """(N,) per-image norm of ``x - images``: L2, or Linf for ``norm="linf"``."""
+    return _norms(x - images, get_step_class(norm).norm)
 
 
 def _norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
@@ -130,6 +165,8 @@ class TransferResult:
         random: (S, T) the same for random directions of the same per-image norm.
         delta_norm, random_norm: (S,) mean per-image norm of the attack and control perturbations
             (after [0, 1] clipping).
+        random_norm_matched: (S,) fraction of images whose control reaches the attack's norm within 1%
+            (1.0 unless too few pixels are free to move; see :func:`random_control`).
         metric: "acc_drop" or "change".
     """
 
@@ -142,6 +179,7 @@ class TransferResult:
     delta_norm: np.ndarray
     random_norm: np.ndarray
     clean_acc: np.ndarray | None = None
+    random_norm_matched: np.ndarray | None = None
 
     def rows(self) -> list[dict]:
         out = []
@@ -150,6 +188,8 @@ class TransferResult:
                 out.append({"source": s, "target": t, "norm": self.norm, "eps": self.eps, "metric": self.metric,
                             "adversarial": float(self.adversarial[i, j]), "random": float(self.random[i, j]),
                             "delta_norm": float(self.delta_norm[i]), "random_norm": float(self.random_norm[i]),
+                            "random_norm_matched": (float(self.random_norm_matched[i])
+                                                    if self.random_norm_matched is not None else ""),
                             "target_clean_acc": float(self.clean_acc[j]) if self.clean_acc is not None else ""})
         return out
 
@@ -185,7 +225,7 @@ def transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor, label
     clean = {n: _outputs(m, images, batch_size) for n, m in models.items()}
     S = len(names)
     adv, rnd = np.zeros((S, S)), np.zeros((S, S))
-    dn, rn = np.zeros(S), np.zeros(S)
+    dn, rn, matched = np.zeros(S), np.zeros(S), np.zeros(S)
     for i, src in enumerate(tqdm(names, desc="transfer sources", disable=not progress, leave=False)):
         model = models[src]
         device = _device_of(model)
@@ -203,8 +243,14 @@ def transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor, label
             x_adv.append(res.x_adv.detach().float().cpu())
         x_adv = torch.cat(x_adv)
         delta = x_adv - images
-        x_rnd = (images + random_like(delta, norm, generator)).clamp(0, 1)
-        dn[i], rn[i] = float(_norms(delta, norm).mean()), float(_norms(x_rnd - images, norm).mean())
+        x_rnd = random_control(images, delta, norm, generator)
+        d_norm, r_norm = _norms(delta, norm), _norms(x_rnd - images, norm)
+        dn[i], rn[i] = float(d_norm.mean()), float(r_norm.mean())
+        matched[i] = float((r_norm >= (1 - NORM_RTOL) * d_norm).float().mean())
+        if matched[i] < 1:
+            log.warning("transfer: the random control of source %r reaches the attack's %s norm (within %g%%) on "
+                        "only %.1f%% of the images: too few pixels are free to move (mean norm %.4g vs %.4g)",
+                        src, norm, 100 * NORM_RTOL, 100 * matched[i], rn[i], dn[i])
         for j, tgt in enumerate(names):
             adv[i, j] = _score(clean[tgt], _outputs(models[tgt], x_adv, batch_size), labels, objective)
             rnd[i, j] = _score(clean[tgt], _outputs(models[tgt], x_rnd, batch_size), labels, objective)
@@ -213,7 +259,7 @@ def transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor, label
         clean_acc = np.array([float((clean[n].argmax(1) == labels).float().mean()) for n in names])
     metric = "acc_drop" if labels is not None else "change"
     return TransferResult(names=names, eps=eps, norm=norm.lower(), metric=metric, adversarial=adv, random=rnd,
-                          delta_norm=dn, random_norm=rn, clean_acc=clean_acc)
+                          delta_norm=dn, random_norm=rn, clean_acc=clean_acc, random_norm_matched=matched)
 
 
 def _safe(name: str) -> str:
@@ -230,7 +276,9 @@ def evaluate(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torc
 
     Returns flat metrics: ``{key_prefix}/{norm}_{eps}/{source}/{target}/{metric}`` and ``.../random_{metric}``
     (metric ``acc_drop`` or ``change``), and per eps ``diag_mean`` (white-box), ``offdiag_mean``
-    (transfer) and ``random_mean`` (control). ``seed`` fixes the random starts and the control directions.
+    (transfer), ``random_mean`` (control) and ``random_norm_matched`` (the lowest, over sources, fraction
+    of images whose control reaches the attack's norm within 1%; 1.0 unless too few pixels can move).
+    ``seed`` fixes the random starts and the control directions.
     """
     eps_list = check_eps_list(eps, "eps")
     out_dir = Path(out_dir)
@@ -256,7 +304,9 @@ def evaluate(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torc
         metrics[f"{key_prefix}/{tag}/diag_mean"] = float(np.diag(res.adversarial).mean())
         metrics[f"{key_prefix}/{tag}/offdiag_mean"] = float(res.adversarial[off].mean()) if S > 1 else float("nan")
         metrics[f"{key_prefix}/{tag}/random_mean"] = float(res.random.mean())
+        metrics[f"{key_prefix}/{tag}/random_norm_matched"] = float(res.random_norm_matched.min())
     return metrics
 
 
-__all__ = ["transfer_matrix", "evaluate", "TransferResult", "random_like", "check_input_sizes", "declared_input_size"]
+__all__ = ["transfer_matrix", "evaluate", "TransferResult", "random_like", "random_control", "perturbation_norms",
+           "check_input_sizes", "declared_input_size"]
