@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 import neuroguide.data.synthetic.imagenet as synth
-from neuroguide.data.imagenet import ClassificationDataModule, UnreadableImageError, read_class_list, stratified_split
+from neuroguide.data.imagenet import ClassificationDataModule, UnreadableImageError, read_class_list
+from neuroguide.data.splits import stratified_split
 from neuroguide.data.synthetic.imagenet import MARKER, WNIDS, write_synthetic_imagenet
 
 SMALL = dict(n_classes=4, n_train=6, n_val=3, image_size=24, seed=0)

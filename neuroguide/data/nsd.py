@@ -26,10 +26,8 @@ import h5py
 import nibabel as nib
 import numpy as np
 import scipy.io
-import torch
-import torch.nn.functional as F
 
-from neuroguide.utils.io import atomic_dir, file_fingerprint, hash_inputs, read_json, write_json
+from neuroguide.utils.io import atomic_dir, file_fingerprint, hash_inputs, read_json, require, write_json
 
 log = logging.getLogger("neuroguide")
 
@@ -124,12 +122,6 @@ def session_offsets(sessions: Sequence[Path], counts: Sequence[int]) -> np.ndarr
     log.warning("%s: %s missing; trials are paired with images by session number (%d trials per session)",
                 folder, names, counts[0])
     return np.asarray([(n - 1) * counts[0] for n in numbers], np.int64)
-
-
-def require(path: Path, what: str, fix: str = "check paths.nsd_root") -> Path:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{what} not found: {path} ({fix})")
-    return Path(path)
 
 
 # ----------------------------------------------------------------------------- design
@@ -428,40 +420,3 @@ def _save_atomic(rd: RegionData, folder: Path) -> None:
     with atomic_dir(folder, complete=lambda f: (f / "meta.json").exists()) as tmp:
         rd.save(tmp)
 
-
-# ----------------------------------------------------------------------------- stimuli
-class NSDStimuli(torch.utils.data.Dataset):
-    """Lazy reader of ``imgBrick``: item ``i`` is image ``ids[i]`` as (3, S, S) float in [0, 1].
-
-    The HDF5 file is opened on first access in each worker (handles are not pickled); images are
-    resized (antialiased bilinear) to ``image_size``.
-    """
-
-    def __init__(self, path: str | Path, ids: np.ndarray, image_size: int):
-        self.path = require(Path(path), "NSD stimuli file nsd_stimuli.hdf5")
-        self.ids = np.asarray(ids, np.int64)
-        self.image_size = int(image_size)
-        self._f = None
-        with h5py.File(self.path, "r") as f:
-            if "imgBrick" not in f:
-                raise KeyError(f"{self.path} has no dataset 'imgBrick'")
-            n = f["imgBrick"].shape[0]
-        if len(self.ids) and self.ids.max() >= n:
-            raise ValueError(f"image id {self.ids.max()} out of range for {self.path} ({n} images)")
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        if self._f is None:
-            self._f = h5py.File(self.path, "r")
-        img = torch.from_numpy(self._f["imgBrick"][int(self.ids[i])]).permute(2, 0, 1).float() / 255.0
-        if img.shape[-1] != self.image_size:
-            img = F.interpolate(img[None], size=(self.image_size, self.image_size), mode="bilinear",
-                                antialias=True, align_corners=False)[0].clamp_(0, 1)
-        return img
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_f"] = None
-        return d

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.attacks.objectives import direction_sign
 from neuroguide.attacks.pgd import evaluation_mode
+from neuroguide.evaluation.estimators import nanstd, naive_sensitivity, repeat_mean, sign_corrected_sensitivity
 from neuroguide.evaluation.plots import check_eps_list, curve_figure, eps_tag, write_csv
 from neuroguide.models.features import LayerOutput
 
@@ -56,52 +57,6 @@ Measure = Callable[[torch.Tensor], torch.Tensor]
 
 SIGMA_IMAGES_PER_ATTACKED = 10  # sigma_i from at least this many times the attacked images, or a warning
 AUTO_LAYERS = {"guidance": "avgpool"}  # layer="auto" per task: classifiers' penultimate features; others: output
-
-
-# ----------------------------------------------------------------------------- estimators
-def repeat_mean(responses: torch.Tensor) -> torch.Tensor:
-    """(M, K, R) responses with NaN for missing repeats -> (M, K) mean over repeats; (M, K) passes."""
-    responses = torch.as_tensor(responses, dtype=torch.float32)
-    return responses.nanmean(dim=-1) if responses.ndim == 3 else responses
-
-
-def sign_corrected_sensitivity(pred_clean: torch.Tensor, pred_adv: torch.Tensor, resp_clean: torch.Tensor,
-                               resp_adv: torch.Tensor) -> torch.Tensor:
-    """Guo et al.'s sign-corrected estimate of ``E_j |r_i(x_j) - r_i(x_j + d_ij)|`` per unit.
-
-    ``1/M sum_j sign(f_i(x_j) - f_i(x_j + d)) (r_i(x_j) - r_i(x_j + d))``: unbiased when the model
-    ``f`` predicts every direction of change correctly, biased towards zero otherwise; noise in
-    ``r`` averages out instead of adding a positive bias.
-
-    Args:
-        pred_clean, pred_adv: (M, K) model responses ``f_i`` to clean and perturbed images.
-        resp_clean, resp_adv: (M, K) or (M, K, R) measured responses (NaN = missing repeat).
-    Returns:
-        (K,) estimate per unit (NaN-aware mean over images).
-    """
-    sign = torch.sign(torch.as_tensor(pred_clean) - torch.as_tensor(pred_adv)).float()
-    dr = repeat_mean(resp_clean) - repeat_mean(resp_adv)
-    _check_same(sign, dr, "pred", "resp")
-    return (sign * dr).nanmean(dim=0)
-
-
-def naive_sensitivity(resp_clean: torch.Tensor, resp_adv: torch.Tensor) -> torch.Tensor:
-    """``1/M sum_j |r_i(x_j) - r_i(x_j + d)|`` per unit (K,): positively biased under noise."""
-    return (repeat_mean(resp_clean) - repeat_mean(resp_adv)).abs().nanmean(dim=0)
-
-
-def _check_same(a, b, na, nb):
-    if a.shape != b.shape:
-        raise ValueError(f"{na} and {nb} must have the same (M, K) shape; got {tuple(a.shape)} vs {tuple(b.shape)}")
-
-
-def _nanstd(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Unbiased std ignoring NaN along ``dim``."""
-    ok = ~torch.isnan(x)
-    n = ok.sum(dim)
-    mean = x.nanmean(dim=dim, keepdim=True)
-    ss = torch.where(ok, (x - mean) ** 2, torch.zeros_like(x)).sum(dim)
-    return torch.sqrt(ss / (n - 1).clamp(min=1)).where(n > 1, torch.full_like(ss, math.nan))
 
 
 # ----------------------------------------------------------------------------- result
@@ -373,7 +328,7 @@ def unit_sensitivity(model: nn.Module, images: torch.Tensor, layer: str | None, 
         f_adv = f_adv.reshape(E, U, D, n).gather(2, best)[:, :, 0]
         r_adv = r_adv.reshape(E, U, D, n).gather(2, best)[:, :, 0]
         measured = {"delta_f": f_adv - clean.T[None], "delta_r": r_adv - meas_clean.T[None], "clean": meas_clean,
-                    "sigma": _nanstd(meas_sigma, 0)}
+                    "sigma": nanstd(meas_sigma, 0)}
     return SensitivityResult(layer=layer, norm=norm, schedule=schedule, eps=eps_t, units=unit_idx, directions=dirs,
                              change=change, clean=clean, sigma=sig, grad_evals=evals, measured=measured,
                              n_sigma=n_sigma)

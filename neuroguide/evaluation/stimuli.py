@@ -49,7 +49,8 @@ def nsd_stimuli(run_config: Mapping, model_config: Mapping, n: int | None, overr
     """NSD test (shared) images of the run's subject with the measured responses of its region (or of
     ``regions``: region configs or names of conf/region/*.yaml), resized to the model's input size."""
     from neuroguide.config import CONF_DIR
-    from neuroguide.data.nsd import NSDPaths, NSDStimuli, extract_regions
+    from neuroguide.data.nsd import NSDPaths, extract_regions
+    from neuroguide.data.nsd_stimuli import NSDStimuli
     from omegaconf import OmegaConf
 
     root = override.get("nsd_root") or _get(run_config, "data.nsd_root")

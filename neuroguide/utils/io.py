@@ -17,6 +17,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def require(path: str | os.PathLike, what: str, fix: str = "check paths.nsd_root") -> Path:
+    """``path`` as a Path if it is a file, else a FileNotFoundError naming what it is, where, and the fix."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} not found: {path} ({fix})")
+    return Path(path)
+
+
 def current_umask() -> int:
     """The process's umask (read without changing it where /proc allows)."""
     with contextlib.suppress(OSError, ValueError):
