@@ -25,9 +25,9 @@ import h5py
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from neuroguide.data.hdf5_images import HDF5Images
 from neuroguide.data.loaders import eval_loader, train_loader
 from neuroguide.metrics import nan_pearson_r
 
@@ -133,32 +133,12 @@ def read_it(path: str | os.PathLike) -> ITRecordings:
     return ITRecordings(path, responses, site_ids, image_ids, (int(h), int(w)), attrs)
 
 
-class ITImages(Dataset):
-    """Item ``i``: image row ``rows[i]`` of the file as (3, S, S) float in [0, 1] (antialiased resize).
-
-    The HDF5 file is opened on first access in each worker (handles are not pickled).
-    """
+class ITImages(HDF5Images):
+    """Item ``i``: image row ``rows[i]`` of the file's ``images`` as (3, S, S) float in [0, 1] (antialiased
+    resize)."""
 
     def __init__(self, path: str | os.PathLike, rows: np.ndarray, image_size: int):
-        self.path, self.rows, self.image_size = Path(path), np.asarray(rows, np.int64), int(image_size)
-        self._f = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        if self._f is None:
-            self._f = h5py.File(self.path, "r")
-        img = torch.from_numpy(self._f["images"][int(self.rows[i])]).permute(2, 0, 1).float() / 255.0
-        if tuple(img.shape[-2:]) != (self.image_size, self.image_size):
-            img = F.interpolate(img[None], size=(self.image_size, self.image_size), mode="bilinear",
-                                antialias=True, align_corners=False)[0].clamp_(0, 1)
-        return img
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_f"] = None
-        return d
+        super().__init__(path, "images", rows, image_size)
 
 
 class ITResponseDataset(Dataset):

@@ -6,44 +6,25 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
-import torch.nn.functional as F
-
+from neuroguide.data.hdf5_images import HDF5Images
 from neuroguide.utils.io import require
 
 
-class NSDStimuli(torch.utils.data.Dataset):
-    """Lazy reader of ``imgBrick``: item ``i`` is image ``ids[i]`` as (3, S, S) float in [0, 1].
-
-    The HDF5 file is opened on first access in each worker (handles are not pickled); images are
-    resized (antialiased bilinear) to ``image_size``.
-    """
+class NSDStimuli(HDF5Images):
+    """Lazy reader of ``imgBrick``: item ``i`` is image ``ids[i]`` as (3, S, S) float in [0, 1], resized
+    (antialiased bilinear) to ``image_size``."""
 
     def __init__(self, path: str | Path, ids: np.ndarray, image_size: int):
-        self.path = require(Path(path), "NSD stimuli file nsd_stimuli.hdf5")
-        self.ids = np.asarray(ids, np.int64)
-        self.image_size = int(image_size)
-        self._f = None
+        path = require(Path(path), "NSD stimuli file nsd_stimuli.hdf5")
+        super().__init__(path, "imgBrick", ids, image_size)
         with h5py.File(self.path, "r") as f:
             if "imgBrick" not in f:
                 raise KeyError(f"{self.path} has no dataset 'imgBrick'")
             n = f["imgBrick"].shape[0]
-        if len(self.ids) and self.ids.max() >= n:
-            raise ValueError(f"image id {self.ids.max()} out of range for {self.path} ({n} images)")
+        if len(self.rows) and self.rows.max() >= n:
+            raise ValueError(f"image id {self.rows.max()} out of range for {self.path} ({n} images)")
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        if self._f is None:
-            self._f = h5py.File(self.path, "r")
-        img = torch.from_numpy(self._f["imgBrick"][int(self.ids[i])]).permute(2, 0, 1).float() / 255.0
-        if img.shape[-1] != self.image_size:
-            img = F.interpolate(img[None], size=(self.image_size, self.image_size), mode="bilinear",
-                                antialias=True, align_corners=False)[0].clamp_(0, 1)
-        return img
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_f"] = None
-        return d
+    @property
+    def ids(self) -> np.ndarray:
+        """(N,) 0-based 73k ids of the images."""
+        return self.rows
