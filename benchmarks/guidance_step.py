@@ -35,8 +35,9 @@ def main():
     dev = torch.device(args.device)
     torch.manual_seed(0)
 
-    pred_cfg = {"arch": "resnet18", "n_outputs": args.voxels, "region": "TO", "subject": 1, "image_size": args.size}
-    mc = {"num_classes": args.classes, "n_neural": args.voxels, "branch": "layer4", "arch": "resnet18", "predictor": pred_cfg}
+    pred_cfg = {"arch": "resnet18", "n_outputs": args.voxels}
+    mc = {"num_classes": args.classes, "n_neural": args.voxels, "branch": "layer4", "arch": "resnet18", "predictor": pred_cfg,
+          "predictor_image_size": args.size}
     guided = GuidanceTask(mc, {}, alpha=0.5, predictor=PredictorTask.build_model(**pred_cfg)).to(dev)
     at_task = GuidanceTask(mc, {}, alpha=0.5, at={"eps": 0.5, "norm": "l2", "steps": args.at_steps, "step_size": None,
                                                  "random_start": True},

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neuroguide.data.nsd import RegionSpec, extract_regions
+from neuroguide.data.nsd_regions import RegionSpec, extract_regions
 from neuroguide.data.synthetic.nsd import write_synthetic_nsd
 
 REGIONS = {"V1": (1, 2), "V2": (3, 4), "V4": (7,), "VO": (8, 9), "PHC": (10, 11), "TO": (12, 13), "LO": (14, 15)}

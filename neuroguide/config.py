@@ -30,6 +30,8 @@ def _run_name(override_dirname: str = "") -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("ng_root"):
         OmegaConf.register_new_resolver("ng_root", lambda: str(REPO_ROOT))
+    if not OmegaConf.has_resolver("ng_first"):  # the first argument that is not null
+        OmegaConf.register_new_resolver("ng_first", lambda *xs: next((x for x in xs if x is not None), None))
     if not OmegaConf.has_resolver("ng_run_name"):
         OmegaConf.register_new_resolver("ng_run_name", _run_name)
 

@@ -1,10 +1,12 @@
 """``neuroguide.train.run(cfg)``: what ``python train.py`` does, for every task.
 
-1. check the config; 2. build the datamodule (``cfg.task.datamodule``) and write the synthetic data
-when needed; 3. build the task from the registry; 4. fit with Lightning, resuming from
-``<output>/checkpoints/last.ckpt`` when present; 5. test; 6. write ``metrics.json`` and
-``config.yaml`` into the output folder and export the model (``model.ckpt``, plus task-specific
-places such as ``${paths.predictors_dir}/subjNN/<region>.ckpt``).
+1. check the config (the shared keys here, the task's own keys by the task); 2. write the synthetic
+data the task ``needs`` (``task.needs``); 3. provide the task's requirements (e.g. a trained
+predictor, :mod:`neuroguide.requirements`), then seed; 4. build the datamodule
+(``cfg.task.datamodule``) and the task from the registry; 5. fit with Lightning, resuming from
+``<output>/checkpoints/last.ckpt`` when present; 6. validate and test the selected checkpoint;
+7. write ``metrics.json`` and ``config.yaml`` into the output folder and export the model
+(``model.ckpt``, plus task-specific places such as ``${paths.predictors_dir}/subjNN/<region>.ckpt``).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from neuroguide.config import output_dir
 from neuroguide.data import prepare_synthetic
+from neuroguide.requirements import provide
 from neuroguide.slurm import preflight, slurm_allocation
 from neuroguide.tasks import get_task
 from neuroguide.utils.io import atomic_path, write_json
@@ -28,16 +31,7 @@ log = logging.getLogger("neuroguide")
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Fail early, naming the key, on values no task can use."""
-    alpha = cfg.get("alpha")
-    if alpha is not None and not (0.0 <= float(alpha) <= 1.0):
-        raise ValueError(f"alpha must lie in [0, 1] (the loss is (1 - alpha) * CE + alpha * MSE); got alpha={alpha}")
-    at = cfg.get("at")
-    if at is not None:
-        if float(at.eps) < 0:
-            raise ValueError(f"at.eps must be >= 0 (0 = plain training); got {at.eps}")
-        if str(at.norm).lower() not in ("l2", "linf"):
-            raise ValueError(f"at.norm must be l2 or linf; got {at.norm!r}")
+    """Fail early, naming the key, on shared values no task can use (each task checks its own keys)."""
     subject = cfg.get("subject")
     if subject is not None and not (isinstance(subject, int) and 1 <= subject <= 8):
         raise ValueError(f"subject must be an integer 1..8; got {subject!r}")
@@ -64,14 +58,17 @@ def _float_metrics(metrics: dict) -> dict[str, float]:
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train (and test) the task of ``cfg``; returns the final metrics (also in metrics.json)."""
     check_config(cfg)
+    task_cls = get_task(cfg.task.name)
+    task_cls.check_config(cfg)
     preflight(cfg.trainer.get("devices", 1), cfg.trainer.get("accelerator", "auto"))
-    L.seed_everything(int(cfg.seed), workers=True)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    task_cls = get_task(cfg.task.name)
     prepare_synthetic(cfg.data, cfg.task.get("needs", ()))  # the embedded default: written on first use
-    if hasattr(task_cls, "prepare_config"):
-        cfg = task_cls.prepare_config(cfg)  # e.g. guidance: region=none forces alpha=0, finds its predictor
+    cfg = task_cls.prepare_config(cfg)  # e.g. guidance: region=none forces alpha=0
+    for need in task_cls.requirements(cfg):  # e.g. the region's predictor, trained first on synthetic data
+        cfg = provide(need, cfg, train=run)
+    # seeded after the requirements: the same command gives the same run whether or not they existed
+    L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.task.datamodule, _recursive_=False)
     datamodule.prepare_data()
     datamodule.setup("fit")

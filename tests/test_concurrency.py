@@ -11,7 +11,7 @@ from conftest import SMALL_NSD
 
 def _build(root: str, cache: str, q) -> None:
     try:
-        from neuroguide.data.nsd import RegionSpec, extract_regions
+        from neuroguide.data.nsd_regions import RegionSpec, extract_regions
         from neuroguide.data.synthetic.nsd import write_synthetic_nsd
 
         write_synthetic_nsd(Path(root), **SMALL_NSD)
@@ -38,7 +38,7 @@ def test_two_processes_same_cache(tmp_path):
     entries = sorted(p.name for p in Path(cache).iterdir())
     assert len(entries) == 2 and not [e for e in entries if e.startswith(".")]  # one folder per region, no temp left
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".nsd")]  # no half-written synthetic tree
-    from neuroguide.data.nsd import RegionData
+    from neuroguide.data.nsd_regions import RegionData
 
     for e in entries:  # each cached region is complete and loadable
         rd = RegionData.load(Path(cache) / e)

@@ -98,7 +98,7 @@ def test_it_model_sensitivity_and_selection(tmp_path):
 
     cfg = compose_config("train", small_overrides(tmp_path) + [
         "task=it_encoding", "backbone=resnet18", "backbone.layer=layer2.1", "backbone.at_eps=null",
-        "task.synthetic_it.n_images=60", "+trainer.fast_dev_run=true"], output_dir=tmp_path / "it")
+        "data.synthetic_it.n_images=60", "+trainer.fast_dev_run=true"], output_dir=tmp_path / "it")
     train(cfg)
     m, out = _eval(tmp_path, "e10", f"ckpt={tmp_path}/it/model.ckpt", "eval=[sensitivity]")
     assert 0 < m["eval/sensitivity/n_units"] <= 3 and m["eval/sensitivity/l2_0.5/mean_norm"] > 0  # 3 of the sites

@@ -21,14 +21,14 @@ N_CLASSES, N_VOX, SIZE = 3, 7, 32
 
 
 def tiny_task(alpha=0.5, at=None, branch="layer4", head_pool=1, scheduler=None):
-    pred_cfg = {"arch": "resnet18", "n_outputs": N_VOX, "region": "TO", "subject": 1, "image_size": SIZE}
+    pred_cfg = {"arch": "resnet18", "n_outputs": N_VOX}
     predictor = PredictorTask.build_model(**pred_cfg)
     # give the predictor non-trivial BN statistics so that a train-mode forward would change them
     predictor.train()
     with torch.no_grad():
         predictor(torch.rand(8, 3, SIZE, SIZE))
     mc = {"num_classes": N_CLASSES, "n_neural": N_VOX, "branch": branch, "arch": "resnet18", "predictor": pred_cfg,
-          "head_pool": head_pool}
+          "head_pool": head_pool, "predictor_image_size": SIZE}
     return GuidanceTask(mc, {}, alpha=alpha, at=at or {"eps": 0.0}, scheduler=scheduler,
                         optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), predictor=predictor)
 
@@ -193,7 +193,7 @@ def test_head_pool_is_stored_and_old_checkpoints_keep_the_global_pool(compose_tr
     # a model file written before task.head_pool existed: no key, a global-pool head (128 inputs)
     mc = {"num_classes": N_CLASSES, "n_neural": N_VOX, "branch": "layer2", "arch": "resnet18",
           "predictor": {"arch": "resnet18", "n_outputs": N_VOX, "image_size": SIZE}}
-    old = DualHeadResNet(N_CLASSES, N_VOX, "layer2", predictor=PredictorTask.build_model(**mc["predictor"]))
+    old = DualHeadResNet(N_CLASSES, N_VOX, "layer2", predictor=PredictorTask.build_model(arch="resnet18", n_outputs=N_VOX))
     assert old.neural_head.linear.in_features == 128
     save_model_file(tmp_path / "old.ckpt", "guidance", mc, old.state_dict())
     loaded = neuroguide.load_model(tmp_path / "old.ckpt")
@@ -223,7 +223,7 @@ def test_lr_warms_up_linearly_then_follows_the_cosine():
 
 def _write_predictor(path, n_outputs, region="TO", subject=1, image_size=32):
     mc = {"arch": "resnet18", "n_outputs": n_outputs, "region": region, "subject": subject, "image_size": image_size}
-    save_model_file(path, "predictor", mc, PredictorTask.build_model(**mc).state_dict())
+    save_model_file(path, "predictor", mc, PredictorTask.build_model(arch="resnet18", n_outputs=n_outputs).state_dict())
 
 
 def test_predictor_output_size_mismatch_is_an_error(compose_train, tmp_path):
@@ -239,9 +239,24 @@ def test_predictor_of_another_region_is_an_error(compose_train, tmp_path):
 
 
 def test_real_data_missing_predictor_prints_the_command(compose_train, tmp_path):
+    (tmp_path / "nsd").mkdir()
     with pytest.raises(FileNotFoundError, match=r"Train it first with:\s+python train.py task=predictor region=V2 subject=1 data=nsd"):
         run(compose_train("data=nsd", f"paths.nsd_root={tmp_path}/nsd", f"paths.imagenet_root={tmp_path}/in",
                           "region=V2"))
+
+
+def test_real_data_missing_nsd_root_says_so(compose_train, tmp_path):
+    """A wrong paths.nsd_root is named as such, not reported as a missing predictor with a command that would fail."""
+    with pytest.raises(FileNotFoundError, match=r"paths.nsd_root=\S*/nonexistent does not exist") as e:
+        run(compose_train("data=nsd", f"paths.nsd_root={tmp_path}/nonexistent", f"paths.imagenet_root={tmp_path}/in",
+                          "region=V2"))
+    assert "Train it first" not in str(e.value)
+
+
+@pytest.mark.parametrize("key,value", [("alpha", "abc"), ("at.eps", "big")])
+def test_non_numeric_guidance_values_name_the_key(compose_train, key, value):
+    with pytest.raises(ValueError, match=rf"{key} must be a number; got {key}='{value}'"):
+        run(compose_train(f"{key}={value}"))
 
 
 def test_main_command_trains_missing_predictor_then_guides(compose_train, tmp_path):
@@ -265,8 +280,8 @@ def test_baselines_none_and_random(compose_train, tmp_path, caplog):
     assert neuroguide.load_model(tmp_path / "none" / "model.ckpt").predictor is None
     run(compose_train("region=random", "region.like=V4", "+trainer.fast_dev_run=true", out="random"))
     model = neuroguide.load_model(tmp_path / "random" / "model.ckpt")
-    pred = model.neuroguide_info["model_config"]["predictor"]
-    from neuroguide.data.nsd import RegionSpec, extract_regions
+    pred = {**model.neuroguide_info["model_config"]["predictor"], **model.neuroguide_info["facts"]["predictor"]}
+    from neuroguide.data.nsd_regions import RegionSpec, extract_regions
 
     n_v4 = extract_regions(tmp_path / "data" / "synthetic" / "nsd", 1, [RegionSpec("V4", "Kastner2015", (7,), "nsdgeneral")],
                            progress=False)["V4"].n_voxels

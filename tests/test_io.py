@@ -31,7 +31,7 @@ def _plain_modes(tmp_path):
 
 
 def test_atomic_writers_leave_plain_permissions(tmp_path, umask_022, synthetic_nsd):
-    from neuroguide.data.nsd import RegionSpec, extract_regions
+    from neuroguide.data.nsd_regions import RegionSpec, extract_regions
     from neuroguide.data.synthetic.nsd import write_synthetic_nsd
     from neuroguide.models.checkpoints import save_model_file
 

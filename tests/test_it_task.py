@@ -9,13 +9,14 @@ import torch
 from hydra.utils import instantiate
 
 import neuroguide
+from neuroguide.data import prepare_synthetic
 from neuroguide.models.robust_weights import read_robust_state_dict
 from neuroguide.tasks import get_task
 from neuroguide.tasks.it_encoding import ITEncodingTask
 from neuroguide.train import run
 
-IT = ["task=it_encoding", "backbone=resnet18", "backbone.layer=layer2.1", "task.synthetic_it.n_images=48",
-      "task.synthetic_it.n_sites=4", "task.synthetic_it.n_repeats=3", "task.batch_size=8", "callbacks=none"]
+IT = ["task=it_encoding", "backbone=resnet18", "backbone.layer=layer2.1", "data.synthetic_it.n_images=48",
+      "data.synthetic_it.n_sites=4", "data.synthetic_it.n_repeats=3", "task.batch_size=8", "callbacks=none"]
 
 
 def _teacher(tmp_path):
@@ -23,7 +24,8 @@ def _teacher(tmp_path):
 
 
 def _setup(cfg):
-    cfg = ITEncodingTask.prepare_config(cfg)
+    ITEncodingTask.check_config(cfg)
+    prepare_synthetic(cfg.data, cfg.task.needs)
     dm = instantiate(cfg.task.datamodule, _recursive_=False)
     dm.setup("fit")
     return cfg, dm, ITEncodingTask.from_config(cfg, dm)
@@ -58,9 +60,9 @@ def test_train_run_with_the_teacher_trunk_exports_a_loadable_model(compose_train
     written = json.loads((out / "metrics.json").read_text())
     assert {"val/r_median", "test/r_median", "test/r_mean", "test/ev_mean", "test/r_corrected_median"} <= set(written)
     model = neuroguide.load_model(out / "model.ckpt")
-    info = model.neuroguide_info["model_config"]
-    assert info["n_sites"] == 4 and info["layer"] == "layer2.1" and info["weights"].endswith("teacher_resnet18.pt")
-    assert len(info["site_ids"]) == 4
+    info, facts = model.neuroguide_info["model_config"], model.neuroguide_info["facts"]
+    assert info["n_sites"] == 4 and info["layer"] == "layer2.1" and facts["weights"].endswith("teacher_resnet18.pt")
+    assert len(facts["site_ids"]) == 4
     teacher, _ = read_robust_state_dict(_teacher(tmp_path))
     assert torch.equal(model.backbone.root.layer2[1].conv2.weight, teacher["layer2.1.conv2.weight"])
     x = torch.rand(3, 3, 32, 32)
@@ -75,11 +77,11 @@ def test_train_run_with_the_teacher_trunk_exports_a_loadable_model(compose_train
 
 def test_at_eps_looks_up_paths_robust_weights(compose_train, tmp_path):
     cfg = compose_train(*IT, "backbone.at_eps=2", f"+paths.robust_weights={{2: {_teacher(tmp_path)}}}")
-    cfg = ITEncodingTask.prepare_config(cfg)  # writes the synthetic file and the teacher
+    prepare_synthetic(cfg.data, cfg.task.needs)  # writes the synthetic file and the teacher
     cfg, dm, task = _setup(cfg)
     teacher, _ = read_robust_state_dict(_teacher(tmp_path))
     assert torch.equal(task.model.backbone.root.conv1.weight, teacher["conv1.weight"])
-    assert task.hparams["model_config"]["at_eps"] == 2.0
+    assert task.hparams["facts"]["at_eps"] == 2.0
     with pytest.raises(FileNotFoundError, match=r"backbone.at_eps=4 needs a robust ImageNet checkpoint.*"
                                                 r"\+paths.robust_weights.4=/path"):
         _setup(compose_train(*IT, "backbone.at_eps=4"))
@@ -104,7 +106,7 @@ def test_init_from_checks_the_site_count(compose_train, tmp_path):
     torch.testing.assert_close(again.model.readout.features, task.model.readout.features)
     # data with other sites: a clear error
     with pytest.raises(ValueError, match=r"has a readout for 4 IT sites but the data has 6 sites.*task.init_from=null"):
-        _setup(compose_train(*IT, "task.synthetic_it.n_sites=6", f"task.init_from={ckpt}", out="other"))
+        _setup(compose_train(*IT, "data.synthetic_it.n_sites=6", f"task.init_from={ckpt}", out="other"))
 
 
 def test_bad_layer_and_missing_data(compose_train):
@@ -112,4 +114,4 @@ def test_bad_layer_and_missing_data(compose_train):
                                        r"layer4.1"):
         _setup(compose_train(*IT[:2], "backbone.layer=layer5.0", *IT[3:]))
     with pytest.raises(FileNotFoundError, match="set paths.it_file"):
-        _setup(compose_train(*IT, "data=nsd", "data.image_size=32"))
+        _setup(compose_train(*[o for o in IT if not o.startswith("data.")], "data=nsd", "data.image_size=32"))

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import scipy.io
 
-from neuroguide.data import nsd
-from neuroguide.data.nsd import Design, NSDPaths, RegionSpec, extract_regions, noise_ceiling
+from neuroguide.data import nsd, nsd_regions
+from neuroguide.data.nsd import Design, NSDPaths, noise_ceiling
+from neuroguide.data.nsd_regions import RegionSpec, extract_regions
 
 SHAPE = (2, 2, 1)  # four voxels
 
@@ -189,7 +190,7 @@ def test_cache_reused_and_rebuilt_on_param_change(synthetic_nsd, tmp_path, monke
 def test_pca_fitted_on_train_only(synthetic_nsd):
     spec = [RegionSpec("V1", "Kastner2015", (1, 2), "nsdgeneral")]
     rd = extract_regions(synthetic_nsd, 1, spec, pca=True, progress=False)["V1"]
-    comps, mean = nsd.fit_pca(np.asarray(rd.train), 0.95)
+    comps, mean = nsd_regions.fit_pca(np.asarray(rd.train), 0.95)
     np.testing.assert_allclose(rd.pca_components, comps, atol=1e-5)
     np.testing.assert_allclose(rd.pca_mean, np.asarray(rd.train).mean(0), atol=1e-5)
     # kept components explain >= 95 % of train variance

@@ -21,8 +21,8 @@ def test_predictor_fast_dev_run_writes_outputs_and_exports(compose_train, tmp_pa
     exported = tmp_path / "predictors" / "subj01" / "V1.ckpt"
     assert exported.exists()
     model = neuroguide.load_model(exported)
-    info = model.neuroguide_info["model_config"]
-    assert info["region"] == "V1" and info["subject"] == 1
+    info, facts = model.neuroguide_info["model_config"], model.neuroguide_info["facts"]
+    assert facts["region"] == "V1" and facts["subject"] == 1
     x = torch.rand(2, 3, 32, 32)
     assert model(x).shape == (2, info["n_outputs"])
     # the Lightning checkpoint and the exported file rebuild the same network

@@ -286,13 +286,13 @@ def guided_ckpt(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("sensitivity_runner")
     root = write_synthetic_imagenet(tmp / "imagenet", n_classes=3, n_train=70, n_val=10, image_size=32)
-    mc = {"num_classes": 3, "branch": "layer4", "head_pool": 1, "arch": "resnet18", "n_neural": 0, "predictor": None,
-          "region": "none", "alpha": 0.0, "at_eps": 0.0, "image_size": 32}
+    mc = {"num_classes": 3, "branch": "layer4", "head_pool": 1, "arch": "resnet18", "n_neural": 0, "predictor": None}
+    facts = {"region": "none", "alpha": 0.0, "at_eps": 0.0, "image_size": 32}
     torch.manual_seed(0)
     model = get_task("guidance").build_model(**mc)
     rc = {"data": {"classification": "imagenet_subset", "classification_root": str(root),
                    "classification_class_list": str(root / "classes.txt"), "image_size": 32}}
-    return tmp, save_model_file(tmp / "guided.ckpt", "guidance", mc, model.state_dict(), rc)
+    return tmp, save_model_file(tmp / "guided.ckpt", "guidance", mc, model.state_dict(), rc, facts=facts)
 
 
 def _evaluate(tmp, out, *overrides):

@@ -158,7 +158,7 @@ def test_evaluate_outputs(tmp_path):
 def test_different_input_sizes_are_refused(tmp_path):
     models = classifiers()
     models["A"].image_size = 4
-    models["B"].neuroguide_info = {"model_config": {"image_size": 8}}
+    models["B"].neuroguide_info = {"facts": {"image_size": 8}}
     x = images(4)
     with pytest.raises(ValueError, match=r"one input size.*'A': 4 px, 'B': 8 px"):
         transfer.evaluate(models, x, None, tmp_path, eps=0.1, progress=False)

@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 
 def prepare_synthetic(data_cfg: Mapping, needs: Sequence[str] = ("nsd", "imagenet")) -> None:
-    """Write the embedded synthetic datasets a task ``needs`` (nsd, imagenet) when data is synthetic.
+    """Write the embedded synthetic datasets a task ``needs`` (nsd, imagenet, it) when data is synthetic.
 
     Each writer is idempotent and atomic, so concurrent runs (sweeps, DDP ranks) end with one
     valid tree. Real data configs (``synthetic: false``) are left alone.
@@ -21,3 +21,11 @@ def prepare_synthetic(data_cfg: Mapping, needs: Sequence[str] = ("nsd", "imagene
         from neuroguide.data.synthetic.imagenet import write_synthetic_imagenet
 
         write_synthetic_imagenet(Path(data_cfg["imagenet_root"]), **dict(data_cfg["synthetic_imagenet"]))
+    if "it" in needs and data_cfg.get("synthetic_it") is not None:
+        from neuroguide.data.synthetic.it import write_synthetic_it
+
+        want = Path(data_cfg["synthetic_it_file"])
+        written = write_synthetic_it(want.parent, **dict(data_cfg["synthetic_it"]))
+        if written != want:
+            raise ValueError(f"data.synthetic_it_file={want}: the synthetic IT writer names its file {written.name}; "
+                             f"set data.synthetic_it_file={written}")

@@ -221,7 +221,8 @@ class ITDataModule(L.LightningDataModule):
                  val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0, reliability_splits: int = 10):
         super().__init__()
         if path is None:
-            raise ValueError("ITDataModule: path is null; set paths.it_file to the IT recordings HDF5 file")
+            raise FileNotFoundError("task=it_encoding needs IT recordings: set paths.it_file=/path/to/it.h5 (format "
+                                    "in neuroguide/data/it.py), or use data=synthetic")
         self.path, self.image_size = Path(path).expanduser(), int(image_size)
         self.batch_size, self.num_workers, self.seed = int(batch_size), int(num_workers), int(seed)
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)

@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import Dataset
 
 from neuroguide.data.loaders import eval_loader, train_loader
-from neuroguide.data.nsd import NSDPaths, RegionData, RegionSpec, extract_regions
+from neuroguide.data.nsd import NSDPaths
+from neuroguide.data.nsd_regions import RegionData, RegionSpec, extract_regions
 from neuroguide.data.nsd_stimuli import NSDStimuli
 
 

@@ -103,9 +103,9 @@ def neural_reference(model, params: dict, cfg_n: int | None) -> tuple[torch.Tens
     n = params.pop("n_images", None) or cfg_n
     device = next(model.parameters()).device
     if info["task_name"] == "it_encoding" and not regions:
-        st = STIMULI["it_encoding"](info["run_config"], info["model_config"], n, {})
+        st = STIMULI["it_encoding"](info["run_config"], info["facts"], n, {})
         return st.images.to(device), {"IT": st.responses}
-    st = nsd_stimuli(info["run_config"], info["model_config"], n, params.pop("stimuli", {}) or {}, regions)
+    st = nsd_stimuli(info["run_config"], info["facts"], n, params.pop("stimuli", {}) or {}, regions)
     return st.images.to(device), st.region_responses
 
 

@@ -44,26 +44,22 @@ def _get(d: Mapping, path: str, default=None):
     return d
 
 
-def nsd_stimuli(run_config: Mapping, model_config: Mapping, n: int | None, override: Mapping,
+def nsd_stimuli(run_config: Mapping, facts: Mapping, n: int | None, override: Mapping,
                 regions: list | None = None) -> Stimuli:
     """NSD test (shared) images of the run's subject with the measured responses of its region (or of
     ``regions``: region configs or names of conf/region/*.yaml), resized to the model's input size."""
-    from neuroguide.config import CONF_DIR
-    from neuroguide.data.nsd import NSDPaths, extract_regions
+    from neuroguide.data.nsd import NSDPaths
+    from neuroguide.data.nsd_regions import extract_regions, load_region
     from neuroguide.data.nsd_stimuli import NSDStimuli
-    from omegaconf import OmegaConf
 
     root = override.get("nsd_root") or _get(run_config, "data.nsd_root")
     if not root:
         raise ValueError("no NSD data for this model: set stimuli.nsd_root=<NSD folder> (evaluate.py) to compare with regions")
-    subject = int(model_config.get("subject") or _get(run_config, "subject", 1))
+    subject = int(facts.get("subject") or _get(run_config, "subject", 1))
     specs = []
     for r in regions or [dict(_get(run_config, "region") or {})]:
         if isinstance(r, str):
-            f = CONF_DIR / "region" / f"{r}.yaml"
-            if not f.exists():
-                raise KeyError(f"unknown region {r!r}: no {f}; known: {sorted(p.stem for p in f.parent.glob('*.yaml'))}")
-            r = OmegaConf.to_container(OmegaConf.load(f), resolve=True)
+            r = load_region(r)
         if not r.get("atlas"):
             raise ValueError(f"region {r.get('name')!r} has no voxels (a baseline): name the regions to compare with, "
                              "e.g. eval.rsa.regions=[V1,TO]")
@@ -73,7 +69,7 @@ def nsd_stimuli(run_config: Mapping, model_config: Mapping, n: int | None, overr
                           max_sessions=_get(run_config, "data.max_sessions"), progress=False)
     first = rds[specs[0]["name"]]
     rows = _spread(len(first.test_images), n)
-    size = int(override.get("image_size") or model_config.get("image_size") or _get(run_config, "data.image_size", 224))
+    size = int(override.get("image_size") or facts.get("image_size") or _get(run_config, "data.image_size", 224))
     ds = NSDStimuli(NSDPaths(root, subject).stimuli, np.asarray(first.test_images)[rows], size)
     images = torch.stack([ds[i] for i in range(len(ds))])
     responses = {name: torch.as_tensor(np.asarray(rd.test)[rows]) for name, rd in rds.items()}
@@ -81,7 +77,7 @@ def nsd_stimuli(run_config: Mapping, model_config: Mapping, n: int | None, overr
                    region_responses=responses)
 
 
-def classification_stimuli(run_config: Mapping, model_config: Mapping, n: int | None, override: Mapping) -> Stimuli:
+def classification_stimuli(run_config: Mapping, facts: Mapping, n: int | None, override: Mapping) -> Stimuli:
     """Test images and labels of the classifier's dataset (the model's own class list): the ImageNet
     ``val/`` folder (CIFAR-100: its test set), held out from training and from checkpoint selection
     (the validation split is part of the train folder)."""
@@ -91,7 +87,7 @@ def classification_stimuli(run_config: Mapping, model_config: Mapping, n: int | 
         root=override.get("root") or _get(run_config, "data.classification_root"),
         class_list=override.get("class_list") or _get(run_config, "data.classification_class_list"),
         dataset=override.get("dataset") or _get(run_config, "data.classification", "imagenet_subset"),
-        image_size=int(override.get("image_size") or model_config.get("image_size") or 224), batch_size=64)
+        image_size=int(override.get("image_size") or facts.get("image_size") or 224), batch_size=64)
     dm.setup("test")
     ds = dm.test_set
     rows = _spread(len(ds), n)
@@ -101,13 +97,13 @@ def classification_stimuli(run_config: Mapping, model_config: Mapping, n: int | 
     return Stimuli(images, labels, None, f"{dm.__class__.__name__} test")
 
 
-def it_stimuli(run_config: Mapping, model_config: Mapping, n: int | None, override: Mapping) -> Stimuli:
+def it_stimuli(run_config: Mapping, facts: Mapping, n: int | None, override: Mapping) -> Stimuli:
     """The IT test images (the same split by image as in training) with the recorded mean responses."""
     from neuroguide.data.it import ITDataModule
 
     dm_cfg = dict(_get(run_config, "task.datamodule") or {})
-    path = override.get("it_file") or model_config.get("it_file") or dm_cfg.get("path")
-    size = int(override.get("image_size") or model_config.get("image_size") or dm_cfg.get("image_size", 224))
+    path = override.get("it_file") or facts.get("it_file") or dm_cfg.get("path")
+    size = int(override.get("image_size") or facts.get("image_size") or dm_cfg.get("image_size", 224))
     dm = ITDataModule(path, image_size=size, val_fraction=dm_cfg.get("val_fraction", 0.1),
                       test_fraction=dm_cfg.get("test_fraction", 0.2), seed=int(dm_cfg.get("seed", 0)))
     dm.setup("test")
@@ -118,6 +114,7 @@ def it_stimuli(run_config: Mapping, model_config: Mapping, n: int | None, overri
                    "IT test", region="IT")
 
 
+# model kind -> its held-out stimuli: loader(run_config, facts, n, override) -> Stimuli
 STIMULI: dict[str, Callable[..., Stimuli]] = {
     "predictor": nsd_stimuli,
     "guidance": classification_stimuli,
@@ -130,11 +127,11 @@ def model_stimuli(model: torch.nn.Module, n: int | None = None, override: Mappin
     info = getattr(model, "neuroguide_info", None)
     if not info:
         raise ValueError("the model carries no neuroguide_info: load it with neuroguide.load_model(path)")
-    task = info["task_name"]
-    if task not in STIMULI:
-        raise KeyError(f"no evaluation stimuli known for task {task!r}; known: {sorted(STIMULI)}")
-    loader, override = STIMULI[task], dict(override or {})
-    run_config, model_config = info["run_config"], info["model_config"]
-    stim = loader(run_config, model_config, n, override)
-    stim.split = lambda m=None: loader(run_config, model_config, m, override)
+    kind = info.get("model_kind") or info["task_name"]
+    if kind not in STIMULI:
+        raise KeyError(f"no evaluation stimuli known for model kind {kind!r}; known: {sorted(STIMULI)}")
+    loader, override = STIMULI[kind], dict(override or {})
+    run_config, facts = info["run_config"], info.get("facts") or {}
+    stim = loader(run_config, facts, n, override)
+    stim.split = lambda m=None: loader(run_config, facts, m, override)
     return stim

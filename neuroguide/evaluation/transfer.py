@@ -53,10 +53,10 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def declared_input_size(model: nn.Module) -> int | None:
-    """The input size a model declares: ``neuroguide_info["model_config"]["image_size"]`` (set by
+    """The input size a model declares: ``neuroguide_info["facts"]["image_size"]`` (set by
     ``neuroguide.load_model``) or an ``image_size`` / ``input_size`` attribute; None if it declares none."""
     info = getattr(model, "neuroguide_info", None) or {}
-    size = (info.get("model_config") or {}).get("image_size")
+    size = (info.get("facts") or {}).get("image_size")
     for attr in ("image_size", "input_size"):
         if size is None:
             size = getattr(model, attr, None)

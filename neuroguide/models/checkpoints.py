@@ -1,23 +1,31 @@
 """Checkpoints: the one safe loader, the one way to build a model from a checkpoint.
 
 A neuroguide checkpoint (Lightning's ``.ckpt`` or the exported model file) holds
-``hyper_parameters = {"task_name", "model_config", "run_config"}``: ``model_config`` is
-everything :meth:`Task.build_model` needs, so :func:`load_model` rebuilds the network without
-Hydra or the data. Every file is read with ``torch.load(..., weights_only=True)``: a file holding
-a pickled callable is refused.
+``hyper_parameters = {"task_name", "model_kind", "model_config", "facts", "run_config"}``:
+``model_config`` is exactly what the builder of ``model_kind`` (:mod:`neuroguide.models.registry`)
+takes, so :func:`load_model` rebuilds the network without Hydra, the data or the task; ``facts`` are
+the run facts a reader looks things up by (region, subject, alpha, at_eps, image_size, ...) and
+``run_config`` the whole resolved run config. Every file is read with
+``torch.load(..., weights_only=True)``: a file holding a pickled callable is refused.
 """
 from __future__ import annotations
 
+import logging
 import os
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from neuroguide.models.registry import build_model, split_model_config
 from neuroguide.utils.io import atomic_path
 
-FORMAT = "neuroguide-model-v1"
+FORMAT = "neuroguide-model-v2"
+FORMATS = ("neuroguide-model-v1", FORMAT)
+log = logging.getLogger("neuroguide")
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
@@ -25,24 +33,36 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (check the path, or train the model first)")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is not a readable checkpoint: the file is empty (0 bytes). It was probably cut "
+                         "off while being written or copied; copy it again or retrain the model")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError, RuntimeError, ...
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Weights only load failed" in str(e):
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
+        msg = str(e)
+        if "GLOBAL" in msg or "Unsupported global" in msg:  # a real pickle that names Python objects
+            names = [ln.strip() for ln in msg.splitlines() if "GLOBAL" in ln or "Unsupported global" in ln]
             raise ValueError(
-                f"refusing to load {path}: it holds Python objects (such as a pickled callable) that a "
-                f"weights-only load does not allow. Re-save it as a plain state dict "
-                f"(torch.save(model.state_dict(), path)). Loader said: {str(e).splitlines()[0]}"
-            ) from None
-        raise ValueError(f"could not read checkpoint {path}: {e}") from e
+                f"refusing to load {path}: it holds Python objects (such as a pickled callable) that a weights-only "
+                f"load does not run ({names[0] if names else 'unsupported global'}). Re-save it as a plain state "
+                "dict of tensors (torch.save(model.state_dict(), path)) from code you trust") from None
+        kind = "a zip archive" if zipfile.is_zipfile(path) else "not a torch zip archive"
+        reason = msg.splitlines()[0][:200] if msg.strip() else type(e).__name__
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({size} bytes, {kind}; torch.load said: {reason}). It is "
+            "corrupted, truncated or not a PyTorch file: copy it again, or retrain the model") from None
 
 
-def save_model_file(path: str | os.PathLike, task_name: str, model_config: dict, state_dict: dict,
-                    run_config: dict | None = None, metrics: dict | None = None) -> Path:
+def save_model_file(path: str | os.PathLike, model_kind: str, model_config: dict, state_dict: dict,
+                    run_config: dict | None = None, metrics: dict | None = None, facts: dict | None = None,
+                    task_name: str | None = None) -> Path:
     """Write an exported model (weights + the config to rebuild it), atomically."""
     obj = {
         "format": FORMAT,
-        "hyper_parameters": {"task_name": task_name, "model_config": model_config, "run_config": run_config or {}},
+        "hyper_parameters": {"task_name": task_name or model_kind, "model_kind": model_kind,
+                             "model_config": dict(model_config), "facts": dict(facts or {}),
+                             "run_config": run_config or {}},
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "metrics": dict(metrics or {}),
     }
@@ -51,41 +71,92 @@ def save_model_file(path: str | os.PathLike, task_name: str, model_config: dict,
     return Path(path)
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[str, dict, dict, dict]:
-    """(task_name, model_config, run_config, model state dict) of a neuroguide checkpoint."""
+@dataclass
+class Checkpoint:
+    """What a neuroguide checkpoint holds (see the module docstring)."""
+
+    path: Path
+    task_name: str
+    model_kind: str
+    model_config: dict
+    facts: dict
+    run_config: dict
+    state_dict: dict = field(repr=False)
+    metrics: dict = field(default_factory=dict)
+
+    def info(self) -> dict:
+        """The ``neuroguide_info`` a loaded model carries."""
+        return {"task_name": self.task_name, "model_kind": self.model_kind, "model_config": self.model_config,
+                "facts": self.facts, "run_config": self.run_config, "path": str(self.path)}
+
+
+def read_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Checkpoint:
+    """The contents of a neuroguide checkpoint; ``kind``: refuse a model of another kind."""
     ckpt = safe_torch_load(path)
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not hp or "task_name" not in hp or "model_config" not in hp:
+    if not hp or "task_name" not in hp or "model_config" not in hp or "state_dict" not in ckpt:
         raise ValueError(
             f"{path} is not a neuroguide checkpoint (no hyper_parameters.task_name/model_config). "
-            "Use a .ckpt written by `python train.py` or neuroguide.models.checkpoints.save_model_file"
-        )
+            "Use a .ckpt written by `python train.py` or neuroguide.models.checkpoints.save_model_file")
+    task_name = hp["task_name"]
+    model_kind = hp.get("model_kind") or task_name
+    if kind is not None and model_kind != kind:
+        raise ValueError(f"{path} holds a {model_kind!r} model, not a {kind!r} model: pass a checkpoint of a "
+                         f"{kind} run")
+    # files written before model_config and run facts were split (or by hand) may mix them: separated here
+    model_config, old_facts = split_model_config(model_kind, dict(hp["model_config"]))
+    facts = {**old_facts, **dict(hp.get("facts") or {})}
     sd = ckpt["state_dict"]
-    if ckpt.get("format") != FORMAT:  # Lightning checkpoint: the task's weights live under "model."
+    if ckpt.get("format") not in FORMATS:  # Lightning checkpoint: the task's weights live under "model."
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-    return hp["task_name"], dict(hp["model_config"]), dict(hp.get("run_config") or {}), sd
+    return Checkpoint(Path(path), task_name, model_kind, model_config, facts, dict(hp.get("run_config") or {}),
+                      sd, dict(ckpt.get("metrics") or {}))
 
 
-def load_model(path: str | os.PathLike, map_location: Any = "cpu", eval_mode: bool = True) -> nn.Module:
+def load_model(path: str | os.PathLike, map_location: Any = "cpu", eval_mode: bool = True,
+               kind: str | None = None) -> nn.Module:
     """Rebuild the model stored in ``path`` (no Hydra needed), with its weights, in eval mode.
 
-    The returned module takes images (B, 3, H, W) in [0, 1]. ``model.neuroguide_info`` holds
-    ``task_name``, ``model_config`` and ``run_config`` of the checkpoint.
+    The returned module takes images (B, 3, H, W) in [0, 1] (a batch outside that range is warned
+    about once). ``model.neuroguide_info`` holds ``task_name``, ``model_kind``, ``model_config``,
+    ``facts`` and ``run_config`` of the checkpoint. ``kind``: refuse a model of another kind.
     """
-    from neuroguide.tasks import get_task
-
-    task_name, model_config, run_config, sd = read_checkpoint(path)
-    model = get_task(task_name).build_model(**model_config)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    ck = read_checkpoint(path, kind)
+    model = build_model(ck.model_kind, **ck.model_config)
+    missing, unexpected = model.load_state_dict(ck.state_dict, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise ValueError(
-            f"checkpoint {path} does not fit the {task_name} model it describes: missing keys "
-            f"{missing[:5]}, unexpected keys {unexpected[:5]}"
-        )
+            f"checkpoint {path} does not fit the {ck.model_kind} model it describes: missing keys "
+            f"{missing[:5]}, unexpected keys {unexpected[:5]}")
     model.to(map_location)
     if eval_mode:
         model.eval()
-    model.neuroguide_info = {"task_name": task_name, "model_config": model_config, "run_config": run_config,
-                             "path": str(path)}
+    model.neuroguide_info = ck.info()
+    check = _InputRangeCheck(str(path))
+    check.handle = model.register_forward_pre_hook(check)
     return model
+
+
+class _InputRangeCheck:
+    """Forward pre-hook: warn when an input batch lies outside [0, 1] (e.g. [0, 255] pixels). It looks
+    at the first ``n_checks`` batches only (a min/max costs a device sync) and removes itself after."""
+
+    n_checks = 8
+
+    def __init__(self, name: str):
+        self.name, self.seen, self.handle = name, 0, None
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+            return
+        self.seen += 1
+        if self.seen >= self.n_checks and self.handle is not None:
+            self.handle.remove()
+        x = args[0].detach()
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            if self.handle is not None:
+                self.handle.remove()
+            log.warning("model %s takes images in [0, 1] (normalization is inside the model), but got a batch in "
+                        "[%.3g, %.3g]%s", self.name, lo, hi, ": divide [0, 255] pixels by 255" if hi > 2 else "")

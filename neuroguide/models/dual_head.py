@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuroguide.models.registry import build_model, register_model, split_model_config
 from neuroguide.models.resnet import NormalizedResNet
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -119,3 +120,34 @@ class DualHeadResNet(NormalizedResNet):
             s = self.predictor_image_size
             x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
         return self.predictor(x)
+
+
+def _upgrade(old: dict) -> tuple[dict, dict]:
+    """A guided model_config written before builders and run facts were split: the predictor's
+    ``image_size`` was the size its inputs are resized to; region, alpha, at_eps, ... are facts."""
+    args = {"num_classes", "n_neural", "branch", "arch", "head_pool", "predictor", "predictor_image_size"}
+    config = {k: v for k, v in old.items() if k in args}
+    facts = {k: v for k, v in old.items() if k not in args}
+    pred = old.get("predictor")
+    if pred:
+        config["predictor"], pred_facts = split_model_config("predictor", pred)
+        if config.get("predictor_image_size") is None and pred_facts.get("image_size"):
+            config["predictor_image_size"] = int(pred_facts["image_size"])
+        facts["predictor"] = pred_facts
+    return config, facts
+
+
+@register_model("guidance", upgrade=_upgrade)
+def guided_classifier(num_classes: int, n_neural: int = 0, branch: str = "layer4", arch: str = "resnet18",
+                      predictor: dict | None = None, predictor_image_size: int | None = None,
+                      head_pool: int = 1) -> DualHeadResNet:
+    """The dual-head classifier (Shao et al.) with a frozen predictor built from ``predictor`` (the
+    predictor's own model_config; its weights come from the state dict) or none (``region=none``).
+
+    ``head_pool``: side of the pool before the neural head's linear map, as resolved from
+    ``task.head_pool`` at training time; a model_config without it (made before the option) had the
+    global pool, 1. Returns (B, 3, H, W) in [0, 1] -> logits (B, num_classes).
+    """
+    pred = build_model("predictor", **predictor) if predictor else None
+    return DualHeadResNet(int(num_classes), int(n_neural) if pred is not None else 0, branch, arch, pred,
+                          predictor_image_size, head_pool=head_pool)

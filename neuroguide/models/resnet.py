@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 from neuroguide.models.normalize import Normalize
+from neuroguide.models.registry import register_model
 
 ARCHS = {"resnet18": torchvision.models.resnet18, "resnet34": torchvision.models.resnet34,
          "resnet50": torchvision.models.resnet50}
@@ -42,3 +43,9 @@ class NormalizedResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+
+@register_model("predictor")
+def neural_predictor(arch: str = "resnet18", n_outputs: int = 1) -> NormalizedResNet:
+    """Neural predictor (Shao et al.): (B, 3, H, W) in [0, 1] -> (B, n_outputs) voxels or PCA components."""
+    return NormalizedResNet(arch, int(n_outputs))

@@ -1,36 +1,65 @@
-"""What every task shares: the checkpoint contract and model export.
+"""What every task shares: the checkpoint contract, model export, optimizer and schedule.
 
-A task is a LightningModule whose network is ``self.model`` (built by the static
-``build_model(**model_config)``) and whose hyper-parameters are plain dicts, so that
-``neuroguide.load_model`` can rebuild it from a weights-only checkpoint.
+A task is a LightningModule whose network is ``self.model``, built by the model registry
+(:mod:`neuroguide.models.registry`) from ``model_config`` under the task's name as model kind, and
+whose hyper-parameters are plain dicts (``task_name``, ``model_kind``, ``model_config``, ``facts``,
+``run_config``), so that ``neuroguide.load_model`` can rebuild it from a weights-only checkpoint.
+
+Optimizer and schedule are the same pattern for every task: ``task.optimizer`` is a Hydra partial
+(``_partial_: true``) called on :meth:`Task.param_groups`, ``task.scheduler`` a plain dict
+(:func:`neuroguide.tasks.schedules.lr_factor`).
 """
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import lightning as L
+import torch
 from torch import nn
 
 from neuroguide.models.checkpoints import save_model_file
+from neuroguide.models.registry import model_builder
+from neuroguide.tasks.schedules import configure_schedule
 
 
 class Task(L.LightningModule):
     task_name: ClassVar[str] = "task"
 
-    def __init__(self, model_config: dict, run_config: dict | None = None, model: nn.Module | None = None):
-        """``model``: an already built network (e.g. with loaded frozen parts); else built from model_config."""
+    def __init__(self, model_config: dict, run_config: dict | None = None, model: nn.Module | None = None, *,
+                 facts: dict | None = None, optimizer: Callable | None = None, scheduler: dict | None = None):
+        """``model``: an already built network (e.g. with loaded weights); else built from model_config.
+        ``facts``: run facts stored beside the model (region, subject, alpha, ...). ``optimizer``: a
+        callable ``params -> torch.optim.Optimizer`` (Hydra partial); ``scheduler``: see module doc."""
         super().__init__()
         # plain dicts (not the caller's frame): what load_model needs, loadable with weights_only=True
-        self._set_hparams({"task_name": self.task_name, "model_config": dict(model_config),
+        self._set_hparams({"task_name": self.task_name, "model_kind": self.task_name,
+                           "model_config": dict(model_config), "facts": dict(facts or {}),
                            "run_config": dict(run_config or {})})
         self._hparams_initial = copy.deepcopy(self._hparams)
         self.model = model if model is not None else self.build_model(**model_config)
+        self.optimizer_factory, self.scheduler_config = optimizer, dict(scheduler or {})
 
-    @staticmethod
-    def build_model(**model_config: Any) -> nn.Module:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @classmethod
+    def build_model(cls, *args: Any, **model_config: Any) -> nn.Module:
+        """The registered builder of this task's model kind."""
+        return model_builder(cls.task_name)(*args, **model_config)
+
+    @classmethod
+    def requirements(cls, cfg) -> list:
+        """What the pipeline must provide before the task is built (e.g. a trained predictor); see
+        :mod:`neuroguide.requirements`."""
+        return []
+
+    @classmethod
+    def prepare_config(cls, cfg):
+        """The run config as the task will use it (e.g. guidance: ``region=none`` forces alpha to 0)."""
+        return cfg
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Fail early, naming the key, on values this task cannot use."""
 
     @classmethod
     def from_config(cls, cfg, datamodule) -> "Task":  # pragma: no cover - abstract
@@ -44,11 +73,23 @@ class Task(L.LightningModule):
         # plain dicts only, so that weights_only=True loads work
         checkpoint["hyper_parameters"] = {k: v for k, v in dict(self.hparams).items()}
 
+    # ------------------------------------------------------------------ optimizer
+    def param_groups(self) -> list:
+        """What the optimizer updates: the trainable parameters (tasks may return param groups)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        params = self.param_groups()
+        opt = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.Adam(params, lr=1e-3)
+        return configure_schedule(opt, self.scheduler_config, self.trainer)
+
+    # ------------------------------------------------------------------ export
     def export(self, path: str | Path, metrics: dict | None = None) -> Path:
         """Write ``self.model`` as a standalone model file loadable by ``neuroguide.load_model``."""
         hp = self.hparams
-        return save_model_file(path, self.task_name, dict(hp["model_config"]), self.model.state_dict(),
-                               dict(hp.get("run_config") or {}), metrics)
+        return save_model_file(path, hp["model_kind"], dict(hp["model_config"]), self.model.state_dict(),
+                               dict(hp.get("run_config") or {}), metrics, facts=dict(hp.get("facts") or {}),
+                               task_name=self.task_name)
 
     def export_paths(self, cfg) -> list[Path]:
         """Extra places (besides the run folder) where the trained model is exported."""

@@ -1,7 +1,7 @@
 """Neural predictor (NeuralGuidance): ResNet18 -> one region's voxels (or PCA components).
 
-Loss: squared error summed over outputs, averaged over the batch; Adam (lr 1e-3, weight decay
-5e-4). Scores on the validation and test (shared) images, always in voxel space against the measured
+Loss: squared error summed over outputs, averaged over the batch; Adam (``task.lr`` 1e-3, weight
+decay 5e-4). Scores on the validation and test (shared) images, always in voxel space against the measured
 (repeat-averaged) voxel responses: per-voxel Pearson r, its median and mean, and r relative to the
 noise ceiling, ``r / sqrt(NC / 100)``, over the voxels with ``NC >= nc_threshold`` (percent). With
 PCA, predictions are mapped back to voxels first; the component-space r is reported as ``r_pc_*``.
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from neuroguide.metrics import nanmedian, pearson_r
-from neuroguide.models.resnet import NormalizedResNet
 from neuroguide.tasks import register_task
-from neuroguide.tasks.base import Task
+from neuroguide.tasks.regression import RegressionTask
 
 
 def predictor_path(predictors_dir: str | Path, subject: int, region: str, shuffle: bool = False) -> Path:
@@ -27,60 +27,41 @@ def predictor_path(predictors_dir: str | Path, subject: int, region: str, shuffl
 
 
 @register_task("predictor")
-class PredictorTask(Task):
-    def __init__(self, model_config: dict, run_config: dict | None = None, lr: float = 1e-3,
-                 weight_decay: float = 5e-4, nc: np.ndarray | None = None, pca_components=None, pca_mean=None,
+class PredictorTask(RegressionTask):
+    def __init__(self, model_config: dict, run_config: dict | None = None, *, facts: dict | None = None,
+                 optimizer=None, scheduler=None, nc: np.ndarray | None = None, pca_components=None, pca_mean=None,
                  nc_threshold: float = 0.0):
-        super().__init__(model_config, run_config)
-        self.lr, self.weight_decay, self.nc_threshold = lr, weight_decay, float(nc_threshold)
+        super().__init__(model_config, run_config, facts=facts, optimizer=optimizer, scheduler=scheduler)
+        self.nc_threshold = float(nc_threshold)
         # noise ceiling and PCA back-projection: buffers (not part of the exported model)
         self.register_buffer("nc", torch.tensor(np.asarray(nc if nc is not None else [], np.float32)),
                              persistent=False)
         self.pca_components = None if pca_components is None else torch.tensor(np.array(pca_components))
         self.pca_mean = None if pca_mean is None else torch.tensor(np.array(pca_mean))
-        self._preds: dict[str, list] = {"val": [], "test": []}
-
-    @staticmethod
-    def build_model(arch: str = "resnet18", n_outputs: int = 1, **_meta) -> nn.Module:
-        """ResNet with normalization inside, fc -> ``n_outputs``. ``_meta`` (region, subject, ...) is
-        kept in the checkpoint for look-ups and checks."""
-        return NormalizedResNet(arch, n_outputs)
 
     @classmethod
     def from_config(cls, cfg, datamodule) -> "PredictorTask":
-        from omegaconf import OmegaConf
-
         rd = datamodule.region_data
-        model_config = {"arch": cfg.task.arch, "n_outputs": int(rd.n_outputs), "region": cfg.region.name,
-                        "subject": int(cfg.subject), "n_voxels": int(rd.n_voxels), "pca": rd.pca_components is not None,
-                        "shuffle": bool(cfg.task.shuffle), "image_size": int(cfg.data.image_size)}
-        return cls(model_config, OmegaConf.to_container(cfg, resolve=True), lr=cfg.task.lr,
-                   weight_decay=cfg.task.weight_decay, nc=np.asarray(rd.nc), pca_components=rd.pca_components,
-                   pca_mean=rd.pca_mean, nc_threshold=float(cfg.data.get("nc_threshold") or 0.0))
+        model_config = {"arch": cfg.task.arch, "n_outputs": int(rd.n_outputs)}
+        facts = {"region": cfg.region.name, "subject": int(cfg.subject), "n_voxels": int(rd.n_voxels),
+                 "pca": rd.pca_components is not None, "shuffle": bool(cfg.task.shuffle),
+                 "image_size": int(cfg.data.image_size)}
+        return cls(model_config, OmegaConf.to_container(cfg, resolve=True), facts=facts,
+                   optimizer=instantiate(cfg.task.optimizer), scheduler=cfg.task.get("scheduler"), nc=np.asarray(rd.nc),
+                   pca_components=rd.pca_components, pca_mean=rd.pca_mean,
+                   nc_threshold=float(cfg.data.get("nc_threshold") or 0.0))
 
     @staticmethod
     def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Squared error summed over outputs, averaged over the batch."""
         return ((pred - target) ** 2).sum(1).mean()
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = self.loss_fn(self.model(x), y)
-        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(x))
-        return loss
+    def objective(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": self.loss_fn(pred, target)}
 
-    def _eval_step(self, split, batch):
-        x, voxels = batch  # validation and test targets are the measured voxel responses (see the datamodule)
-        pred = self.model(x)
-        self.log(f"{split}/loss", self.loss_fn(pred, self.to_outputs(voxels)), on_epoch=True, batch_size=len(x),
-                 sync_dist=True)
-        self._preds[split].append((pred.detach().cpu(), voxels.detach().cpu()))
-
-    def validation_step(self, batch, batch_idx):
-        self._eval_step("val", batch)
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step("test", batch)
+    def eval_target(self, voxels: torch.Tensor) -> torch.Tensor:
+        # validation and test targets are the measured voxel responses (see the datamodule)
+        return self.to_outputs(voxels)
 
     def to_voxels(self, z: torch.Tensor) -> torch.Tensor:
         """(N, n_outputs) outputs -> (N, V) voxels (PCA back-projection when the outputs are components)."""
@@ -111,18 +92,7 @@ class PredictorTask(Task):
             out["r_pc"] = pearson_r(pred, self.to_outputs(voxels))
         return out
 
-    def _eval_end(self, split):
-        items = self._preds[split]
-        self._preds[split] = []
-        if not items:
-            return
-        pred = torch.cat([p for p, _ in items])
-        target = torch.cat([t for _, t in items])
-        if self.trainer.world_size > 1:
-            pred = self.all_gather(pred).flatten(0, 1).cpu()
-            target = self.all_gather(target).flatten(0, 1).cpu()
-        if len(pred) < 2:
-            return
+    def log_scores(self, split: str, pred: torch.Tensor, target: torch.Tensor) -> None:
         s = self.scores(pred, target)
         r = s["r"]
         self.log(f"{split}/r_median", nanmedian(r), prog_bar=split == "val")
@@ -135,15 +105,6 @@ class PredictorTask(Task):
         if "r_pc" in s:
             self.log(f"{split}/r_pc_median", nanmedian(s["r_pc"]))
 
-    def on_validation_epoch_end(self):
-        self._eval_end("val")
-
-    def on_test_epoch_end(self):
-        self._eval_end("test")
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-
     def export_paths(self, cfg) -> list[Path]:
-        mc = self.hparams["model_config"]
-        return [predictor_path(cfg.paths.predictors_dir, mc["subject"], mc["region"], mc["shuffle"])]
+        f = self.hparams["facts"]
+        return [predictor_path(cfg.paths.predictors_dir, f["subject"], f["region"], f["shuffle"])]

@@ -1,0 +1,129 @@
+"""What a task needs before it is built, and how the pipeline provides it.
+
+A task declares its needs (:meth:`neuroguide.tasks.base.Task.requirements`); :func:`provide`
+resolves each before the task is built: a trained predictor of region R for subject S is found at
+``${paths.predictors_dir}/subjSS/R.ckpt``, checked against the data (the output count stored in
+its checkpoint against the region's cached voxel count), and on the synthetic data trained first
+when missing (by the same pipeline, into a sub-folder of the run). On real data a missing
+predictor is an error that prints the exact command that trains it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from neuroguide.config import compose_config, output_dir
+from neuroguide.tasks.predictor import predictor_path
+
+log = logging.getLogger("neuroguide")
+
+
+@dataclass(frozen=True)
+class PredictorRequirement:
+    """The trained predictor of ``region`` (or its shuffled control) for ``subject``; its path is
+    put into the run config at ``config_key``."""
+
+    region: str
+    subject: int
+    shuffle: bool = False
+    config_key: str = "predictor_path"
+
+
+def provide(need, cfg: DictConfig, train: Callable[[DictConfig], dict]) -> DictConfig:
+    """The run config with ``need`` resolved; ``train(cfg)`` trains a missing model (``neuroguide.train.run``)."""
+    if isinstance(need, PredictorRequirement):
+        path = ensure_predictor(cfg, need, train)
+        cfg = cfg.copy()
+        OmegaConf.set_struct(cfg, False)
+        OmegaConf.update(cfg, need.config_key, str(path), force_add=True)
+        return cfg
+    raise TypeError(f"no provider for requirement {need!r}")
+
+
+def predictor_train_command(cfg: DictConfig, need: PredictorRequirement) -> str:
+    """The exact command that trains the predictor the run looks for."""
+    parts = ["python train.py task=predictor", f"region={need.region}", f"subject={need.subject}",
+             f"data={cfg.data.name}"]
+    if not cfg.data.synthetic:
+        parts.append(f"paths.nsd_root={cfg.paths.nsd_root}")
+    if need.shuffle:
+        parts.append("predictor.shuffle=true")
+    if Path(cfg.paths.predictors_dir) != Path(cfg.paths.root_dir) / "predictors" / cfg.data.name:
+        parts.append(f"paths.predictors_dir={cfg.paths.predictors_dir}")
+    return " ".join(parts)
+
+
+def predictor_config(cfg: DictConfig, need: PredictorRequirement, out: Path) -> DictConfig:
+    """The config that trains the predictor with this run's data, paths, subject and seed
+    (``predictor.train_overrides`` adjust its task and trainer)."""
+    pcfg = compose_config("train", ["task=predictor", f"region={need.region}", "logger=csv",
+                                    *cfg.predictor.get("train_overrides", [])])
+    OmegaConf.set_struct(pcfg, False)
+    for key in ("data", "paths", "seed", "predictor"):
+        v = cfg[key]
+        pcfg[key] = OmegaConf.to_container(v, resolve=False) if OmegaConf.is_config(v) else v
+    pcfg.subject = need.subject
+    pcfg.predictor.shuffle = need.shuffle
+    pcfg.trainer.accelerator = cfg.trainer.accelerator
+    pcfg.paths.output_dir = str(out)
+    return pcfg
+
+
+def _check_nsd_root(cfg: DictConfig) -> None:
+    root = cfg.data.get("nsd_root")
+    if not cfg.data.synthetic and (not root or not Path(str(root)).expanduser().is_dir()):
+        raise FileNotFoundError(f"paths.nsd_root={root} does not exist: point it at the NSD folder (holding nsddata/, "
+                                "nsddata_betas/, nsddata_stimuli/), e.g. paths.nsd_root=/data/nsd")
+
+
+def ensure_predictor(cfg: DictConfig, need: PredictorRequirement, train: Callable[[DictConfig], dict]) -> Path:
+    """Path of the needed predictor, checked; on synthetic data it is trained first when missing."""
+    path = predictor_path(cfg.paths.predictors_dir, need.subject, need.region, need.shuffle)
+    if not path.exists():
+        _check_nsd_root(cfg)
+        if not cfg.data.synthetic:
+            raise FileNotFoundError(f"no {need.region} predictor for subject {need.subject} at {path}. Train it first "
+                                    f"with:\n  {predictor_train_command(cfg, need)}")
+        out = output_dir(cfg) / f"predictor_{path.stem}"
+        log.warning("no %s predictor at %s: training it first on the synthetic data (%s)", need.region, path, out)
+        train(predictor_config(cfg, need, out))
+        if not path.exists():  # pragma: no cover - the predictor task exports it there
+            raise RuntimeError(f"training the {need.region} predictor did not write {path}")
+    check_predictor(path, cfg, need)
+    return path
+
+
+def check_predictor(path: Path, cfg: DictConfig, need: PredictorRequirement) -> None:
+    """The checkpoint is a predictor of the needed region and subject with as many outputs as the
+    region's cached extraction of this run's data has (skipped, with a warning, when there is none)."""
+    from neuroguide.data.nsd_regions import cached_region, extract_regions, load_region
+    from neuroguide.models.checkpoints import read_checkpoint
+
+    ck = read_checkpoint(path, kind="predictor")
+    facts, n_out = ck.facts, int(ck.model_config["n_outputs"])
+    if facts.get("region") != need.region or int(facts.get("subject", need.subject)) != need.subject:
+        raise ValueError(f"{path} is the predictor of region {facts.get('region')} subject {facts.get('subject')}, but "
+                         f"this run asks for region={need.region} subject={need.subject}. Retrain with: "
+                         f"{predictor_train_command(cfg, need)}")
+    d = cfg.data
+    kw = dict(cache_dir=cfg.paths.cache_dir, betas_format=d.betas_format, max_sessions=d.max_sessions, pca=d.pca,
+              pca_variance=d.pca_variance)
+    try:
+        rd = cached_region(d.nsd_root, need.subject, load_region(need.region), **kw)
+        if rd is None and d.synthetic:  # seconds on the synthetic data
+            rd = extract_regions(d.nsd_root, need.subject, [load_region(need.region)], progress=False, **kw)[need.region]
+    except FileNotFoundError as e:
+        log.warning("predictor %s: output count not checked, the NSD data are not here (%s)", path, e)
+        return
+    if rd is None:
+        log.warning("predictor %s: output count not checked, %s of subject %d is not extracted in paths.cache_dir=%s "
+                    "(training the predictor there extracts it)", path, need.region, need.subject, cfg.paths.cache_dir)
+        return
+    if n_out != rd.n_outputs:
+        raise ValueError(f"predictor checkpoint {path} has {n_out} outputs but region {need.region} of subject "
+                         f"{need.subject} has {rd.n_outputs} in the data at {d.nsd_root}. The checkpoint was trained "
+                         f"on other data or settings; retrain it with: {predictor_train_command(cfg, need)}")
