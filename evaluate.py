@@ -1,16 +1,38 @@
-"""Evaluate trained models: ``python evaluate.py ckpt=<path> eval=[sensitivity,robustness]`` (see README.md)."""
+"""Evaluate trained models: ``python evaluate.py ckpt=<path> eval=[sensitivity,robustness]`` (see README.md).
+
+A failed analysis is logged (with its traceback, also into the run's ``evaluate.log``) and named in
+metrics.json beside the results of the others; the process then exits with status 1.
+"""
+import logging
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import neuroguide.config  # noqa: F401  (registers the config resolvers)
 
+log = logging.getLogger("neuroguide")
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from neuroguide.evaluation.runner import run
+    from neuroguide.evaluation.runner import EvaluationFailed, run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except EvaluationFailed as e:  # each failure's traceback is already in the log
+        log.error("%s", e)
+        raise
+    except Exception:  # Hydra prints the error on the console only: put it, with its traceback, into evaluate.log
+        log.exception("evaluate.py failed")
+        raise
 
 
 if __name__ == "__main__":
+    from neuroguide.evaluation.runner import check_eval_overrides
+
+    try:  # an unknown eval=[name]: say what exists before Hydra composes and before any model is loaded
+        check_eval_overrides(sys.argv[1:])
+    except KeyError as e:
+        sys.exit(f"evaluate.py: {e.args[0]}")
     main()

@@ -1,15 +1,23 @@
 """Train a neuroguide model: ``python train.py region=TO alpha=0.5`` (see README.md)."""
+import logging
+
 import hydra
 from omegaconf import DictConfig
 
 import neuroguide.config  # noqa: F401  (registers the config resolvers)
+
+log = logging.getLogger("neuroguide")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from neuroguide.train import run
 
-    metrics = run(cfg)
+    try:
+        metrics = run(cfg)
+    except Exception:  # Hydra prints the error on the console only: put it, with its traceback, into train.log
+        log.exception("train.py failed")
+        raise
     return metrics.get(cfg.task.get("monitor", ""), None)
 
 

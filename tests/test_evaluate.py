@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from neuroguide.config import compose_config
+from neuroguide.evaluation import runner
+from neuroguide.evaluation.runner import EvaluationFailed
 from neuroguide.evaluation.runner import run as evaluate
 from neuroguide.train import run as train
+
+REPO = Path(__file__).resolve().parents[1]
 
 SMALL_EVAL = ["n_images=6", "eval.sensitivity.units=3", "eval.sensitivity.n_images=2", "eval.sensitivity.steps=4",
               "eval.sensitivity.restarts=1", "eval.sensitivity.eps_list=[0.5]", "eval.robustness.eps_l2=[0.5]",
@@ -85,10 +94,107 @@ def test_bad_modes_and_names(trained):
     tmp, _, guided, _ = trained
     with pytest.raises(ValueError, match="exactly one of ckpt"):
         _eval(tmp, "e5", "eval=[robustness]")
-    with pytest.raises(KeyError, match="unknown analyses"):
+    with pytest.raises(KeyError, match=r"unknown analyses \['nonsense'\].*'shape_bias'.*sensitivity_guo2022"):
         _eval(tmp, "e6", f"ckpt={guided}", "+eval.nonsense={}")
-    with pytest.raises(KeyError, match="Valid layer names"):
+    assert not (tmp / "e6").exists()  # refused before anything ran
+    with pytest.raises(EvaluationFailed, match="eval/sensitivity/failed: KeyError: .*Valid layer names"):
         _eval(tmp, "e7", f"ckpt={guided}", "eval=[sensitivity]", "eval.sensitivity.layer=layer9")
+
+
+def _planted_failure(*args):
+    raise RuntimeError("planted failure")
+
+
+def test_failed_analysis_keeps_the_others(trained, monkeypatch, caplog):
+    """An analysis that raises is recorded in metrics.json beside the ones that completed (also those after
+    it), logged with its traceback, and run() raises EvaluationFailed naming it after writing."""
+    tmp, _, guided, _ = trained
+    monkeypatch.setitem(runner.PER_MODEL, "sensitivity", _planted_failure)  # the first of eval=[...]
+    with caplog.at_level(logging.ERROR, logger="neuroguide"), pytest.raises(EvaluationFailed) as err:
+        _eval(tmp, "e12", f"ckpt={guided}", "eval=[sensitivity,robustness]")
+    failure = "RuntimeError: planted failure"
+    assert err.value.failures == {"eval/sensitivity/failed": failure}
+    assert f"eval/sensitivity/failed: {failure}" in str(err.value) and "e12/metrics.json" in str(err.value)
+    m = json.loads((tmp / "e12" / "metrics.json").read_text())
+    assert m["eval/sensitivity/failed"] == failure
+    assert 0 <= m["eval/robustness/l2_0.5/acc"] <= m["eval/robustness/clean/acc"] + 1e-9  # ran after the failure
+    assert (tmp / "e12" / "config.yaml").exists()
+    logged = [r for r in caplog.records if r.exc_info and "eval/sensitivity/failed" in r.getMessage()]
+    assert logged and "planted failure" in str(logged[0].exc_info[1])
+
+
+def test_failures_in_multi_model_and_sweep_modes_keep_the_others(trained, monkeypatch):
+    """models=[...]: a model that does not load and a multi-model analysis that raises are recorded, the
+    other models' analyses run. sweep_dir=...: a broken run is recorded, the good one evaluated and reported."""
+    tmp, _, guided, none = trained
+    monkeypatch.setitem(runner.MULTI_MODEL, "transfer", _planted_failure)
+    missing = tmp / "gone" / "model.ckpt"
+    with pytest.raises(EvaluationFailed, match="gone/eval/model/failed: FileNotFoundError") as err:
+        _eval(tmp, "e13", f"models=[{guided},{none},{missing}]", "eval=[transfer,robustness]")
+    assert set(err.value.failures) == {"gone/eval/model/failed", "eval/transfer/failed"}
+    m = json.loads((tmp / "e13" / "metrics.json").read_text())
+    assert m["eval/transfer/failed"] == "RuntimeError: planted failure" and str(missing) in m["gone/eval/model/failed"]
+    assert "region-TO/eval/robustness/clean/acc" in m and "region-none/eval/robustness/clean/acc" in m
+
+    sweep = tmp / "sweep_broken"
+    (sweep / "good").mkdir(parents=True)
+    (sweep / "broken").mkdir()
+    os.symlink(guided, sweep / "good" / "model.ckpt")
+    for f in ("metrics.json", "config.yaml"):
+        (sweep / "good" / f).write_bytes((guided.parent / f).read_bytes())
+    (sweep / "broken" / "model.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(EvaluationFailed, match="broken/eval/model/failed") as err:
+        _eval(tmp, "e14", f"sweep_dir={sweep}", "eval=[robustness]")
+    assert list(err.value.failures) == ["broken/eval/model/failed"]
+    m = json.loads((tmp / "e14" / "metrics.json").read_text())
+    assert "good/eval/robustness/clean/acc" in m
+    assert "eval/model/failed" in json.loads((sweep / "broken" / "eval_metrics.json").read_text())
+    assert "eval/robustness/clean/acc" in json.loads((sweep / "good" / "eval_metrics.json").read_text())
+    assert "eval/robustness/clean/acc" in (tmp / "e14" / "report.md").read_text()
+
+
+def test_linf_only_robustness(trained):
+    tmp, _, guided, _ = trained
+    m, _ = _eval(tmp, "e15", f"ckpt={guided}", "eval=[robustness]", "eval.robustness.eps_l2=[]")
+    assert "eval/robustness/linf_2_255/acc" in m and "eval/robustness/fgsm_2_255/acc" in m
+    assert not any("l2_" in k for k in m)
+    with pytest.raises(EvaluationFailed, match="eval.robustness.eps_l2 and eval.robustness.eps_linf are both empty"):
+        _eval(tmp, "e16", f"ckpt={guided}", "eval=[robustness]", "eval.robustness.eps_l2=[]",
+              "eval.robustness.eps_linf=[]")
+
+
+def _cli(script, *args):
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO), HYDRA_FULL_ERROR="0")
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_failed_analysis_exit_status_and_log_file(trained):
+    """evaluate.py: robustness fails (bad eps), smoothness after it completes; metrics.json holds both, the
+    traceback is in the run's evaluate.log (not only on the console), and the exit status is 1."""
+    tmp, _, guided, _ = trained
+    run_dir = tmp / "e17"
+    p = _cli("evaluate.py", f"ckpt={guided}", "eval=[robustness,smoothness]", "n_images=6",
+             "eval.robustness.eps_l2=[-1.0]", "eval.smoothness.steps=2", f"hydra.run.dir={run_dir}",
+             f"paths.log_dir={tmp}/outputs")
+    assert p.returncode == 1, p.stderr[-3000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["eval/robustness/failed"].startswith("ValueError: eval.robustness.eps_l2 holds -1.0")
+    assert m["eval/smoothness/clean"] >= 0
+    log_text = (run_dir / "evaluate.log").read_text()
+    assert "Traceback (most recent call last)" in log_text
+    assert "ValueError: eval.robustness.eps_l2 holds -1.0" in log_text
+    assert "1 evaluation step(s) failed" in log_text
+
+
+def test_cli_unknown_analysis_fails_before_loading(tmp_path):
+    p = _cli("evaluate.py", f"ckpt={tmp_path}/no_model.ckpt", "eval=[robustness,nonexistent]",
+             f"hydra.run.dir={tmp_path}/run")
+    assert p.returncode == 1
+    assert "unknown analyses ['nonexistent'] in eval=[robustness,nonexistent]" in p.stderr
+    for name in ("'sensitivity'", "'shape_bias'", "'transfer'", "'sensitivity_guo2022'", "conf/eval"):
+        assert name in p.stderr
+    assert "no_model.ckpt" not in p.stderr and not (tmp_path / "run").exists()  # nothing loaded, no run folder
 
 
 def test_it_model_sensitivity_and_selection(tmp_path):

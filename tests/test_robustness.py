@@ -200,8 +200,23 @@ def test_skip_a_threat_model_and_fgsm(tmp_path):
                                                               "eval/robustness/linf_1_255/acc"}
 
 
-@pytest.mark.parametrize("kw,match", [(dict(eps_l2=[]), "eps_l2 is empty"),
-                                      (dict(eps_linf=[-2 / 255]), "eps_linf holds .*finite number > 0")])
+def test_linf_only_and_l2_only(tmp_path):
+    """An empty eps list skips its threat model (eval.robustness.eps_l2=[] is a Linf-only evaluation)."""
+    model = linear_classifier()
+    x, y = data(10)
+    linf = robustness.evaluate(model, x, y, tmp_path / "linf", eps_l2=[], eps_linf=[1 / 255], steps=2,
+                               autoattack=False, progress=False)
+    assert {k for k in linf if k.endswith("/acc")} == {"eval/robustness/clean/acc", "eval/robustness/linf_1_255/acc",
+                                                       "eval/robustness/fgsm_1_255/acc"}
+    l2 = robustness.evaluate(model, x, y, tmp_path / "l2", eps_l2=[0.1], eps_linf=[], steps=2, autoattack=False,
+                             progress=False)
+    assert {k for k in l2 if k.endswith("/acc")} == {"eval/robustness/clean/acc", "eval/robustness/l2_0.1/acc"}
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(eps_l2=[], eps_linf=[]), r"eval.robustness.eps_l2 and eval.robustness.eps_linf are both empty .*Linf-only"),
+    (dict(eps_l2=None, eps_linf=[]), "eps_l2 and eval.robustness.eps_linf are both empty"),
+    (dict(eps_linf=[-2 / 255]), "eval.robustness.eps_linf holds .*finite number > 0")])
 def test_bad_eps_lists(tmp_path, kw, match):
     x, y = data(4)
     with pytest.raises(ValueError, match=match):

@@ -223,6 +223,22 @@ def autoattack_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Te
     return float((predictions(model, x_adv, batch_size) == check_labels(images, labels)).float().mean())
 
 
+def _skipped(eps) -> bool:
+    return eps is None or (isinstance(eps, Sequence) and not isinstance(eps, str) and len(eps) == 0)
+
+
+def _eps_lists(eps_l2, eps_linf) -> tuple[list[float], list[float]]:
+    """The checked L2 and Linf eps lists; an empty one (or None) skips its threat model, not both."""
+    if _skipped(eps_l2) and _skipped(eps_linf):
+        raise ValueError(f"eval.robustness.eps_l2 and eval.robustness.eps_linf are both empty (got {eps_l2!r} and "
+                         f"{eps_linf!r}): give at least one eps in either, e.g. "
+                         "eval.robustness.eps_linf=[0.0078431373] (2/255) for a Linf-only evaluation or "
+                         "eval.robustness.eps_l2=[0.5] for an L2-only one")
+    l2 = [] if _skipped(eps_l2) else check_eps_list(eps_l2, "eval.robustness.eps_l2")
+    linf = [] if _skipped(eps_linf) else check_eps_list(eps_linf, "eval.robustness.eps_linf")
+    return l2, linf
+
+
 def robustness_curve(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                      eps_l2: Sequence[float] | None = (0.25, 0.5, 1.0),
                      eps_linf: Sequence[float] | None = (1 / 255, 2 / 255, 4 / 255), steps: int = 10,
@@ -232,14 +248,13 @@ def robustness_curve(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     """Rows ``{"attack", "norm", "eps", "acc", "acc_se", "n", "attacks"}``: clean (eps 0), PGD L2, PGD Linf,
     FGSM and AutoAttack.
 
-    ``eps_l2`` / ``eps_linf``: non-empty lists of eps > 0, or None to skip that threat model. FGSM
-    runs at the ``eps_linf`` values; AutoAttack (``"standard"``, ``"fast"``, ``"auto"``: fast on a GPU, off on
-    a CPU, or False) at both lists.
+    ``eps_l2`` / ``eps_linf``: lists of eps > 0; an empty list (or None) skips that threat model (a Linf-only
+    or an L2-only evaluation), but not both. FGSM runs at the ``eps_linf`` values; AutoAttack (``"standard"``,
+    ``"fast"``, ``"auto"``: fast on a GPU, off on a CPU, or False) at both lists.
     ``acc_se`` is the binomial standard error over the ``n`` images; ``attacks`` names what AutoAttack ran.
     """
     labels = check_labels(images, labels)
-    l2 = check_eps_list(eps_l2, "eps_l2") if eps_l2 is not None else []
-    linf = check_eps_list(eps_linf, "eps_linf") if eps_linf is not None else []
+    l2, linf = _eps_lists(eps_l2, eps_linf)
     aa_mode = check_autoattack(autoattack, _device_of(model))
     if str(autoattack).strip().lower() == "auto" and aa_mode is None:
         log.info("robustness: AutoAttack skipped on CPU (autoattack=auto; it costs up to %d gradient evaluations "

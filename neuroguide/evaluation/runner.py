@@ -9,9 +9,16 @@ Three modes, one set of analyses (``eval=[...]``, each configured under ``cfg.ev
 
 Results: the evaluation run's ``metrics.json`` (keys ``eval/<analysis>/...``; per model in the multi-model
 modes), the W&B summary, and PNG figures in the output folder.
+
+A failing analysis loses nothing: its exception is logged with the traceback and recorded as
+``eval/<analysis>/failed = "<ExceptionType>: <message>"`` (``eval/model/failed``, ``eval/stimuli/failed`` when a
+model or its stimuli cannot be loaded; prefixed by the model or run in the multi-model modes), the other
+analyses, models and runs go on, metrics.json is written with everything that completed, and then
+:func:`run` raises :class:`EvaluationFailed` naming every failure (``evaluate.py`` exits with status 1).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Callable, Mapping
@@ -19,12 +26,43 @@ from typing import Callable, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from neuroguide.config import output_dir
+from neuroguide.config import CONF_DIR, output_dir
 from neuroguide.evaluation.stimuli import Stimuli, model_stimuli
 from neuroguide.models.checkpoints import load_model
 from neuroguide.utils.io import atomic_path, write_json
 
 log = logging.getLogger("neuroguide")
+
+FAILED = "failed"  # last part of the metric key of a failed step: eval/<analysis>/failed
+
+
+class EvaluationFailed(RuntimeError):
+    """Raised by :func:`run` after metrics.json was written: ``failures`` maps each failed step's metric key
+    (``.../eval/<analysis>/failed``) to its ``"<ExceptionType>: <message>"``."""
+
+    def __init__(self, failures: Mapping[str, str], metrics_file: Path):
+        self.failures = dict(failures)
+        self.metrics_file = metrics_file
+        lines = "".join(f"\n  {k}: {v}" for k, v in self.failures.items())
+        super().__init__(f"{len(self.failures)} evaluation step(s) failed (tracebacks in the log); {metrics_file} "
+                         f"holds the results of the others and these failures:{lines}")
+
+
+def failures(metrics: Mapping) -> dict[str, str]:
+    """The failed steps recorded in ``metrics`` (keys ending in ``/failed``)."""
+    return {k: v for k, v in metrics.items() if k.rsplit("/", 1)[-1] == FAILED}
+
+
+@contextlib.contextmanager
+def _recorded(metrics: dict, step: str, where: str, prefix: str = ""):
+    """Run the block; an exception in it is logged with its traceback and recorded in ``metrics`` as
+    ``{prefix}eval/{step}/failed = "<ExceptionType>: <message>"`` (one line), and the caller goes on."""
+    try:
+        yield
+    except Exception as e:
+        key = f"{prefix}eval/{step}/{FAILED}"
+        log.exception("%s failed (%s): recorded as %s in metrics.json; the other steps go on", step, where, key)
+        metrics[key] = " ".join(f"{type(e).__name__}: {e}".split())
 
 # --------------------------------------------------------------------------- per-model analyses
 PerModel = Callable[[torch.nn.Module, Stimuli, Path, dict], dict]
@@ -167,26 +205,72 @@ def _device(cfg) -> torch.device:
     return torch.device(d)
 
 
+def available_analyses() -> str:
+    """What ``eval=[...]`` can name: the registered analyses and the config files of ``conf/eval/``."""
+    files = sorted(p.stem for p in (CONF_DIR / "eval").glob("*.yaml"))
+    return (f"per-model analyses {sorted(PER_MODEL)}, multi-model analyses (models=[...], sweep_dir=...) "
+            f"{sorted(MULTI_MODEL)}, 'selection' (backbones x layers, no trained model); config files in "
+            f"{CONF_DIR / 'eval'}: {files} (e.g. eval=[sensitivity_guo2022] is the sensitivity analysis with "
+            "another budget)")
+
+
+def check_eval_overrides(overrides: list[str]) -> None:
+    """Refuse ``eval=[...]`` overrides naming no config file of ``conf/eval/``, with a KeyError listing what
+    exists; ``evaluate.py`` calls it on its command line before Hydra composes the config (whose own error,
+    "Could not load 'eval/<name>'", lists nothing) and before any model is loaded."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    files = {p.stem for p in (CONF_DIR / "eval").glob("*.yaml")}
+    parser = OverridesParser.create()
+    for arg in overrides:
+        try:
+            o = parser.parse_override(arg)
+        except Exception:  # not an override (a flag such as -m, --cfg job) or bad syntax: Hydra reports it
+            continue
+        if o.key_or_group != "eval" or o.is_delete():
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        names = []
+        for v in values:
+            if isinstance(v, str) and v.startswith("["):  # one choice of a sweep eval=[a],[b]
+                v = parser.parse_override(f"eval={v}").value()
+            if v is not None:
+                names += [str(x) for x in v] if isinstance(v, list) else [str(v)]
+        unknown = sorted(set(names) - files)
+        if unknown:
+            raise KeyError(f"unknown analyses {unknown} in {arg}: there is no conf/eval/<name>.yaml for them. "
+                           f"Available: {available_analyses()}. Fix: name only these, "
+                           "e.g. eval=[sensitivity,robustness]")
+
+
 def _analyses(cfg: DictConfig) -> dict[str, dict]:
     chosen = OmegaConf.to_container(cfg.get("eval") or {}, resolve=True)
     known = set(PER_MODEL) | set(MULTI_MODEL) | {"selection"}
     unknown = sorted(set(chosen) - known)
     if unknown:
-        raise KeyError(f"unknown analyses {unknown} in eval=[...]; available: {sorted(known)}")
+        raise KeyError(f"unknown analyses {unknown} in eval=[...] (cfg.eval); available: {available_analyses()}")
     return chosen
 
 
 def evaluate_model(path: str | Path, analyses: Mapping[str, dict], out: Path, cfg: DictConfig) -> dict:
-    """Every per-model analysis on the model at ``path``; figures go into ``out``."""
-    model = load_model(path, map_location=_device(cfg))
-    stim = model_stimuli(model, cfg.get("n_images"), cfg.get("stimuli") or {})
-    stim.images = stim.images.to(_device(cfg))
-    metrics = {}
+    """Every per-model analysis on the model at ``path``; figures go into ``out``. A failure (of an analysis,
+    or of loading the model or its stimuli) is recorded as ``eval/<step>/failed`` and the others go on."""
+    metrics: dict = {}
+    model = stim = None
+    with _recorded(metrics, "model", str(path)):
+        model = load_model(path, map_location=_device(cfg))
+    if model is not None:
+        with _recorded(metrics, "stimuli", str(path)):
+            stim = model_stimuli(model, cfg.get("n_images"), cfg.get("stimuli") or {})
+            stim.images = stim.images.to(_device(cfg))
+    if stim is None:
+        return metrics
     for name, params in analyses.items():
         if name not in PER_MODEL:
             continue
         log.info("%s on %s (%d stimuli: %s)", name, path, len(stim), stim.source)
-        metrics.update(PER_MODEL[name](model, stim, out / name, dict(params or {})))
+        with _recorded(metrics, name, str(path)):
+            metrics.update(PER_MODEL[name](model, stim, out / name, dict(params or {})))
     return metrics
 
 
@@ -215,6 +299,8 @@ def run(cfg: DictConfig) -> dict:
     if len(modes) != 1:
         raise ValueError("give exactly one of ckpt=<path>, models=[<path>,...] or sweep_dir=<dir> "
                          f"(got {modes or 'none'})")
+    with atomic_path(out / "config.yaml") as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     metrics: dict = {}
     if cfg.get("ckpt"):
         metrics = evaluate_model(cfg.ckpt, analyses, out, cfg)
@@ -222,29 +308,43 @@ def run(cfg: DictConfig) -> dict:
         metrics = evaluate_models([str(m) for m in cfg.models], analyses, out, cfg)
     else:
         metrics = evaluate_sweep(Path(cfg.sweep_dir), analyses, out, cfg)
-    with atomic_path(out / "config.yaml") as tmp:
-        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     write_json(out / "metrics.json", metrics)
     _wandb_summary(cfg, metrics, out)
     log.info("wrote %s", out / "metrics.json")
+    failed = failures(metrics)
+    if failed:
+        raise EvaluationFailed(failed, out / "metrics.json")
     return metrics
 
 
 def evaluate_models(paths: list[str], analyses: Mapping[str, dict], out: Path, cfg: DictConfig) -> dict:
+    """The analyses on several models, on the stimuli of the first: multi-model analyses on all of them,
+    per-model ones on each (keys ``<model>/eval/...``). A model that does not load is recorded as
+    ``<model>/eval/model/failed`` and left out; a failed analysis as ``[<model>/]eval/<analysis>/failed``."""
+    metrics: dict = {}
     models = {}
     for p in paths:
-        m = load_model(p, map_location=_device(cfg))
-        models[_short_name(p, paths)] = m
-    first = next(iter(models.values()))
-    stim = model_stimuli(first, cfg.get("n_images"), cfg.get("stimuli") or {})
-    stim.images = stim.images.to(_device(cfg))
-    metrics = {}
+        key = _short_name(p, paths)
+        with _recorded(metrics, "model", p, prefix=f"{key}/"):
+            models[key] = load_model(p, map_location=_device(cfg))
+    if not models:
+        return metrics
+    first = next(iter(models))
+    stim = None
+    with _recorded(metrics, "stimuli", f"{first} (the stimuli of the first model)"):
+        stim = model_stimuli(models[first], cfg.get("n_images"), cfg.get("stimuli") or {})
+        stim.images = stim.images.to(_device(cfg))
+    if stim is None:
+        return metrics
     for name, params in analyses.items():
         if name in MULTI_MODEL:
-            metrics.update(MULTI_MODEL[name](models, stim, out / name, dict(params or {})))
-        else:
+            with _recorded(metrics, name, f"the models {list(models)}"):
+                metrics.update(MULTI_MODEL[name](models, stim, out / name, dict(params or {})))
+        elif name in PER_MODEL:
             for key, m in models.items():
-                res = PER_MODEL[name](m, stim, out / key / name, dict(params or {}))
+                res: dict = {}
+                with _recorded(res, name, key):
+                    res.update(PER_MODEL[name](m, stim, out / key / name, dict(params or {})))
                 metrics.update({f"{key}/{k}": v for k, v in res.items()})
     return metrics
 
@@ -267,14 +367,15 @@ def evaluate_sweep(sweep_dir: Path, analyses: Mapping[str, dict], out: Path, cfg
     from tqdm.auto import tqdm
 
     for run_dir in tqdm(runs, desc="runs"):
-        res = evaluate_model(run_dir / "model.ckpt", per, run_dir / "eval", cfg)
+        res = evaluate_model(run_dir / "model.ckpt", per, run_dir / "eval", cfg)  # failures recorded, not raised
         write_json(run_dir / "eval_metrics.json", res)
         metrics.update({f"{run_dir.relative_to(sweep_dir)}/{k}": v for k, v in res.items()})
     multi = {k: v for k, v in analyses.items() if k in MULTI_MODEL}
     if multi:
         metrics.update(evaluate_models([str(r / "model.ckpt") for r in runs], multi, out, cfg))
-    report(sweep_dir, out)
-    _robustness_by_region(sweep_dir, out)
+    with _recorded(metrics, "report", str(sweep_dir)):
+        report(sweep_dir, out)
+        _robustness_by_region(sweep_dir, out)
     return metrics
 
 
