@@ -1,14 +1,17 @@
 """Compare runs without W&B: ``python -m neuroguide.report <sweep or outputs dir>``.
 
-Every folder below the given one that holds a ``metrics.json`` is a run (with the evaluation numbers of
-its ``eval_metrics.json`` when ``evaluate.py sweep_dir=...`` wrote one); its ``config.yaml`` gives the
-factors (task, region, alpha, at.eps, shuffle, seed, subject). Writes ``report.csv`` and ``report.md``
-(one row per run) and figures comparing regions, alphas and eps for the chosen metrics.
+Every folder below the given one that holds a ``metrics.json`` and the ``config.yaml`` of a training run
+(one with a ``task``) is a run (with the evaluation numbers of its ``eval_metrics.json`` when
+``evaluate.py sweep_dir=...`` wrote one); its config gives the factors (task, region, alpha, at.eps,
+shuffle, seed, subject). Folders written by ``evaluate.py`` are not runs. Writes ``report.csv`` and
+``report.md`` (one row per run) and figures comparing regions, alphas and eps for the chosen metrics.
+Regions are ordered as their configs say (``conf/region/*.yaml``: baselines first, then by ``order``).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 from pathlib import Path
 
@@ -16,8 +19,35 @@ import yaml
 
 from neuroguide.utils.io import atomic_path, read_json
 
-REGION_ORDER = ["none", "random", "V1", "V2", "V4", "VO", "PHC", "LO", "TO", "FFA", "EBA", "PPA"]
 FACTORS = ["task", "region", "alpha", "at_eps", "shuffle", "seed", "subject"]
+
+
+class NotASweep(FileNotFoundError):
+    """The folder holds no training run (``metrics.json`` beside a training ``config.yaml``) below it."""
+
+
+def region_order(conf_dir: str | None = None) -> tuple[str, ...]:
+    """Region names in report order, from the region configs ``<conf_dir>/region/*.yaml`` (default: the
+    project's ``conf/``): baselines (``baseline`` set) first, then by each config's ``order`` (its place
+    along the visual hierarchy), ties by name."""
+    from neuroguide.config import CONF_DIR
+
+    folder = Path(conf_dir or CONF_DIR) / "region"
+    keys = []
+    for f in sorted(folder.glob("*.yaml")):
+        spec = yaml.safe_load(f.read_text()) or {}
+        order = spec.get("order")
+        if not isinstance(order, (int, float)) or isinstance(order, bool):
+            raise ValueError(f"{f}: expected a number `order` (the region's place along the visual hierarchy, used "
+                             f"to sort reports), found {order!r}; add e.g. `order: 3` to the file")
+        keys.append((spec.get("baseline") is None, order, str(spec.get("name", f.stem))))
+    return tuple(name for *_, name in sorted(keys))
+
+
+@functools.lru_cache(maxsize=1)
+def _project_region_order() -> tuple[str, ...]:
+    """:func:`region_order` of the project's configs, read once (rows are sorted by it many times)."""
+    return region_order()
 
 
 def factors_of(config: dict) -> dict:
@@ -39,25 +69,51 @@ def _get(d, keys):
 
 
 def collect(root: str | Path) -> list[dict]:
-    """One dict per run below ``root``: the factors, ``run`` (its folder) and its flat metrics."""
+    """One dict per training run below ``root``: the factors, ``run`` (its folder) and its flat metrics.
+
+    A run is a folder with ``metrics.json`` and the ``config.yaml`` of train.py (it has a ``task``);
+    predictors trained on the way (``predictor_*`` folders) and evaluate.py's output folders are not runs.
+    Raises :class:`NotASweep` (a FileNotFoundError) naming what was found when there is no run.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder; give the sweep folder (e.g. outputs/multirun/<name>)")
-    rows = []
+    rows, evaluations, no_config = [], [], []
     for mfile in sorted(root.rglob("metrics.json")):
         run = mfile.parent
         if any(part.startswith("predictor_") for part in run.relative_to(root).parts):
             continue  # predictors trained on the way by a guidance run are not runs of this sweep
         cfg_file = run / "config.yaml"
-        config = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
-        row = {"run": str(run.relative_to(root)) or ".", **factors_of(config or {})}
+        if not cfg_file.exists():
+            no_config.append(run)
+            continue
+        config = yaml.safe_load(cfg_file.read_text()) or {}
+        if "task" not in config:
+            evaluations.append((run, config))  # evaluate.py's output: figures and metrics of runs, not a run
+            continue
+        row = {"run": str(run.relative_to(root)) or ".", **factors_of(config)}
         row.update(read_json(mfile))
         if (run / "eval_metrics.json").exists():  # written by evaluate.py sweep_dir=...
             row.update(read_json(run / "eval_metrics.json"))
         rows.append(row)
     if not rows:
-        raise FileNotFoundError(f"no metrics.json below {root}: is it a sweep or run folder of train.py/evaluate.py?")
+        raise NotASweep(_not_a_sweep(root, evaluations, no_config))
     return rows
+
+
+def _not_a_sweep(root: Path, evaluations: list[tuple[Path, dict]], no_config: list[Path]) -> str:
+    msg = (f"{root} is not a sweep or run folder: no metrics.json below it has the config.yaml of a train.py run "
+           "(with a `task`) beside it.")
+    if evaluations:
+        names = ", ".join(str(r) for r, _ in evaluations[:3]) + (" ..." if len(evaluations) > 3 else "")
+        msg += f" Found {len(evaluations)} evaluate.py output folder(s) ({names}), which are not runs."
+        swept = [str(c["sweep_dir"]) for _, c in evaluations if c.get("sweep_dir")]
+        if swept:
+            msg += f" Report the sweep they evaluated: python -m neuroguide.report {swept[0]}"
+    if no_config:
+        msg += (f" {len(no_config)} folder(s) hold metrics.json without config.yaml (e.g. {no_config[0]}): "
+                "train.py writes both; copy the run's config.yaml beside its metrics.json.")
+    return msg + " Give the sweep folder of train.py (e.g. outputs/multirun/<name>)."
 
 
 def _fmt(v) -> str:
@@ -85,8 +141,9 @@ def write_tables(rows: list[dict], out_dir: Path, metrics: list[str] | None = No
 
 
 def _sort_key(v):
-    if isinstance(v, str) and v in REGION_ORDER:
-        return (0, REGION_ORDER.index(v), "")
+    order = _project_region_order()
+    if isinstance(v, str) and v in order:
+        return (0, order.index(v), "")
     if isinstance(v, (int, float)):
         return (1, float(v), "")
     return (2, 0, str(v))
@@ -150,6 +207,37 @@ def report(root: str | Path, out_dir: str | Path | None = None, metrics: list[st
     return {"csv": csv_path, "markdown": md_path, "figures": figs, "runs": len(rows)}
 
 
+def robustness_by_region(sweep_dir: str | Path, out: str | Path) -> Path | None:
+    """Robust accuracy against eps, one line per run labelled by region (and alpha, at.eps), as in
+    Shao et al.; read from each run's ``eval/robustness/robustness.csv`` (written by
+    ``evaluate.py sweep_dir=... eval=[robustness]``). Writes ``<out>/robust_accuracy_by_region.png``;
+    None when no run has that table."""
+    from neuroguide.evaluation.plots import curve_figure
+
+    sweep_dir = Path(sweep_dir)
+    rows = sorted(collect(sweep_dir), key=lambda r: tuple(_sort_key(r.get(k)) for k in FACTORS))
+    panels = []
+    for norm, unit in (("l2", "L2 eps"), ("linf", "Linf eps (x 255)")):
+        curves = []
+        for r in rows:
+            table = sweep_dir / r["run"] / "eval" / "robustness" / "robustness.csv"
+            if not table.exists():
+                continue
+            with open(table, newline="") as f:
+                recs = list(csv.DictReader(f))
+            clean = [float(x["acc"]) for x in recs if x["attack"] == "clean"]
+            pgd = sorted((float(x["eps"]), float(x["acc"])) for x in recs if x["attack"] == "pgd" and x["norm"] == norm)
+            if pgd:
+                scale = 255.0 if norm == "linf" else 1.0
+                curves.append({"x": [0.0] + [e * scale for e, _ in pgd], "y": clean[:1] + [a for _, a in pgd],
+                               "label": f"{r.get('region')} (alpha {r.get('alpha')}, at.eps {r.get('at_eps')})"})
+        if curves:
+            panels.append({"title": f"PGD {norm.upper()}", "xlabel": unit, "ylabel": "accuracy", "curves": curves})
+    if not panels:
+        return None
+    return curve_figure(panels, Path(out) / "robust_accuracy_by_region.png", title="robust accuracy by guiding region")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m neuroguide.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,7 +245,10 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="where to write report.csv/.md and figures/ (default: root)")
     ap.add_argument("--metrics", nargs="*", default=None, help="metric keys for the table columns and figures")
     args = ap.parse_args(argv)
-    res = report(args.root, args.out, args.metrics)
+    try:
+        res = report(args.root, args.out, args.metrics)
+    except FileNotFoundError as e:  # not a folder, or no run in it: say so, exit non-zero
+        ap.exit(2, f"python -m neuroguide.report: error: {e}\n")
     print(Path(res["markdown"]).read_text())
     print(f"{res['runs']} runs -> {res['csv']}, {res['markdown']}, {len(res['figures'])} figures")
 

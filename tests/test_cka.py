@@ -2,6 +2,8 @@
 both computation paths, layer selection on a planted region, and bad input."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -85,3 +87,34 @@ def test_evaluate_models(tmp_path):
     assert m["eval/cka/model_vs_model/a/b"] < 0.999
     with pytest.raises(ValueError, match="at least 2 models"):
         cka.evaluate_models({"a": net(0)}, images, tmp_path, progress=False)
+
+
+def test_heatmaps_use_ckas_range_and_write_values(tmp_path, monkeypatch):
+    """CKA heatmaps span [0, 1] (not the data's 0.19-0.21, which exaggerates differences), with the
+    values in the cells of small matrices only."""
+    from PIL import Image
+
+    from neuroguide.evaluation import plots
+
+    figs, save = {}, plots.save_figure
+
+    def keep(fig, path):  # the figures as drawn, by file name (the PNGs are still written)
+        figs[Path(path).name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    model = net(0)
+    images = torch.rand(25, 3, 10, 10)
+    cka.evaluate(model, images, tmp_path, layers=["1", "3", "4"], responses={"V1": torch.randn(25, 8)}, progress=False)
+    cka.evaluate_models({"a": net(0), "b": net(1)}, images, tmp_path, layer="3", progress=False)
+    assert set(figs) == {"cka.png", "cka_regions.png", "cka_model_vs_model.png"}
+    for name, fig in figs.items():
+        image = fig.axes[0].images[0]
+        assert image.get_clim() == (0.0, 1.0), name
+        assert len(fig.axes[0].texts) == image.get_array().size  # one value per cell
+        assert Image.open(tmp_path / name).size[0] <= 2000
+    narrow = np.linspace(0.186, 0.214, 13 * 13).reshape(13, 13)
+    fig = plots.heatmap([("CKA", narrow)], range(13), range(13), vmin=cka.CKA_RANGE[0], vmax=cka.CKA_RANGE[1])
+    assert fig.axes[0].images[0].get_clim() == (0.0, 1.0)
+    assert len(fig.axes[0].texts) == 0  # 13 x 13: too many cells to write in
+    assert len(plots.heatmap([("CKA", narrow[:12, :12])], range(12), range(12)).axes[0].texts) == 144

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from neuroguide.evaluation import rdm as rdm_mod
 from neuroguide.evaluation import rsa
 from neuroguide.metrics import pearson_r
 
@@ -75,18 +76,34 @@ def test_compare_with_ties_equals_rsatoolbox(comparison):
     assert abs(rsa.compare(torch.from_numpy(x), torch.from_numpy(y), comparison) - theirs) < 1e-6
 
 
-def test_tau_a_public_fallback(monkeypatch):
-    """If scipy's compiled discordant-pair count moves, tau-a comes from the public tau-b; same number."""
-    rng = np.random.default_rng(2)
-    x = rng.integers(0, 5, 190).astype(float)
-    y = x + rng.standard_normal(190)
-    theirs = float(rsa_compare(RDMs(x[None]), RDMs(y[None]), method="tau-a")[0, 0])
+def brute_force_discordant(x, y):
+    """O(n^2) count of pairs ordered oppositely by x and y (pairs tied in either are not counted)."""
+    dx = np.sign(x[None, :] - x[:, None])
+    dy = np.sign(y[None, :] - y[:, None])
+    return int(np.triu(dx * dy < 0, 1).sum())
 
-    def gone(*_a):
-        raise ImportError("moved")
 
-    monkeypatch.setattr(rsa, "_discordant_pairs", gone)
-    assert abs(rsa.compare(torch.from_numpy(x), torch.from_numpy(y), "tau-a") - theirs) < 1e-6
+@pytest.mark.parametrize("seed,levels", [(0, 3), (1, 6), (2, 40), (3, 10_000)])
+def test_discordant_pairs_equal_brute_force(seed, levels):
+    """The public (kendalltau-based) discordant count equals the O(n^2) count, with many or no ties."""
+    rng = np.random.default_rng(seed)
+    m = 30 * 29 // 2
+    x = rng.integers(0, levels, m).astype(float)
+    y = np.where(rng.random(m) < 0.5, x, rng.integers(0, levels, m)).astype(float)  # related, with joint ties
+    a, b = rdm_mod.prepare(torch.from_numpy(x)), rdm_mod.prepare(torch.from_numpy(y))
+    expected = brute_force_discordant(x, y)
+    assert expected > 0
+    assert rdm_mod._discordant_pairs(a, b) == expected
+    assert rdm_mod._discordant_pairs(b, a) == expected
+    const = rdm_mod.prepare(torch.ones(m, dtype=torch.float64))
+    assert rdm_mod._discordant_pairs(const, b) == 0
+
+
+def test_no_private_scipy_import():
+    import inspect
+
+    for mod in (rdm_mod, rsa):
+        assert "scipy.stats._" not in inspect.getsource(mod)
 
 
 def test_spearman_is_project_pearson_of_ranks():
@@ -206,3 +223,48 @@ def test_sub_rdm_reads_the_condensed_vector():
     v = rsa.rdm(a)
     idx = [0, 3, 4, 8]
     torch.testing.assert_close(rsa.sub_rdm(v, idx), rsa.squareform(v)[idx][:, idx])
+
+
+# ----------------------------------------------------------------------------- figures
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The matplotlib figures written by save_figure, by file name (the PNGs are still written)."""
+    from neuroguide.evaluation import plots
+
+    figs, save = {}, plots.save_figure
+
+    def keep(fig, path):
+        figs[str(path).rsplit("/", 1)[-1]] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    return figs
+
+
+def test_rdm_figures_are_readable(tmp_path, saved_figures):
+    """6 RDMs (3 layers, 3 regions): a grid of <= 4 columns under ~2000 px, scores in the layer titles,
+    one colour bar naming the measure; the MDS coloured by class with a legend."""
+    from PIL import Image
+
+    model = tiny_net(0)
+    images = torch.rand(24, 3, 12, 12)
+    with torch.no_grad():
+        feats = model[:4](images)
+    responses = {"V1": feats + 0.1 * torch.randn_like(feats), "V4": torch.randn(24, 6), "TO": torch.randn(24, 5)}
+    m = rsa.evaluate(model, images, tmp_path, layers=["1", "3", None], responses=responses,
+                     labels=torch.arange(24) % 3, progress=False)
+    for name in ("rsa_rdms.png", "rsa_mds.png"):
+        w, h = Image.open(tmp_path / name).size
+        assert w <= 2000, f"{name} is {w} px wide"
+        assert h >= 500  # two rows of panels, not one long strip
+    fig = saved_figures["rsa_rdms.png"]
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert len(titles) == 6
+    layer3 = next(t for t in titles if t.startswith("model layer 3"))
+    assert f"Spearman r vs V1 = {m['eval/rsa/V1/3/spearman']:.3f}" in layer3
+    assert any(t.startswith("region TO") for t in titles)
+    bars = [ax for ax in fig.axes if "dissimilarity" in ax.get_ylabel()]
+    assert len(bars) == 1 and "1 - Pearson r" in bars[0].get_ylabel()
+    mds = saved_figures["rsa_mds.png"]
+    assert [t.get_text() for t in mds.legends[0].get_texts()] == ["class 0", "class 1", "class 2"]
+    assert all(ax.get_xlabel() == "MDS 1" for ax in mds.axes if ax.get_title())

@@ -6,7 +6,8 @@
 Used by adversarial training, unit sensitivity, classification robustness and transfer attacks.
 """
 from neuroguide.attacks import objectives
-from neuroguide.attacks.pgd import AttackResult, evaluation_mode, pgd_attack
+from neuroguide.attacks.pgd import AttackResult, pgd_attack
+from neuroguide.models.features import evaluation_mode  # lives with the activation extractor; kept here too
 from neuroguide.attacks.steps import AttackerStep, L2Step, LinfStep, get_step_class
 
 __all__ = ["pgd_attack", "AttackResult", "evaluation_mode", "objectives", "AttackerStep", "L2Step", "LinfStep",

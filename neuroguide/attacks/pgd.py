@@ -30,12 +30,13 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
 from neuroguide.attacks.steps import AttackerStep, get_step_class, per_row
+from neuroguide.models.features import evaluation_mode
 
 SCHEDULES = ("pgd", "guo")
 GUO_CYCLES = 4
@@ -57,30 +58,6 @@ class AttackResult:
     value: torch.Tensor
     restart_values: torch.Tensor
     grad_evals: int
-
-
-@contextlib.contextmanager
-def evaluation_mode(module: nn.Module | None) -> Iterator[None]:
-    """Inside: ``module`` and all its submodules in eval mode, its parameters ``requires_grad=False``.
-
-    On exit every submodule's ``training`` flag and every parameter's ``requires_grad`` are put back
-    exactly as they were (module by module: a frozen part stays in eval, a training part trains).
-    """
-    if module is None:
-        yield
-        return
-    modes = [(m, m.training) for m in module.modules()]
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    try:
-        module.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for m, was in modes:
-            m.training = was
-        for p, was in flags:
-            p.requires_grad_(was)
 
 
 def _check_eps(eps: float | torch.Tensor, n: int) -> float | torch.Tensor:

@@ -20,7 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from neuroguide.evaluation.rsa import _check_responses, _layer_name, activations, check_patterns
+from neuroguide.evaluation.rdm import check_patterns, check_responses
+from neuroguide.models.features import activations, layer_key
+
+CKA_RANGE = (0.0, 1.0)  # linear CKA is in [0, 1]: figures use this colour range, not the data's
 
 
 def linear_cka(x, y, *, dtype: torch.dtype = torch.float64) -> float:
@@ -77,7 +80,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, out_dir: str | os.PathLike,
 
     out_dir = Path(out_dir)
     layer_list = [layers] if layers is None or isinstance(layers, str) else list(layers)
-    resp = _check_responses(responses, len(images))
+    resp = check_responses(responses, len(images))
     acts = activations(model, images, layer_list, batch_size=batch_size, progress=progress)
     names = list(acts)
     metrics, rows = {}, []
@@ -91,12 +94,13 @@ def evaluate(model: nn.Module, images: torch.Tensor, out_dir: str | os.PathLike,
             col = np.nan_to_num(lr[:, j], nan=-np.inf)
             metrics[f"{key_prefix}/{region}/best_layer_index"] = int(np.argmax(col))
         heatmap_figure([("layer x region", lr)], names, list(resp), out_dir / "cka_regions.png", xlabel="region",
-                       ylabel="layer", cbar_label="linear CKA")
+                       ylabel="layer", cbar_label="linear CKA", vmin=CKA_RANGE[0], vmax=CKA_RANGE[1])
     for i, a in enumerate(names):
         for j, b in enumerate(names):
             rows.append({"a": a, "b": b, "cka": float(mats[0][1][i, j])})
     write_csv(out_dir / "cka.csv", rows, ["a", "b", "cka"])
-    heatmap_figure(mats, names, names, out_dir / "cka.png", xlabel="layer", ylabel="layer", cbar_label="linear CKA")
+    heatmap_figure(mats, names, names, out_dir / "cka.png", xlabel="layer", ylabel="layer", cbar_label="linear CKA",
+                   vmin=CKA_RANGE[0], vmax=CKA_RANGE[1])
     return metrics
 
 
@@ -114,7 +118,7 @@ def evaluate_models(models: Mapping[str, nn.Module], images: torch.Tensor, out_d
     acts = {}
     for name, m in tqdm(models.items(), desc="activations", disable=not progress, leave=False):
         lay = layer.get(name) if isinstance(layer, Mapping) else layer
-        acts[name] = activations(m, images, [lay], batch_size=batch_size)[_layer_name(lay)]
+        acts[name] = activations(m, images, [lay], batch_size=batch_size)[layer_key(lay)]
     mat = cka_matrix(acts)
     names = list(acts)
     metrics, rows = {}, []
@@ -126,5 +130,5 @@ def evaluate_models(models: Mapping[str, nn.Module], images: torch.Tensor, out_d
     out_dir = Path(out_dir)
     write_csv(out_dir / "cka_model_vs_model.csv", rows, ["a", "b", "cka"])
     heatmap_figure([("linear CKA", mat)], names, names, out_dir / "cka_model_vs_model.png", xlabel="", ylabel="",
-                   cbar_label="linear CKA")
+                   cbar_label="linear CKA", vmin=CKA_RANGE[0], vmax=CKA_RANGE[1])
     return metrics

@@ -124,13 +124,25 @@ def curve_figure(panels: Sequence[dict], path: str | os.PathLike, *, title: str 
 
 
 def heatmap_figure(matrices: Sequence[tuple[str, np.ndarray]], row_names: Iterable[str], col_names: Iterable[str],
-                   path: str | os.PathLike, *, xlabel: str = "target", ylabel: str = "source",
-                   cbar_label: str = "", title: str | None = None) -> Path:
-    """Side-by-side annotated heatmaps with one shared colour scale; ``matrices`` = [(title, (S, T) array)]."""
+                   path: str | os.PathLike, **kwargs) -> Path:
+    """:func:`heatmap` saved as a PNG at ``path``."""
+    return save_figure(heatmap(matrices, row_names, col_names, **kwargs), path)
+
+
+def heatmap(matrices: Sequence[tuple[str, np.ndarray]], row_names: Iterable[str], col_names: Iterable[str], *,
+            xlabel: str = "target", ylabel: str = "source", cbar_label: str = "", title: str | None = None,
+            vmin: float | None = None, vmax: float | None = None, max_annotated: int = 12):
+    """Side-by-side heatmaps with one shared colour scale; ``matrices`` = [(title, (S, T) array)].
+
+    ``vmin`` / ``vmax`` fix the colour range (give a measure's own range, e.g. [0, 1] for CKA, so small
+    differences are not stretched over the whole scale); by default the finite data range. Values are
+    written in the cells when a matrix has at most ``max_annotated`` rows and columns. Returns the Figure.
+    """
     row_names, col_names = list(row_names), list(col_names)
     vals = np.concatenate([np.asarray(m, float).ravel() for _, m in matrices])
     finite = vals[np.isfinite(vals)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    vmin, vmax = (lo if vmin is None else vmin), (hi if vmax is None else vmax)
     if vmin == vmax:
         vmin, vmax = vmin - 0.5, vmax + 0.5
     n = len(matrices)
@@ -146,12 +158,13 @@ def heatmap_figure(matrices: Sequence[tuple[str, np.ndarray]], row_names: Iterab
         if k == 0:
             ax.set_ylabel(ylabel)
         ax.set_title(name)
-        for i in range(m.shape[0]):
-            for j in range(m.shape[1]):
-                v = m[i, j]
-                colour = "black" if np.isfinite(v) and v > vmin + 0.6 * (vmax - vmin) else "white"
-                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=8, color=colour)
+        if max(m.shape) <= max_annotated:
+            for i in range(m.shape[0]):
+                for j in range(m.shape[1]):
+                    v = m[i, j]
+                    colour = "black" if np.isfinite(v) and v > vmin + 0.6 * (vmax - vmin) else "white"
+                    ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=8, color=colour)
     fig.colorbar(im, ax=list(axes[0]), label=cbar_label, shrink=0.8)
     if title:
         fig.suptitle(title)
-    return save_figure(fig, path)
+    return fig

@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
-from neuroguide.attacks.pgd import evaluation_mode
+from neuroguide.models.features import evaluation_mode
 from neuroguide.evaluation.plots import check_eps_list, curve_figure, eps_label, eps_tag, write_csv
 
 log = logging.getLogger("neuroguide")

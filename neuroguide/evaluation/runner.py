@@ -359,7 +359,7 @@ def _short_name(path: str, all_paths: list[str]) -> str:
 
 
 def evaluate_sweep(sweep_dir: Path, analyses: Mapping[str, dict], out: Path, cfg: DictConfig) -> dict:
-    from neuroguide.report import report
+    from neuroguide.report import report, robustness_by_region
 
     runs = _runs_below(sweep_dir)
     metrics = {}
@@ -375,38 +375,8 @@ def evaluate_sweep(sweep_dir: Path, analyses: Mapping[str, dict], out: Path, cfg
         metrics.update(evaluate_models([str(r / "model.ckpt") for r in runs], multi, out, cfg))
     with _recorded(metrics, "report", str(sweep_dir)):
         report(sweep_dir, out)
-        _robustness_by_region(sweep_dir, out)
+        robustness_by_region(sweep_dir, out)
     return metrics
-
-
-def _robustness_by_region(sweep_dir: Path, out: Path) -> Path | None:
-    """Robust accuracy against eps, one line per run labelled by region (and alpha, at.eps), as in
-    Shao et al.; read from each run's ``eval/robustness/robustness.csv``."""
-    import csv
-
-    from neuroguide.evaluation.plots import curve_figure
-    from neuroguide.report import collect
-
-    panels = []
-    rows = {r["run"]: r for r in collect(sweep_dir)}
-    for norm, unit in (("l2", "L2 eps"), ("linf", "Linf eps (x 255)")):
-        curves = []
-        for run_name, r in rows.items():
-            table = sweep_dir / run_name / "eval" / "robustness" / "robustness.csv"
-            if not table.exists():
-                continue
-            recs = list(csv.DictReader(open(table)))
-            clean = [float(x["acc"]) for x in recs if x["attack"] == "clean"]
-            pgd = sorted((float(x["eps"]), float(x["acc"])) for x in recs if x["attack"] == "pgd" and x["norm"] == norm)
-            if pgd:
-                scale = 255.0 if norm == "linf" else 1.0
-                curves.append({"x": [0.0] + [e * scale for e, _ in pgd], "y": clean[:1] + [a for _, a in pgd],
-                               "label": f"{r.get('region')} (alpha {r.get('alpha')}, at.eps {r.get('at_eps')})"})
-        if curves:
-            panels.append({"title": f"PGD {norm.upper()}", "xlabel": unit, "ylabel": "accuracy", "curves": curves})
-    if not panels:
-        return None
-    return curve_figure(panels, out / "robust_accuracy_by_region.png", title="robust accuracy by guiding region")
 
 
 def _wandb_summary(cfg: DictConfig, metrics: dict, out: Path) -> None:

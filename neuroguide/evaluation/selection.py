@@ -23,14 +23,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from neuroguide.metrics import nan_pearson_r, nanmedian
 from neuroguide.evaluation.cka import linear_cka
-from neuroguide.models.features import capture, get_layer
+from neuroguide.models.features import activations
 
 log = logging.getLogger("neuroguide")
 
@@ -86,41 +83,6 @@ def ridge_cv_predictions(x: torch.Tensor, y: torch.Tensor, n_folds: int = 5, alp
     return pred.float(), torch.stack(chosen).float()
 
 
-def layer_activations(network: nn.Module, images, layers: Sequence[str], batch_size: int = 64,
-                      pool: int | None = None, root: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Flattened activations (N, D) of each layer on ``images``, on CPU.
-
-    ``images``: a (N, 3, H, W) tensor in [0, 1], or a dataset of (3, H, W) images read batch by
-    batch (so a large image set never sits in memory). ``layers`` are names in ``root`` (default:
-    ``network``); ``pool`` average-pools feature maps to (pool x pool) before flattening (to bound D
-    for large layers).
-    """
-    root = network if root is None else root
-    prefix = {m: n for n, m in network.named_modules()}[root]
-    names = {layer: (f"{prefix}.{layer}" if prefix else layer) for layer in layers}
-    for layer in layers:
-        get_layer(root, layer)  # KeyError listing the valid names
-    device = next(network.parameters()).device
-    chunks: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
-    mode = network.training
-    network.eval()
-    try:
-        with torch.no_grad():
-            batches = ((images[i:i + batch_size] for i in range(0, len(images), batch_size))
-                       if isinstance(images, torch.Tensor) else DataLoader(images, batch_size=batch_size))
-            for xb in tqdm(batches, total=math.ceil(len(images) / batch_size), desc="activations", leave=False):
-                with capture(network, list(names.values()), flatten=False) as out:
-                    network(xb.to(device))
-                for layer, name in names.items():
-                    a = out[name]
-                    if pool is not None and a.ndim == 4 and a.shape[-1] > pool:
-                        a = F.adaptive_avg_pool2d(a, pool)
-                    chunks[layer].append(a.flatten(1).float().cpu())
-    finally:
-        network.train(mode)
-    return {layer: torch.cat(c) for layer, c in chunks.items()}
-
-
 def _fill_nan(y: torch.Tensor) -> torch.Tensor:
     """Missing (image, site) targets replaced by the site's mean (for CKA and the ridge fits only)."""
     m = torch.nanmean(y, 0)
@@ -143,7 +105,7 @@ def selection_scores(networks: Mapping[float, tuple[nn.Module, nn.Module]], imag
     y_filled = _fill_nan(y)
     rows = []
     for eps, (network, root) in networks.items():
-        acts = layer_activations(network, images, layers, batch_size, pool, root)
+        acts = activations(network, images, layers, batch_size=batch_size, pool=pool, root=root, progress=True)
         for layer in layers:
             x = acts[layer]
             pred, _ = ridge_cv_predictions(x, y_filled, n_folds, alphas, seed)

@@ -138,7 +138,7 @@ def model_decisions(model: nn.Module, stimuli: Sequence[CueConflictStimulus], cl
 
     ``classes``: ImageNet index or wnid of each model output (None for an ImageNet-1k model).
     """
-    from neuroguide.attacks.pgd import evaluation_mode
+    from neuroguide.models.features import evaluation_mode
 
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
@@ -316,7 +316,7 @@ def evaluate_style_transfer(model: nn.Module, images: torch.Tensor, labels: torc
         Writes ``shape_bias_style_transfer.{csv,png}`` and ``..._decisions.csv`` (and the images
         under ``cue_conflict/`` with ``save_images``).
     """
-    from neuroguide.attacks.pgd import evaluation_mode
+    from neuroguide.models.features import evaluation_mode
     from neuroguide.evaluation.style_transfer import AdaIN, cue_conflict_from_classes
 
     p = next(iter(model.parameters()), None)

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
-from neuroguide.attacks.pgd import evaluation_mode
+from neuroguide.models.features import evaluation_mode
 
 
 def _device_of(model: nn.Module) -> torch.device:

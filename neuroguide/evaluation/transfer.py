@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.attacks.objectives import direction_sign
-from neuroguide.attacks.pgd import evaluation_mode
+from neuroguide.models.features import OUTPUT, activations
 from neuroguide.attacks.steps import get_step_class, scale_in_box
 from neuroguide.evaluation.plots import check_eps_list, eps_label, eps_tag, heatmap_figure, write_csv
 from neuroguide.evaluation.robustness import check_labels
@@ -135,12 +135,9 @@ def _norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
     return flat.abs().amax(1) if norm.lower() == "linf" else flat.norm(dim=1)
 
 
-@torch.no_grad()
 def _outputs(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    device = _device_of(model)
-    with evaluation_mode(model):
-        return torch.cat([model(images[i:i + batch_size].to(device)).float().flatten(1).cpu()
-                          for i in range(0, len(images), batch_size)])
+    """(N, K) flattened float32 CPU outputs of ``model`` on ``images`` (N, 3, H, W)."""
+    return activations(model, images, [OUTPUT], batch_size=batch_size)[OUTPUT]
 
 
 def _score(out_clean: torch.Tensor, out_pert: torch.Tensor, labels: torch.Tensor | None, objective: str) -> float:

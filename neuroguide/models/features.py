@@ -1,14 +1,44 @@
-"""Activations of named layers (``model.named_modules()`` names) through forward hooks.
+"""Activations of named layers (``model.named_modules()`` names) through forward hooks, and the
+evaluation mode every analysis and attack runs a model in.
 
-Used by every analysis that works "on any named layer": unit sensitivity, RSA, CKA.
+Used by every analysis that works "on any named layer": unit sensitivity, RSA, CKA, layer selection.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
+
+OUTPUT = "output"  # the layer name of the model's own output
+
+
+@contextlib.contextmanager
+def evaluation_mode(module: nn.Module | None) -> Iterator[None]:
+    """Inside: ``module`` and all its submodules in eval mode, its parameters ``requires_grad=False``.
+
+    On exit every submodule's ``training`` flag and every parameter's ``requires_grad`` are put back
+    exactly as they were (module by module: a frozen part stays in eval, a training part trains).
+    """
+    if module is None:
+        yield
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        module.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was
+        for p, was in flags:
+            p.requires_grad_(was)
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -62,7 +92,7 @@ class LayerOutput(nn.Module):
     def __init__(self, model: nn.Module, name: str | None = None):
         super().__init__()
         self.model = model
-        self.name = None if name in (None, "", "output") else name
+        self.name = None if layer_key(name) == OUTPUT else name
         if self.name is not None:
             get_layer(model, self.name)  # validate early
 
@@ -75,15 +105,57 @@ class LayerOutput(nn.Module):
         return out[self.name]
 
 
-@torch.no_grad()
-def extract(model: nn.Module, images: torch.Tensor, names: Sequence[str], batch_size: int = 128) -> dict:
-    """Activations (N, K) of each named layer on ``images`` (N, 3, H, W) in [0, 1], on CPU."""
-    device = next(model.parameters()).device
-    chunks: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    for i in range(0, len(images), batch_size):
-        xb = images[i : i + batch_size].to(device)
-        with capture(model, names) as out:
-            model(xb)
-        for n in names:
-            chunks[n].append(out[n].float().cpu())
-    return {n: torch.cat(v) for n, v in chunks.items()}
+def layer_key(layer: str | None) -> str:
+    """The name of ``layer`` in results: None, "" and "output" all mean the model output ("output")."""
+    return OUTPUT if layer in (None, "", OUTPUT) else str(layer)
+
+
+def activations(model: nn.Module, images, layers: Sequence[str | None], *, batch_size: int = 128,
+                pool: int | None = None, root: nn.Module | None = None,
+                progress: bool = False) -> dict[str, torch.Tensor]:
+    """Flattened float32 CPU activations ``{layer: (N, D)}`` of each layer on ``images``.
+
+    The one activation extractor of the project: batched, under ``torch.no_grad``, the model in
+    :func:`evaluation_mode` (its modes and flags restored afterwards).
+
+    Args:
+        model: takes (B, 3, H, W) images in [0, 1].
+        images: (N, 3, H, W) tensor, or a dataset of (3, H, W) images (or of tuples whose first item is
+            the image, e.g. (image, label)) read batch by batch, so a large image set never sits in memory.
+        layers: names in ``root`` (``named_modules`` names); None / "" / "output" is the model output,
+            keyed "output".
+        batch_size: images per forward pass.
+        pool: average-pool (B, C, H, W) maps larger than ``pool`` x ``pool`` to that size before
+            flattening (bounds D for large layers); None keeps them whole.
+        root: the module the layer names refer to (default: ``model``), e.g. the backbone inside a wrapper.
+        progress: show a progress bar.
+    Returns:
+        ``{layer_key(layer): (N, D) tensor}`` in the order of ``layers``.
+    """
+    root = model if root is None else root
+    prefix = {m: n for n, m in model.named_modules()}.get(root)
+    if prefix is None:
+        raise ValueError(f"activations: root ({type(root).__name__}) is not a submodule of the model "
+                         f"({type(model).__name__}); give the module the layer names refer to")
+    keys = [layer_key(layer) for layer in layers]
+    hooked = {k: (f"{prefix}.{k}" if prefix else k) for k in keys if k != OUTPUT}
+    for k in hooked:
+        get_layer(root, k)  # KeyError listing the valid names
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    chunks: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    if isinstance(images, torch.Tensor):
+        batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+    else:
+        batches = torch.utils.data.DataLoader(images, batch_size=batch_size)
+    with evaluation_mode(model), torch.no_grad():
+        for xb in tqdm(batches, total=math.ceil(len(images) / batch_size), desc="activations",
+                       disable=not progress, leave=False):
+            with capture(model, list(hooked.values()), flatten=False) as out:
+                y = model((xb[0] if isinstance(xb, (list, tuple)) else xb).to(device))
+            for k in keys:
+                a = y if k == OUTPUT else out[hooked[k]]
+                if pool is not None and a.ndim == 4 and a.shape[-1] > pool:
+                    a = F.adaptive_avg_pool2d(a, pool)
+                chunks[k].append(a.reshape(a.shape[0], -1).float().cpu())
+    return {k: torch.cat(v) for k, v in chunks.items()}
