@@ -23,18 +23,24 @@ Two sources of cue-conflict images:
    unmapped are dropped (the model could never make that decision).
 2. Images made from the model's own classes by style transfer (:mod:`.style_transfer`, as Shao et
    al.); the decision is the argmax over the model's classes.
+3. The synthetic cue-conflict set of the embedded default data
+   (:mod:`neuroguide.data.synthetic.cue_conflict`: the silhouette of class ``a`` filled with the
+   periodic texture of class ``b``), in the layout of 1. plus a ``categories.txt`` naming the
+   model's own classes; read by the same reader, the decision is the argmax over the model's
+   classes. ``stimuli_dir="auto"`` picks it for models trained on synthetic data, and 1. otherwise.
 
 Modules: :mod:`.metric` (the measure, its table and figure), :mod:`.stimuli` (reading a
 stimulus folder), :mod:`.core` (a model's decisions; ``evaluate``), :mod:`.imagenet16` (the
 16-category table), :mod:`.style_transfer` (AdaIN).
 """
 from neuroguide.evaluation.shape_bias.core import (category_probabilities, evaluate, evaluate_folder,
-                                                   evaluate_style_transfer, model_classes, model_decisions)
+                                                   evaluate_style_transfer, model_classes, model_decisions, own_columns)
 from neuroguide.evaluation.shape_bias.imagenet16 import CATEGORIES, category_columns
 from neuroguide.evaluation.shape_bias.metric import ShapeBiasResult, shape_bias, shape_bias_figure
-from neuroguide.evaluation.shape_bias.stimuli import (IMAGE_EXTENSIONS, CueConflictStimulus, load_images, parse_name,
-                                                      read_cue_conflict)
+from neuroguide.evaluation.shape_bias.stimuli import (IMAGE_EXTENSIONS, CueConflictStimulus, folder_categories,
+                                                      load_images, parse_name, read_cue_conflict, resolve_stimuli_dir)
 
 __all__ = ["CATEGORIES", "IMAGE_EXTENSIONS", "CueConflictStimulus", "ShapeBiasResult", "category_columns",
-           "category_probabilities", "evaluate", "evaluate_folder", "evaluate_style_transfer", "load_images",
-           "model_classes", "model_decisions", "parse_name", "read_cue_conflict", "shape_bias", "shape_bias_figure"]
+           "category_probabilities", "evaluate", "evaluate_folder", "evaluate_style_transfer", "folder_categories",
+           "load_images", "model_classes", "model_decisions", "own_columns", "parse_name", "read_cue_conflict",
+           "resolve_stimuli_dir", "shape_bias", "shape_bias_figure"]

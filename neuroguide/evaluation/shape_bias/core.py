@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from neuroguide.evaluation.shape_bias.imagenet16 import CATEGORIES, category_columns
 from neuroguide.evaluation.shape_bias.metric import _write, shape_bias
-from neuroguide.evaluation.shape_bias.stimuli import CueConflictStimulus, load_images, read_cue_conflict
+from neuroguide.evaluation.shape_bias.stimuli import (CueConflictStimulus, folder_categories, load_images,
+                                                      read_cue_conflict, resolve_stimuli_dir)
 
 log = logging.getLogger("neuroguide")
 
@@ -28,13 +29,41 @@ def category_probabilities(logits: torch.Tensor, columns: Mapping[str, Sequence[
     return torch.stack([p[:, list(cols)].mean(dim=1) for cols in columns.values()], dim=1)
 
 
+def own_columns(categories: Sequence[str], classes: Sequence | None, n_outputs: int, where: str = "the stimuli"
+                ) -> tuple[dict[str, list[int]], list[str]]:
+    """Output columns of each category when the categories are the model's own classes (a folder with a
+    ``categories.txt``, e.g. the synthetic set): column k belongs to category ``classes[k]``.
+
+    Returns ``({category: [column, ...]}`` for the categories the model has, the unmapped categories).
+    """
+    if classes is None:
+        raise ValueError(f"{where} name their categories in categories.txt (the classes of the run that made them), "
+                         "but the model says nothing about its classes. Fix: pass classes=[class name per output] "
+                         "(e.g. the run's class-list file), or set model.imagenet_classes")
+    classes = [str(c) for c in classes]
+    if len(classes) != n_outputs:
+        raise ValueError(f"classes lists {len(classes)} classes but the model has {n_outputs} outputs: give one class "
+                         "name per output, in output order")
+    mapped = {c: [k for k, x in enumerate(classes) if x == c] for c in categories}
+    mapped = {c: cols for c, cols in mapped.items() if cols}
+    if not mapped:
+        raise ValueError(f"none of the model's {n_outputs} classes (e.g. {classes[:3]}) is a category of {where} "
+                         f"({list(categories)[:3]} ...): they were made for another class list. Fix: delete the "
+                         "synthetic cue-conflict folder so that it is written again for this model, or pass the "
+                         "right classes")
+    return mapped, [c for c in categories if c not in mapped]
+
+
 @torch.no_grad()
 def model_decisions(model: nn.Module, stimuli: Sequence[CueConflictStimulus], classes=None, *,
-                    image_size: int | None = None, batch_size: int = 64, progress: bool = False
-                    ) -> tuple[list[str], list[str]]:
-    """The model's 16-category decision on each stimulus, and the unmapped categories.
+                    categories: Sequence[str] | None = None, image_size: int | None = None, batch_size: int = 64,
+                    progress: bool = False) -> tuple[list[str], list[str]]:
+    """The model's decision on each stimulus, and the unmapped categories.
 
-    ``classes``: ImageNet index or wnid of each model output (None for an ImageNet-1k model).
+    ``categories`` None: decisions over the 16 categories, ``classes`` the ImageNet index or wnid of
+    each model output (None for an ImageNet-1k model). ``categories`` given (the model's own
+    classes, as a folder's ``categories.txt`` lists them): the argmax over the outputs, with
+    ``classes`` the name of each output (:func:`own_columns`).
     """
     from neuroguide.attacks.pgd import evaluation_mode
 
@@ -47,7 +76,10 @@ def model_decisions(model: nn.Module, stimuli: Sequence[CueConflictStimulus], cl
             x = load_images([st.path for st in stimuli[s:s + batch_size]], image_size).to(device)
             logits = model(x)
             if columns is None:
-                columns, unmapped = category_columns(classes, n_outputs=logits.shape[1])
+                if categories is None:
+                    columns, unmapped = category_columns(classes, n_outputs=logits.shape[1])
+                else:
+                    columns, unmapped = own_columns(categories, classes, logits.shape[1])
                 names = list(columns)
             probs = category_probabilities(logits, columns)
             decisions += [names[i] for i in probs.argmax(dim=1).tolist()]
@@ -80,11 +112,12 @@ def evaluate_folder(model: nn.Module, stimuli_dir: str | os.PathLike, out_dir: s
     ``.../n_images`` (cue conflicts counted), ``.../n_unmapped_categories``. Writes
     ``shape_bias.csv``, ``shape_bias_decisions.csv`` and ``shape_bias.png``.
     """
-    stimuli = read_cue_conflict(stimuli_dir)
+    own = folder_categories(stimuli_dir)
+    stimuli = read_cue_conflict(stimuli_dir, own)
     if classes is None:
         classes = model_classes(model)
-    decisions, unmapped = model_decisions(model, stimuli, classes, image_size=image_size, batch_size=batch_size,
-                                          progress=progress)
+    decisions, unmapped = model_decisions(model, stimuli, classes, categories=own, image_size=image_size,
+                                          batch_size=batch_size, progress=progress)
     usable = [i for i, s in enumerate(stimuli) if s.shape not in unmapped and s.texture not in unmapped]
     if unmapped:
         log.warning("shape bias: the model has no class in %s; left out, with the %d images whose shape or texture is "
@@ -92,7 +125,7 @@ def evaluate_folder(model: nn.Module, stimuli_dir: str | os.PathLike, out_dir: s
     if not usable:
         raise ValueError(f"shape bias: every cue-conflict image in {stimuli_dir} has an unmapped shape or texture "
                          f"category ({unmapped}); the model's classes cover too few of the 16 categories")
-    mapped = [c for c in CATEGORIES if c not in unmapped]
+    mapped = [c for c in (own or CATEGORIES) if c not in unmapped]
     res = shape_bias([stimuli[i].shape for i in usable], [stimuli[i].texture for i in usable],
                      [decisions[i] for i in usable], categories=mapped)
     used = set(usable)
@@ -154,13 +187,20 @@ def evaluate_style_transfer(model: nn.Module, images: torch.Tensor, labels: torc
 
 
 def evaluate(model: nn.Module, out_dir: str | os.PathLike, *, stimuli_dir: str | os.PathLike | None = None,
+             geirhos_dir: str | os.PathLike | None = None, synthetic: Mapping | None = None,
              classes=None, image_size: int | None = None, images: torch.Tensor | None = None,
              labels: torch.Tensor | None = None, style_vgg: str | os.PathLike | None = None,
              style_decoder: str | os.PathLike | None = None, class_names: Sequence[str] | None = None,
              n_style_images: int = 256, style_alpha: float = 1.0, save_style_images: bool = False,
              batch_size: int = 64, seed: int = 0, key_prefix: str = "eval/shape_bias", progress: bool = True) -> dict:
-    """Shape bias from every source configured: the Geirhos folder (``stimuli_dir``) and/or
+    """Shape bias from every source configured: a cue-conflict folder (``stimuli_dir``) and/or
     style transfer from the model's own images (``images``, ``labels``, ``style_vgg``, ``style_decoder``).
+
+    ``stimuli_dir``: a folder (the Geirhos et al. stimuli, or any folder in their layout), ``"auto"``
+    (the synthetic cue-conflict set for a model trained on synthetic data, else ``geirhos_dir``),
+    ``"synthetic"`` (the synthetic set, written under ``synthetic["root"]`` on first use), or None;
+    see :func:`.stimuli.resolve_stimuli_dir`. ``classes``: the model's class per output (ImageNet
+    index or wnid; default from the model's run).
 
     Keys: :func:`evaluate_folder` under ``key_prefix`` and :func:`evaluate_style_transfer` under
     ``{key_prefix}/style_transfer``.
@@ -171,8 +211,10 @@ def evaluate(model: nn.Module, out_dir: str | os.PathLike, *, stimuli_dir: str |
                          "eval.shape_bias.style_vgg=<vgg_normalised.pth> + style_decoder=<decoder.pth> (style transfer "
                          "from the model's own validation images)")
     metrics = {}
-    if stimuli_dir is not None:
-        metrics.update(evaluate_folder(model, stimuli_dir, out_dir, classes=classes, image_size=image_size,
+    folder = resolve_stimuli_dir(model, stimuli_dir, geirhos_dir=geirhos_dir, synthetic=synthetic, classes=classes)
+    if folder is not None:
+        log.info("shape bias on the cue-conflict images in %s", folder)
+        metrics.update(evaluate_folder(model, folder, out_dir, classes=classes, image_size=image_size,
                                        batch_size=batch_size, key_prefix=key_prefix, progress=progress))
     if style:
         if style_vgg is None or style_decoder is None or images is None or labels is None:
