@@ -135,3 +135,29 @@ def test_auto_source_and_bad_input(tmp_path, cue_set):
     with pytest.raises(ValueError, match="name their categories in categories.txt .* Fix: pass classes="):
         sb.evaluate(nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 6)), tmp_path / "o", stimuli_dir=cue_set,
                     progress=False)
+
+
+def test_evaluate_py_on_the_embedded_default(tmp_path):
+    """`python train.py region=none` on the synthetic data, then `python evaluate.py ckpt=... eval=[shape_bias]`
+    with no shape-bias setting: the synthetic cue-conflict set is written for the run's classes and used."""
+    from conftest import small_overrides
+
+    from neuroguide.config import compose_config
+    from neuroguide.data.imagenet import read_class_list
+    from neuroguide.evaluation.runner import run as evaluate
+    from neuroguide.train import run as train
+
+    train(compose_config("train", small_overrides(tmp_path) + ["+trainer.fast_dev_run=true", "region=none"],
+                         output_dir=tmp_path / "run"))
+    cfg = compose_config("evaluate", [f"paths.data_dir={tmp_path}/data", f"paths.log_dir={tmp_path}/outputs",
+                                      f"ckpt={tmp_path}/run/model.ckpt", "eval=[shape_bias]"], output_dir=tmp_path / "ev")
+    m = evaluate(cfg)
+    root = tmp_path / "data" / "synthetic" / "cue_conflict"
+    classes = read_class_list(tmp_path / "data" / "synthetic" / "imagenet" / "classes.txt")  # 4 (small_overrides)
+    assert sb.folder_categories(root) == classes
+    assert m["eval/shape_bias/n_images"] == len(classes) * (len(classes) - 1) * 4  # n_per_pair 4 (the config)
+    assert m["eval/shape_bias/n_unmapped_categories"] == 0
+    assert {f"eval/shape_bias/{c}" for c in classes} <= set(m)
+    assert m["eval/shape_bias/n_shape_decisions"] + m["eval/shape_bias/n_texture_decisions"] <= m["eval/shape_bias/n_images"]
+    assert (tmp_path / "ev" / "shape_bias" / "shape_bias.png").is_file()
+    assert sb.load_images([next(root.rglob("*.png"))]).shape[-1] == 32  # the run's data.image_size
