@@ -105,7 +105,8 @@ def model_classes(model: nn.Module) -> list | None:
 def evaluate_folder(model: nn.Module, stimuli_dir: str | os.PathLike, out_dir: str | os.PathLike, *, classes=None,
                     image_size: int | None = None, batch_size: int = 64, key_prefix: str = "eval/shape_bias",
                     progress: bool = True) -> dict:
-    """Shape bias on the Geirhos et al. cue-conflict folder (see the module docstring).
+    """Shape bias on a cue-conflict folder: the Geirhos et al. stimuli, or a folder with its own
+    ``categories.txt`` such as the synthetic set (see the package docstring).
 
     Returns ``{key_prefix}``, ``{key_prefix}/<category>`` (per mapped shape category; NaN with no
     shape or texture decision), ``{key_prefix}/n_shape_decisions``, ``.../n_texture_decisions``,
