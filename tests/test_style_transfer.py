@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from neuroguide.evaluation import shape_bias as sb
-from neuroguide.evaluation import style_transfer as st
+from neuroguide.evaluation.shape_bias import style_transfer as st
 
 
 @pytest.fixture(scope="module")
