@@ -143,7 +143,7 @@ def _outputs(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.T
 def _score(out_clean: torch.Tensor, out_pert: torch.Tensor, labels: torch.Tensor | None, objective: str) -> float:
     """Accuracy drop (labels) or normalized response change of one target."""
     if labels is not None:
-        return float((out_clean.argmax(1) == labels).float().mean() - (out_pert.argmax(1) == labels).float().mean())
+        return float((out_clean.argmax(1) == labels).double().mean() - (out_pert.argmax(1) == labels).double().mean())
     if objective == "change":
         sigma = out_clean.std(0)
         ok = sigma > 0
