@@ -54,3 +54,21 @@ def wandb_logger(project: str = "neuroguide", group: str | None = None, job_type
     return WandbLogger(project=project, group=group, job_type=job_type, tags=[str(t) for t in (tags or [])],
                        save_dir=save_dir, id=run_id, mode=mode,
                        offline=mode == "offline", name=name, **kwargs)
+
+
+def finish_wandb(run, metrics: dict, figures_dir: str | Path | None = None) -> None:
+    """The one place a W&B run ends: final ``metrics`` into its summary, the PNG figures below
+    ``figures_dir`` as images, then ``finish`` (each job of a multirun finishes its own run). Never
+    raises: the results are already on disk, and logging must not lose them."""
+    try:
+        import wandb
+
+        if hasattr(run, "summary"):
+            run.summary.update(metrics)
+        if figures_dir is not None and hasattr(run, "log"):
+            root = Path(figures_dir)
+            for png in sorted(root.rglob("*.png")):
+                run.log({str(png.relative_to(root)): wandb.Image(str(png))})
+        (run.finish if hasattr(run, "finish") else wandb.finish)()
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        log.warning("W&B summary not written: %s", e)

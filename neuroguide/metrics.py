@@ -1,7 +1,11 @@
 """The project's one Pearson r: per column (voxel, site, unit) between two (N, K) arrays.
 
-Built on torchmetrics' ``pearson_corrcoef``; every correlation in neuroguide goes through
-:func:`pearson_r` so that NaN handling and shapes are the same everywhere.
+Built on torchmetrics' ``pearson_corrcoef``. Every correlation of a model with measured or predicted
+responses (per voxel, site or unit: the predictor and IT scores, split-half reliability, neural
+alignment, layer selection) goes through :func:`pearson_r` so that NaN handling and shapes are the
+same everywhere. The one exception is RSA (:mod:`neuroguide.evaluation.rdm`): correlation distances
+between all stimulus pairs and Spearman comparisons of RDMs are computed there in chunked matrix form
+(tested against rsatoolbox), since a per-pair call would be far too slow.
 """
 from __future__ import annotations
 

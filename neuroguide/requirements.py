@@ -1,6 +1,7 @@
 """What a task needs before it is built, and how the pipeline provides it.
 
-A task declares its needs (:meth:`neuroguide.tasks.base.Task.requirements`); :func:`provide`
+A task declares its needs (:meth:`neuroguide.tasks.base.Task.requirements`, e.g.
+:class:`neuroguide.tasks.predictor.PredictorRequirement`); :func:`provide`
 resolves each before the task is built: a trained predictor of region R for subject S is found at
 ``${paths.predictors_dir}/subjSS/R.ckpt``, checked against the data (the output count stored in
 its checkpoint against the region's cached voxel count), and on the synthetic data trained first
@@ -10,27 +11,15 @@ predictor is an error that prints the exact command that trains it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from neuroguide.config import compose_config, output_dir
-from neuroguide.tasks.predictor import predictor_path
+from neuroguide.tasks.predictor import PredictorRequirement, predictor_path
 
 log = logging.getLogger("neuroguide")
-
-
-@dataclass(frozen=True)
-class PredictorRequirement:
-    """The trained predictor of ``region`` (or its shuffled control) for ``subject``; its path is
-    put into the run config at ``config_key``."""
-
-    region: str
-    subject: int
-    shuffle: bool = False
-    config_key: str = "predictor_path"
 
 
 def provide(need, cfg: DictConfig, train: Callable[[DictConfig], dict]) -> DictConfig:

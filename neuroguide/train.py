@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from neuroguide.config import output_dir
 from neuroguide.data import prepare_synthetic
+from neuroguide.loggers import finish_wandb
 from neuroguide.requirements import provide
 from neuroguide.slurm import preflight, slurm_allocation
 from neuroguide.tasks import get_task
@@ -139,11 +140,6 @@ def _finish(trainer: L.Trainer, module, cfg: DictConfig, out: Path, metrics: dic
         log.info("saved %s model to %s", cfg.task.name, p)
     for lg in trainer.loggers:
         if type(lg).__name__ == "WandbLogger":
-            exp = lg.experiment
-            if hasattr(exp, "summary"):
-                exp.summary.update(metrics)
-            import wandb
-
-            wandb.finish()  # each job of a multirun finishes its own run
+            finish_wandb(lg.experiment, metrics, out)
     log.info("metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
     log.info("wrote %s and %s", out / "metrics.json", out / "config.yaml")

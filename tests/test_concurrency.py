@@ -5,8 +5,11 @@ import multiprocessing as mp
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import SMALL_NSD
+
+pytestmark = pytest.mark.slow  # spawns processes: outside the quick loop (pytest -m "not slow")
 
 
 def _build(root: str, cache: str, q) -> None:

@@ -18,6 +18,8 @@ import pytest
 
 from conftest import small_overrides
 
+pytestmark = pytest.mark.slow  # spawns processes: outside the quick loop (pytest -m "not slow")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # spawns processes: outside the quick loop (pytest -m "not slow")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

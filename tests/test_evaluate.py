@@ -169,6 +169,7 @@ def _cli(script, *args):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_failed_analysis_exit_status_and_log_file(trained):
     """evaluate.py: robustness fails (bad eps), smoothness after it completes; metrics.json holds both, the
     traceback is in the run's evaluate.log (not only on the console), and the exit status is 1."""
@@ -187,6 +188,7 @@ def test_cli_failed_analysis_exit_status_and_log_file(trained):
     assert "1 evaluation step(s) failed" in log_text
 
 
+@pytest.mark.slow
 def test_cli_unknown_analysis_fails_before_loading(tmp_path):
     p = _cli("evaluate.py", f"ckpt={tmp_path}/no_model.ckpt", "eval=[robustness,nonexistent]",
              f"hydra.run.dir={tmp_path}/run")

@@ -16,6 +16,7 @@ from neuroguide.train import run
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_two_job_sweep_through_submitit_local(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, str(REPO / "train.py"), "-m", "hydra/launcher=submitit_local", "task=predictor",

@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
-from neuroguide.models.features import evaluation_mode
+from neuroguide.models.features import device_of, evaluation_mode
 from neuroguide.evaluation.plots import check_eps_list, curve_figure, eps_label, eps_tag, write_csv
 
 log = logging.getLogger("neuroguide")
@@ -52,11 +52,6 @@ log = logging.getLogger("neuroguide")
 AA_NORMS = {"l2": "L2", "linf": "Linf"}
 AA_MAX_TARGETS = 9  # the standard version's number of target classes
 AA_FAST_EVALS = 100 * (1 + AA_MAX_TARGETS)  # gradient evaluations per image of "fast" at most (APGD-CE + APGD-T)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def check_labels(images: torch.Tensor, labels: torch.Tensor, name: str = "labels") -> torch.Tensor:
@@ -77,7 +72,7 @@ def check_labels(images: torch.Tensor, labels: torch.Tensor, name: str = "labels
 @torch.no_grad()
 def predictions(model: nn.Module, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
     """(N,) argmax class of ``model`` on ``images`` (N, 3, H, W), in eval mode (restored after)."""
-    device = _device_of(model)
+    device = device_of(model)
     with evaluation_mode(model):
         return torch.cat([model(images[i:i + batch_size].to(device)).argmax(1).cpu()
                           for i in range(0, len(images), batch_size)])
@@ -95,7 +90,7 @@ def adversarial_examples(model: nn.Module, images: torch.Tensor, labels: torch.T
                          generator: torch.Generator | None = None) -> torch.Tensor:
     """(N, 3, H, W) untargeted PGD examples (maximize cross-entropy) within ``eps``, on CPU."""
     labels = check_labels(images, labels)
-    device = _device_of(model)
+    device = device_of(model)
     out = []
     for i in range(0, len(images), batch_size):
         x, y = images[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
@@ -181,7 +176,7 @@ def autoattack_examples(model: nn.Module, images: torch.Tensor, labels: torch.Te
     """
     from pyautoattack import AutoAttack
 
-    device = _device_of(model)
+    device = device_of(model)
     mode = check_autoattack(mode, device)
     if mode is None:
         raise ValueError(f"autoattack_examples: mode {mode!r} runs no attack here; expected 'standard' or 'fast'")
@@ -255,7 +250,7 @@ def robustness_curve(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     """
     labels = check_labels(images, labels)
     l2, linf = _eps_lists(eps_l2, eps_linf)
-    aa_mode = check_autoattack(autoattack, _device_of(model))
+    aa_mode = check_autoattack(autoattack, device_of(model))
     if str(autoattack).strip().lower() == "auto" and aa_mode is None:
         log.info("robustness: AutoAttack skipped on CPU (autoattack=auto; it costs up to %d gradient evaluations "
                  "per image and eps against PGD's %d): set eval.robustness.autoattack=fast to run it anyway",

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from neuroguide.config import CONF_DIR, output_dir
 from neuroguide.evaluation.stimuli import Stimuli, model_stimuli
 from neuroguide.models.checkpoints import load_model
+from neuroguide.models.features import device_of
 from neuroguide.utils.io import atomic_path, write_json
 
 log = logging.getLogger("neuroguide")
@@ -139,7 +140,7 @@ def neural_reference(model, params: dict, cfg_n: int | None) -> tuple[torch.Tens
     info = model.neuroguide_info
     regions = params.pop("regions", None)
     n = params.pop("n_images", None) or cfg_n
-    device = next(model.parameters()).device
+    device = device_of(model)
     if info["task_name"] == "it_encoding" and not regions:
         st = STIMULI["it_encoding"](info["run_config"], info["facts"], n, {})
         return st.images.to(device), {"IT": st.responses}
@@ -385,15 +386,14 @@ def _wandb_summary(cfg: DictConfig, metrics: dict, out: Path) -> None:
 
     if os.environ.get("WANDB_MODE") == "disabled" or cfg.get("wandb") is False:
         return
+    from neuroguide.loggers import finish_wandb, wandb_mode
+
     try:
-        from neuroguide.loggers import wandb_mode
         import wandb
 
         run = wandb.init(project="neuroguide", group=str(cfg.get("name", "eval")), job_type="evaluate",
                          dir=str(out), mode=wandb_mode(), config=OmegaConf.to_container(cfg, resolve=True))
-        run.summary.update(metrics)
-        for png in sorted(out.rglob("*.png")):
-            run.log({str(png.relative_to(out)): wandb.Image(str(png))})
-        run.finish()
     except Exception as e:  # logging must never lose the results already written
-        log.warning("W&B summary not written: %s", e)
+        log.warning("W&B run not started: %s", e)
+        return
+    finish_wandb(run, metrics, out)

@@ -48,10 +48,9 @@ from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.attacks.objectives import direction_sign
-from neuroguide.models.features import evaluation_mode
 from neuroguide.evaluation.estimators import nanstd, naive_sensitivity, repeat_mean, sign_corrected_sensitivity
 from neuroguide.evaluation.plots import check_eps_list, curve_figure, eps_tag, write_csv
-from neuroguide.models.features import LayerOutput
+from neuroguide.models.features import LayerOutput, device_of, evaluation_mode
 
 Measure = Callable[[torch.Tensor], torch.Tensor]
 
@@ -173,11 +172,6 @@ def _sd(t: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- the analysis
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _pick_units(units, k: int) -> torch.Tensor:
     if units is None:
         return torch.arange(k)
@@ -248,7 +242,7 @@ def unit_sensitivity(model: nn.Module, images: torch.Tensor, layer: str | None, 
     if not dirs:
         raise ValueError("directions is empty: use ('up', 'down') (or one of them)")
     signs = torch.tensor([direction_sign(d) for d in dirs])
-    device = _device_of(model)
+    device = device_of(model)
     images = images.detach().float().cpu()
     n = images.shape[0]
 

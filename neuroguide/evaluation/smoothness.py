@@ -23,12 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
-from neuroguide.models.features import evaluation_mode
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
+from neuroguide.models.features import device_of, evaluation_mode
 
 
 def _check(images: torch.Tensor, labels) -> torch.Tensor:
@@ -50,7 +45,7 @@ def input_gradient_sq_norms(model: nn.Module, images: torch.Tensor, labels, *, b
     The model runs in eval mode with frozen parameters (both restored afterwards).
     """
     labels = _check(images, labels)
-    device = _device_of(model)
+    device = device_of(model)
     sq, losses = [], []
     with evaluation_mode(model), torch.enable_grad():
         for i in range(0, len(images), batch_size):
@@ -68,7 +63,7 @@ def adversarial_points(model: nn.Module, images: torch.Tensor, labels, *, eps: f
                        generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
     """(N, 3, H, W) untargeted PGD points (maximize CE) within ``eps`` of ``images``, on the CPU."""
     labels = _check(images, labels)
-    device = _device_of(model)
+    device = device_of(model)
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc="PGD", disable=not progress, leave=False):
         x, y = images[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
@@ -91,7 +86,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels, out_dir: str | os.P
 
     labels = _check(images, labels)
     g_clean, l_clean = input_gradient_sq_norms(model, images, labels, batch_size=batch_size)
-    gen = torch.Generator(device=_device_of(model)).manual_seed(seed)
+    gen = torch.Generator(device=device_of(model)).manual_seed(seed)
     x_adv = adversarial_points(model, images, labels, eps=eps, norm=norm, steps=steps, step_size=step_size,
                                restarts=restarts, batch_size=batch_size, generator=gen, progress=progress)
     g_adv, l_adv = input_gradient_sq_norms(model, x_adv, labels, batch_size=batch_size)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.attacks.objectives import direction_sign
-from neuroguide.models.features import OUTPUT, activations
+from neuroguide.models.features import OUTPUT, activations, device_of
 from neuroguide.attacks.steps import get_step_class, scale_in_box
 from neuroguide.evaluation.plots import check_eps_list, eps_label, eps_tag, heatmap_figure, write_csv
 from neuroguide.evaluation.robustness import check_labels
@@ -45,11 +45,6 @@ NEURAL_OBJECTIVES = ("change", "up", "down")
 NORM_RTOL = 0.01  # the control's per-image norm counts as matched within 1% of the attack's
 
 log = logging.getLogger("neuroguide")
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def declared_input_size(model: nn.Module) -> int | None:
@@ -225,7 +220,7 @@ def transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor, label
     dn, rn, matched = np.zeros(S), np.zeros(S), np.zeros(S)
     for i, src in enumerate(tqdm(names, desc="transfer sources", disable=not progress, leave=False)):
         model = models[src]
-        device = _device_of(model)
+        device = device_of(model)
         x_adv = []
         for b in range(0, len(images), batch_size):
             x = images[b:b + batch_size].to(device)

@@ -48,7 +48,9 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
                 f"load does not run ({names[0] if names else 'unsupported global'}). Re-save it as a plain state "
                 "dict of tensors (torch.save(model.state_dict(), path)) from code you trust") from None
         kind = "a zip archive" if zipfile.is_zipfile(path) else "not a torch zip archive"
-        reason = msg.splitlines()[0][:200] if msg.strip() else type(e).__name__
+        lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and "weights_only" not in ln]
+        detail = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "")
+        reason = f"{type(e).__name__}: {detail[:200]}" if detail else type(e).__name__
         raise ValueError(
             f"{path} is not a readable checkpoint ({size} bytes, {kind}; torch.load said: {reason}). It is "
             "corrupted, truncated or not a PyTorch file: copy it again, or retrain the model") from None

@@ -133,7 +133,8 @@ def _upgrade(old: dict) -> tuple[dict, dict]:
         config["predictor"], pred_facts = split_model_config("predictor", pred)
         if config.get("predictor_image_size") is None and pred_facts.get("image_size"):
             config["predictor_image_size"] = int(pred_facts["image_size"])
-        facts["predictor"] = pred_facts
+        if pred_facts:
+            facts["predictor"] = pred_facts
     return config, facts
 
 

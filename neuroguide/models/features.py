@@ -17,6 +17,12 @@ from tqdm.auto import tqdm
 OUTPUT = "output"  # the layer name of the model's own output
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 @contextlib.contextmanager
 def evaluation_mode(module: nn.Module | None) -> Iterator[None]:
     """Inside: ``module`` and all its submodules in eval mode, its parameters ``requires_grad=False``.
@@ -141,8 +147,7 @@ def activations(model: nn.Module, images, layers: Sequence[str | None], *, batch
     hooked = {k: (f"{prefix}.{k}" if prefix else k) for k in keys if k != OUTPUT}
     for k in hooked:
         get_layer(root, k)  # KeyError listing the valid names
-    p = next(iter(model.parameters()), None)
-    device = p.device if p is not None else torch.device("cpu")
+    device = device_of(model)
     chunks: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     if isinstance(images, torch.Tensor):
         batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))

@@ -27,6 +27,7 @@ from neuroguide.models.dual_head import head_pool_size
 from neuroguide.models.registry import build_model
 from neuroguide.tasks import register_task
 from neuroguide.tasks.base import Task
+from neuroguide.tasks.predictor import PredictorRequirement
 
 log = logging.getLogger("neuroguide")
 AT_TARGETS = ("clean", "adv")
@@ -79,8 +80,6 @@ class GuidanceTask(Task):
     @classmethod
     def requirements(cls, cfg: DictConfig) -> list:
         """A region's guidance needs that region's trained predictor (baselines none and random do not)."""
-        from neuroguide.requirements import PredictorRequirement
-
         if cfg.region.get("baseline") is not None:
             return []
         return [PredictorRequirement(str(cfg.region.name), int(cfg.subject), bool(cfg.predictor.shuffle))]

@@ -8,6 +8,7 @@ PCA, predictions are mapped back to voxels first; the component-space r is repor
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,17 @@ from omegaconf import OmegaConf
 from neuroguide.metrics import nanmedian, pearson_r
 from neuroguide.tasks import register_task
 from neuroguide.tasks.regression import RegressionTask
+
+
+@dataclass(frozen=True)
+class PredictorRequirement:
+    """A task's need for the trained predictor of ``region`` (or its shuffled control) for ``subject``;
+    the pipeline (:mod:`neuroguide.requirements`) puts its path into the run config at ``config_key``."""
+
+    region: str
+    subject: int
+    shuffle: bool = False
+    config_key: str = "predictor_path"
 
 
 def predictor_path(predictors_dir: str | Path, subject: int, region: str, shuffle: bool = False) -> Path:

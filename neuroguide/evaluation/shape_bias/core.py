@@ -65,10 +65,9 @@ def model_decisions(model: nn.Module, stimuli: Sequence[CueConflictStimulus], cl
     classes, as a folder's ``categories.txt`` lists them): the argmax over the outputs, with
     ``classes`` the name of each output (:func:`own_columns`).
     """
-    from neuroguide.models.features import evaluation_mode
+    from neuroguide.models.features import device_of, evaluation_mode
 
-    p = next(iter(model.parameters()), None)
-    device = p.device if p is not None else torch.device("cpu")
+    device = device_of(model)
     columns, unmapped, names = None, [], []
     decisions: list[str] = []
     with evaluation_mode(model):
@@ -156,11 +155,10 @@ def evaluate_style_transfer(model: nn.Module, images: torch.Tensor, labels: torc
         Writes ``shape_bias_style_transfer.{csv,png}`` and ``..._decisions.csv`` (and the images
         under ``cue_conflict/`` with ``save_images``).
     """
-    from neuroguide.models.features import evaluation_mode
+    from neuroguide.models.features import device_of, evaluation_mode
     from neuroguide.evaluation.shape_bias.style_transfer import AdaIN, cue_conflict_from_classes
 
-    p = next(iter(model.parameters()), None)
-    device = p.device if p is not None else torch.device("cpu")
+    device = device_of(model)
     stylizer = AdaIN.from_files(vgg_path, decoder_path).to(device)
     cc = cue_conflict_from_classes(images, labels, lambda c, s: stylizer(c, s, alpha), n_images=n_images,
                                    batch_size=batch_size, seed=seed, progress=progress)
