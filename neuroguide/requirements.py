@@ -82,6 +82,7 @@ def ensure_predictor(cfg: DictConfig, need: PredictorRequirement, train: Callabl
         train(predictor_config(cfg, need, out))
         if not path.exists():  # pragma: no cover - the predictor task exports it there
             raise RuntimeError(f"training the {need.region} predictor did not write {path}")
+        (out / "model.ckpt").unlink(missing_ok=True)  # the same weights as the exported predictor: one copy
     check_predictor(path, cfg, need)
     return path
 

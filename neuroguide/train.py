@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +27,7 @@ from neuroguide.loggers import finish_wandb
 from neuroguide.requirements import provide
 from neuroguide.slurm import preflight, slurm_allocation
 from neuroguide.tasks import get_task
-from neuroguide.utils.io import atomic_path, write_json
+from neuroguide.utils.io import atomic_path, read_json, write_json
 
 log = logging.getLogger("neuroguide")
 
@@ -68,6 +69,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     cfg = task_cls.prepare_config(cfg)  # e.g. guidance: region=none forces alpha=0
     for need in task_cls.requirements(cfg):  # e.g. the region's predictor, trained first on synthetic data
         cfg = provide(need, cfg, train=run)
+    done = completed_metrics(out, cfg) if cfg.get("resume", True) else None
+    if done is not None:
+        log.info("%s already holds the finished run of this config (metrics.json, model.ckpt): nothing to do "
+                 "(resume=false trains it again)", out)
+        return done
     # seeded after the requirements: the same command gives the same run whether or not they existed
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.task.datamodule, _recursive_=False)
@@ -100,6 +106,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics.update(_float_metrics(trainer.callback_metrics))
     _finish(trainer, module, cfg, out, metrics)
     return metrics
+
+
+def completed_metrics(out: Path, cfg: DictConfig) -> dict[str, float] | None:
+    """The metrics of a finished run of this same config in ``out`` (its checkpoints already removed), else None."""
+    files = [out / "metrics.json", out / "model.ckpt", out / "config.yaml"]
+    if (out / "checkpoints" / "last.ckpt").exists() or not all(f.is_file() for f in files):
+        return None
+    if files[2].read_text() != OmegaConf.to_yaml(cfg, resolve=True):
+        return None
+    return read_json(files[0])
 
 
 def selected_checkpoint(trainer: L.Trainer, which: str) -> Path | None:
@@ -141,5 +157,9 @@ def _finish(trainer: L.Trainer, module, cfg: DictConfig, out: Path, metrics: dic
     for lg in trainer.loggers:
         if type(lg).__name__ == "WandbLogger":
             finish_wandb(lg.experiment, metrics, out)
+    if not cfg.get("keep_checkpoints", False) and (out / "checkpoints").is_dir():
+        # last/best hold the optimizer state for resuming and the selection; the run is finished and exported
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        log.info("removed %s (keep_checkpoints=true keeps them)", out / "checkpoints")
     log.info("metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
     log.info("wrote %s and %s", out / "metrics.json", out / "config.yaml")

@@ -274,6 +274,45 @@ def test_main_command_trains_missing_predictor_then_guides(compose_train, tmp_pa
     assert model(x).shape[0] == 2
 
 
+def test_disk_one_copy_of_the_predictor_and_no_checkpoints_after_a_finished_run(compose_train, tmp_path, caplog):
+    """The frozen predictor is stored by reference (path + content hash) in the guided model; the finished
+    run keeps model.ckpt and metrics, not the Lightning checkpoints; the nested predictor run keeps no copy."""
+    cfg = compose_train("region=TO", "alpha=0.5", "task.max_epochs=1", 'predictor.train_overrides=["task.max_epochs=1"]')
+    metrics = run(cfg)
+    run_dir, pred_file = tmp_path / "run", tmp_path / "predictors" / "subj01" / "TO.ckpt"
+    assert not (run_dir / "checkpoints").exists() and (run_dir / "model.ckpt").exists()
+    nested = run_dir / "predictor_TO"
+    assert (nested / "metrics.json").exists() and not (nested / "checkpoints").exists()
+    assert not (nested / "model.ckpt").exists()
+    ckpt = torch.load(run_dir / "model.ckpt", weights_only=True)
+    assert not [k for k in ckpt["state_dict"] if k.startswith("predictor.")]
+    ref = ckpt["hyper_parameters"]["references"]["predictor."]
+    assert ref["path"] == str(pred_file.resolve())
+    assert (run_dir / "model.ckpt").stat().st_size < 0.7 * (pred_file.stat().st_size * 2)  # trunk only, not both
+    model = neuroguide.load_model(run_dir / "model.ckpt")
+    predictor = neuroguide.load_model(pred_file)
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(model.predictor_target(x), predictor(x))
+    # the same command again: the finished run is found, not trained again
+    caplog.clear()
+    with caplog.at_level("INFO", logger="neuroguide"):
+        again = run(compose_train("region=TO", "alpha=0.5", "task.max_epochs=1",
+                                  'predictor.train_overrides=["task.max_epochs=1"]'))
+    assert again == pytest.approx(metrics, nan_ok=True) and "nothing to do" in caplog.text
+    # the referenced file changed or gone: a clear error, never other weights silently
+    data = pred_file.read_bytes()
+    sd = torch.load(pred_file, weights_only=True)
+    sd["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in sd["state_dict"].items()}
+    torch.save(sd, pred_file)
+    with pytest.raises(ValueError, match=r"by reference to .*TO.ckpt, but that file has changed since"):
+        neuroguide.load_model(run_dir / "model.ckpt")
+    pred_file.unlink()
+    with pytest.raises(FileNotFoundError, match=r"by reference to .*TO.ckpt, which does not exist. Copy that file there"):
+        neuroguide.load_model(run_dir / "model.ckpt")
+    pred_file.write_bytes(data)
+    assert neuroguide.load_model(run_dir / "model.ckpt") is not None
+
+
 def test_baselines_none_and_random(compose_train, tmp_path, caplog):
     m = run(compose_train("region=none", "alpha=0.5", "+trainer.fast_dev_run=true", out="none"))
     assert "val/neural_r" not in m and "alpha forced" in caplog.text

@@ -7,6 +7,11 @@ takes, so :func:`load_model` rebuilds the network without Hydra, the data or the
 the run facts a reader looks things up by (region, subject, alpha, at_eps, image_size, ...) and
 ``run_config`` the whole resolved run config. Every file is read with
 ``torch.load(..., weights_only=True)``: a file holding a pickled callable is refused.
+
+Frozen parts stored elsewhere (a guided classifier's predictor, 45 MB, the same file for every run
+guided by that region) are kept **by reference**: ``hyper_parameters["references"] =
+{"predictor.": {"path", "sha256"}}`` and no weights under that prefix. :func:`load_model` reads the
+referenced file, checks its content hash and puts its weights back under the prefix.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import torch
 from torch import nn
 
 from neuroguide.models.registry import build_model, split_model_config
-from neuroguide.utils.io import atomic_path
+from neuroguide.utils.io import atomic_path, file_sha256
 
 FORMAT = "neuroguide-model-v2"
 FORMATS = ("neuroguide-model-v1", FORMAT)
@@ -58,14 +63,17 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
 
 def save_model_file(path: str | os.PathLike, model_kind: str, model_config: dict, state_dict: dict,
                     run_config: dict | None = None, metrics: dict | None = None, facts: dict | None = None,
-                    task_name: str | None = None) -> Path:
-    """Write an exported model (weights + the config to rebuild it), atomically."""
+                    task_name: str | None = None, references: dict | None = None) -> Path:
+    """Write an exported model (weights + the config to rebuild it), atomically. ``references``:
+    ``{prefix: {"path", "sha256"}}`` parts stored by reference (their weights are left out)."""
+    references = dict(references or {})
     obj = {
         "format": FORMAT,
         "hyper_parameters": {"task_name": task_name or model_kind, "model_kind": model_kind,
                              "model_config": dict(model_config), "facts": dict(facts or {}),
-                             "run_config": run_config or {}},
-        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+                             "run_config": run_config or {}, "references": references},
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()
+                       if not any(k.startswith(p) for p in references)},
         "metrics": dict(metrics or {}),
     }
     with atomic_path(path) as tmp:
@@ -85,6 +93,7 @@ class Checkpoint:
     run_config: dict
     state_dict: dict = field(repr=False)
     metrics: dict = field(default_factory=dict)
+    references: dict = field(default_factory=dict)
 
     def info(self) -> dict:
         """The ``neuroguide_info`` a loaded model carries."""
@@ -112,7 +121,29 @@ def read_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Checkpo
     if ckpt.get("format") not in FORMATS:  # Lightning checkpoint: the task's weights live under "model."
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
     return Checkpoint(Path(path), task_name, model_kind, model_config, facts, dict(hp.get("run_config") or {}),
-                      sd, dict(ckpt.get("metrics") or {}))
+                      sd, dict(ckpt.get("metrics") or {}), dict(hp.get("references") or {}))
+
+
+def check_reference(prefix: str, ref: dict, owner: str | os.PathLike) -> Path:
+    """The referenced file of ``owner``'s part ``prefix``, after checking it exists and has the stored hash."""
+    path = Path(ref["path"])
+    what = f"{owner} keeps its frozen {prefix.rstrip('.')} by reference to {path}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}, which does not exist. Copy that file there (it is the trained model of "
+                                "the run's paths.predictors_dir), or retrain the guided model")
+    if ref.get("sha256") and file_sha256(path) != ref["sha256"]:
+        raise ValueError(f"{what}, but that file has changed since (content hash differs): it was retrained or "
+                         "replaced. Restore the original file, or retrain the guided model with the new one")
+    return path
+
+
+def referenced_state(references: dict, owner: str | os.PathLike) -> dict:
+    """The weights of every referenced part, keyed with their prefix (hash-checked)."""
+    out = {}
+    for prefix, ref in references.items():
+        sd = read_checkpoint(check_reference(prefix, ref, owner)).state_dict
+        out.update({prefix + k: v for k, v in sd.items()})
+    return out
 
 
 def load_model(path: str | os.PathLike, map_location: Any = "cpu", eval_mode: bool = True,
@@ -125,7 +156,8 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu", eval_mode: bo
     """
     ck = read_checkpoint(path, kind)
     model = build_model(ck.model_kind, **ck.model_config)
-    missing, unexpected = model.load_state_dict(ck.state_dict, strict=False)
+    missing, unexpected = model.load_state_dict({**ck.state_dict, **referenced_state(ck.references, path)},
+                                                strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise ValueError(

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from neuroguide.models.checkpoints import save_model_file
+from neuroguide.models.checkpoints import referenced_state, save_model_file
 from neuroguide.models.registry import model_builder
 from neuroguide.tasks.schedules import configure_schedule
 
@@ -28,15 +28,18 @@ class Task(L.LightningModule):
     task_name: ClassVar[str] = "task"
 
     def __init__(self, model_config: dict, run_config: dict | None = None, model: nn.Module | None = None, *,
-                 facts: dict | None = None, optimizer: Callable | None = None, scheduler: dict | None = None):
+                 facts: dict | None = None, optimizer: Callable | None = None, scheduler: dict | None = None,
+                 references: dict | None = None):
         """``model``: an already built network (e.g. with loaded weights); else built from model_config.
         ``facts``: run facts stored beside the model (region, subject, alpha, ...). ``optimizer``: a
-        callable ``params -> torch.optim.Optimizer`` (Hydra partial); ``scheduler``: see module doc."""
+        callable ``params -> torch.optim.Optimizer`` (Hydra partial); ``scheduler``: see module doc.
+        ``references``: ``{prefix: {"path", "sha256"}}`` frozen parts of the model whose weights are
+        that file's (not stored in this task's checkpoints; see :mod:`neuroguide.models.checkpoints`)."""
         super().__init__()
         # plain dicts (not the caller's frame): what load_model needs, loadable with weights_only=True
         self._set_hparams({"task_name": self.task_name, "model_kind": self.task_name,
                            "model_config": dict(model_config), "facts": dict(facts or {}),
-                           "run_config": dict(run_config or {})})
+                           "run_config": dict(run_config or {}), "references": dict(references or {})})
         self._hparams_initial = copy.deepcopy(self._hparams)
         self.model = model if model is not None else self.build_model(**model_config)
         self.optimizer_factory, self.scheduler_config = optimizer, dict(scheduler or {})
@@ -72,6 +75,16 @@ class Task(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # plain dicts only, so that weights_only=True loads work
         checkpoint["hyper_parameters"] = {k: v for k, v in dict(self.hparams).items()}
+        prefixes = tuple(f"model.{p}" for p in self.hparams.get("references") or {})
+        if prefixes:  # parts kept by reference: their weights are the referenced file's
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resume / best-checkpoint reloads: parts kept by reference come back from their (hash-checked) files."""
+        refs = (checkpoint.get("hyper_parameters") or {}).get("references") or {}
+        if refs:
+            state = referenced_state(refs, "this run's checkpoint")
+            checkpoint["state_dict"].update({f"model.{k}": v for k, v in state.items()})
 
     # ------------------------------------------------------------------ optimizer
     def param_groups(self) -> list:
@@ -89,7 +102,7 @@ class Task(L.LightningModule):
         hp = self.hparams
         return save_model_file(path, hp["model_kind"], dict(hp["model_config"]), self.model.state_dict(),
                                dict(hp.get("run_config") or {}), metrics, facts=dict(hp.get("facts") or {}),
-                               task_name=self.task_name)
+                               task_name=self.task_name, references=dict(hp.get("references") or {}))
 
     def export_paths(self, cfg) -> list[Path]:
         """Extra places (besides the run folder) where the trained model is exported."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from neuroguide.models.registry import build_model
 from neuroguide.tasks import register_task
 from neuroguide.tasks.base import Task
 from neuroguide.tasks.predictor import PredictorRequirement
+from neuroguide.utils.io import file_sha256
 
 log = logging.getLogger("neuroguide")
 AT_TARGETS = ("clean", "adv")
@@ -47,10 +49,12 @@ def check_at_target(target: str) -> str:
 class GuidanceTask(Task):
     def __init__(self, model_config: dict, run_config: dict | None = None, *, facts: dict | None = None,
                  alpha: float = 0.5, at: dict | None = None, optimizer=None, scheduler=None,
-                 predictor: torch.nn.Module | None = None):
+                 predictor: torch.nn.Module | None = None, references: dict | None = None):
         """``predictor``: the loaded frozen predictor whose weights the model's predictor takes (else the
-        weights come from a checkpoint's state dict)."""
-        super().__init__(model_config, run_config, facts=facts, optimizer=optimizer, scheduler=scheduler)
+        weights come from a checkpoint's state dict). ``references``: ``{"predictor.": {"path", "sha256"}}``
+        when the predictor is a trained file (kept by reference in checkpoints and the exported model)."""
+        super().__init__(model_config, run_config, facts=facts, optimizer=optimizer, scheduler=scheduler,
+                         references=references)
         if predictor is not None:
             if self.model.predictor is None:
                 raise ValueError("a predictor was given but model_config.predictor is empty")
@@ -96,9 +100,11 @@ class GuidanceTask(Task):
     @classmethod
     def from_config(cls, cfg: DictConfig, datamodule) -> "GuidanceTask":
         baseline = cfg.region.get("baseline")
-        pred_module, pred_config, pred_facts = None, None, {}
-        if baseline is None:
-            pred_module = load_model(cfg.predictor_path, kind="predictor")
+        pred_module, pred_config, pred_facts, references = None, None, {}, {}
+        if baseline is None:  # the region's trained predictor: kept by reference (path + content hash)
+            path = Path(cfg.predictor_path).resolve()
+            references = {"predictor.": {"path": str(path), "sha256": file_sha256(path)}}
+            pred_module = load_model(path, kind="predictor")
             pred_config, pred_facts = pred_module.neuroguide_info["model_config"], pred_module.neuroguide_info["facts"]
         elif baseline == "random":
             pred_module, pred_config, pred_facts = random_predictor(cfg)
@@ -112,7 +118,7 @@ class GuidanceTask(Task):
                  "predictor": dict(pred_facts), "predictor_path": cfg.get("predictor_path")}
         return cls(model_config, OmegaConf.to_container(cfg, resolve=True), facts=facts, alpha=cfg.alpha,
                    at=OmegaConf.to_container(cfg.at, resolve=True), optimizer=instantiate(cfg.task.optimizer),
-                   scheduler=cfg.task.get("scheduler"), predictor=pred_module)
+                   scheduler=cfg.task.get("scheduler"), predictor=pred_module, references=references)
 
     # ------------------------------------------------------------------ steps
     def adversarial(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

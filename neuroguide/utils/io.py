@@ -149,3 +149,12 @@ def file_fingerprint(path: str | os.PathLike) -> dict:
     """Name, size and modification time of a file: cheap identity for cache keys."""
     st = Path(path).stat()
     return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's content (hex): the identity of a file stored by reference."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
