@@ -158,3 +158,12 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def marker_holds(marker: str | os.PathLike, key: str) -> bool:
+    """True when the JSON marker file of a written tree exists and records ``key`` (the writer's hash of
+    its parameters): the completeness test of the synthetic writers' :func:`atomic_dir`."""
+    try:
+        return read_json(marker).get("key") == key
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return False

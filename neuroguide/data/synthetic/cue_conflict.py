@@ -23,7 +23,6 @@ random texture (only shape predicts the class) or texture ``y`` with a random sh
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from neuroguide.utils.io import atomic_dir, hash_inputs, read_json, write_json
+from neuroguide.utils.io import atomic_dir, hash_inputs, marker_holds, read_json, write_json
 
 MARKER = "_SUCCESS.json"
 CATEGORY_FILE = "categories.txt"
@@ -177,7 +176,7 @@ def write_cue_conflict(root: str | Path, classes: Sequence[str], *, n_per_pair: 
     params = dict(classes=classes, n_per_pair=int(n_per_pair), image_size=int(image_size), seed=int(seed),
                   version=VERSION)
     key = hash_inputs(params)
-    if _complete(root, key) and not overwrite:
+    if marker_holds(root / MARKER, key) and not overwrite:
         return root
     if root.exists() and any(root.iterdir()):
         if not overwrite:
@@ -186,7 +185,7 @@ def write_cue_conflict(root: str | Path, classes: Sequence[str], *, n_per_pair: 
                 f"{root} is not empty and holds no synthetic cue-conflict set with parameters {params} (found: "
                 f"{found}). Delete the folder, or choose another eval.shape_bias.synthetic.root")
         shutil.rmtree(root)
-    with atomic_dir(root, complete=lambda r: _complete(r, key)) as tmp:
+    with atomic_dir(root, complete=lambda r: marker_holds(r / MARKER, key)) as tmp:
         lines = [f"# synthetic cue-conflict set: {len(classes)} classes, {image_size} px, seed {seed}",
                  "# one class per line, in the model's output order: name  # shape cue, texture cue"]
         lines += [f"{c}  # shape {s}, texture {t}" for c, (s, t) in zip(classes, cues)]
@@ -199,10 +198,3 @@ def write_cue_conflict(root: str | Path, classes: Sequence[str], *, n_per_pair: 
             Image.fromarray(img).save(folder / f"{i:04d}_{classes[a]}-{classes[b]}.png", format="PNG")
         write_json(tmp / MARKER, {"key": key, "params": params, "cues": [list(c) for c in cues]})
     return root
-
-
-def _complete(root: Path, key: str) -> bool:
-    try:
-        return read_json(root / MARKER).get("key") == key
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return False

@@ -23,14 +23,13 @@ at once.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from neuroguide.utils.io import atomic_dir, hash_inputs, read_json, write_json
+from neuroguide.utils.io import atomic_dir, hash_inputs, marker_holds, read_json, write_json
 
 MARKER = "_SUCCESS.json"
 CLASS_LIST = "classes.txt"
@@ -156,7 +155,7 @@ def write_synthetic_imagenet(root: str | Path, *, n_classes: int = 10, n_train: 
     params = dict(n_classes=int(n_classes), n_train=int(n_train), n_val=int(n_val), image_size=int(image_size),
                   seed=int(seed), version=VERSION)
     key = hash_inputs(params)
-    if _complete(root, key) and not overwrite:
+    if marker_holds(root / MARKER, key) and not overwrite:
         return root
     if root.exists() and any(root.iterdir()):
         if not overwrite:
@@ -167,17 +166,10 @@ def write_synthetic_imagenet(root: str | Path, *, n_classes: int = 10, n_train: 
         shutil.rmtree(root)
     recipes = class_recipes(params["n_classes"], params["seed"])  # checks n_classes
     # an empty folder (e.g. made by mkdir) is replaced; a concurrent writer's complete tree is kept
-    with atomic_dir(root, complete=lambda r: _complete(r, key)) as tmp:
+    with atomic_dir(root, complete=lambda r: marker_holds(r / MARKER, key)) as tmp:
         _write_tree(tmp, params, recipes)
         write_json(tmp / MARKER, {"key": key, "params": params})
     return root
-
-
-def _complete(root: Path, key: str) -> bool:
-    try:
-        return read_json(root / MARKER).get("key") == key
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return False
 
 
 def _write_tree(root: Path, p: dict, recipes: list) -> None:

@@ -29,7 +29,7 @@ import nibabel as nib
 import numpy as np
 import scipy.io
 
-from neuroguide.utils.io import atomic_dir, atomic_path, hash_inputs, read_json, write_json
+from neuroguide.utils.io import atomic_dir, atomic_path, hash_inputs, marker_holds, read_json, write_json
 
 # Atlas label layout of the synthetic volume: (atlas, label) -> block index in a grid of blocks.
 KASTNER_LABELS = list(range(1, 18))
@@ -134,7 +134,7 @@ def write_synthetic_nsd(root: str | Path, *, subjects=(1,), n_stimuli: int = 900
     if n_subject_images * n_repeats % trials_per_session:
         raise ValueError("n_subject_images * n_repeats must be a multiple of trials_per_session")
     # a concurrent writer that finished first is kept if its tree is complete
-    with atomic_dir(root, complete=lambda r: (r / MARKER).exists() and read_json(r / MARKER).get("key") == key) as tmp:
+    with atomic_dir(root, complete=lambda r: marker_holds(r / MARKER, key)) as tmp:
         _write(tmp, params)
         write_json(tmp / MARKER, {"key": key, "params": params})
     return root
