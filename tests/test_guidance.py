@@ -325,3 +325,28 @@ def test_baselines_none_and_random(compose_train, tmp_path, caplog):
     n_v4 = extract_regions(tmp_path / "data" / "synthetic" / "nsd", 1, [RegionSpec("V4", "Kastner2015", (7,), "nsdgeneral")],
                            progress=False)["V4"].n_voxels
     assert pred["region"] == "random_V4" and pred["n_outputs"] == n_v4  # sized like V4
+
+
+def test_predictor_size_check_is_never_skipped_silently(compose_train, tmp_path, caplog):
+    """Real-data layout without an extraction in the cache (or without NSD at all): the output-count check
+    cannot run, and the log says so; with the extraction cached, a wrong count is an error."""
+    from neuroguide.data import prepare_synthetic
+    from neuroguide.requirements import check_predictor
+    from neuroguide.tasks.predictor import PredictorRequirement
+
+    synthetic = compose_train()
+    prepare_synthetic(synthetic.data, ["nsd"])
+    pred = tmp_path / "pred" / "TO.ckpt"
+    _write_predictor(pred, n_outputs=3)
+    need = PredictorRequirement("TO", 1)
+    real = compose_train("data=nsd", f"paths.nsd_root={synthetic.data.nsd_root}", f"paths.cache_dir={tmp_path}/cache")
+    with caplog.at_level("WARNING", logger="neuroguide"):
+        check_predictor(pred, real, need)
+    assert "output count not checked" in caplog.text and "is not extracted" in caplog.text
+    caplog.clear()
+    gone = compose_train("data=nsd", f"paths.nsd_root={tmp_path}/elsewhere")
+    with caplog.at_level("WARNING", logger="neuroguide"):
+        check_predictor(pred, gone, need)
+    assert "output count not checked, the NSD data are not here" in caplog.text
+    with pytest.raises(ValueError, match=r"has 3 outputs but region TO of subject 1 has \d+"):
+        check_predictor(pred, synthetic, need)  # synthetic data: extracted on the spot, then compared
