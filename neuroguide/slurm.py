@@ -48,3 +48,49 @@ def preflight(devices, accelerator: str = "auto", env: dict | None = None) -> No
             f"tasks_per_node = gpus_per_node = trainer.devices: use hydra/launcher=slurm_1gpu with the default "
             f"trainer, or hydra/launcher=slurm_4gpu with trainer=ddp (or sbatch --ntasks-per-node=N --gres=gpu:N "
             f"with trainer.devices=N).")
+
+
+SQUEUE_AS_SACCT = "echo 'JobID|State|NodeList'; squeue --noheader --states=all -o '%i|%T|%N' --jobs={ids}"
+
+
+def sacct_disabled() -> bool:
+    """True when ``sacct`` exists but this cluster keeps no accounting (no slurmdbd), as on a one-node
+    cluster made by ``slurm/local_cluster.sh``: every call then fails with "accounting storage is disabled"."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sacct") is None or shutil.which("squeue") is None:
+        return False
+    p = subprocess.run(["sacct", "--noheader", "-j", "1"], capture_output=True, text=True)
+    return p.returncode != 0 and "accounting storage is disabled" in (p.stderr + p.stdout).lower()
+
+
+def follow_jobs_with_squeue() -> None:
+    """Make submitit follow job states with ``squeue`` (same ``JobID|State|NodeList`` table) instead of
+    ``sacct``, whose failures submitit would otherwise print on every poll ("Bypassing sacct error")."""
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    def _make_command(self):
+        to_check = sorted({x.split("_")[0] for x in self._registered - self._finished})
+        return None if not to_check else ["sh", "-c", SQUEUE_AS_SACCT.format(ids=",".join(to_check))]
+
+    SlurmInfoWatcher._make_command = _make_command
+
+
+try:  # a Hydra callback (conf/hydra/default.yaml): runs in the process that submits a multirun
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - Hydra is a dependency
+    _HydraCallback = object
+
+
+class SacctFallback(_HydraCallback):
+    """On a SLURM multirun, follow the jobs with squeue when the cluster has no accounting (see above)."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        launcher = str((config.get("hydra") or {}).get("launcher", {}).get("_target_", ""))
+        if "SlurmLauncher" in launcher and sacct_disabled():
+            import logging
+
+            logging.getLogger("neuroguide").info("sacct is unavailable (this cluster keeps no accounting): "
+                                                 "following the jobs with squeue")
+            follow_jobs_with_squeue()
