@@ -1,6 +1,7 @@
 """Hydra/OmegaConf glue: resolvers, composing the project's configs from Python, checks."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -21,11 +22,23 @@ def _run_name(*_, _root_=None) -> str:
     return run_name(list(hydra.overrides.task or []), _root_, exclude=list(exclude))
 
 
+def available_cpus(cap: int | None = 8) -> int:
+    """The CPU cores this process may use (its affinity: a SLURM allocation, taskset, a container), at most
+    ``cap``: the ``${ng_cpus:}`` resolver (data loader workers)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform (macOS)
+        n = os.cpu_count() or 1
+    return max(1, min(int(cap), n) if cap not in (None, "") else n)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("ng_root"):
         OmegaConf.register_new_resolver("ng_root", lambda: str(REPO_ROOT))
     if not OmegaConf.has_resolver("ng_first"):  # the first argument that is not null
         OmegaConf.register_new_resolver("ng_first", lambda *xs: next((x for x in xs if x is not None), None))
+    if not OmegaConf.has_resolver("ng_cpus"):  # ${ng_cpus:} = min(8, cores available); ${ng_cpus:4} caps at 4
+        OmegaConf.register_new_resolver("ng_cpus", lambda cap=8: available_cpus(cap))
     if not OmegaConf.has_resolver("ng_run_name"):
         OmegaConf.register_new_resolver("ng_run_name", _run_name)
 
