@@ -5,8 +5,8 @@ data the task ``needs`` (``task.needs``); 3. provide the task's requirements (e.
 predictor, :mod:`neuroguide.requirements`), then seed; 4. build the datamodule
 (``cfg.task.datamodule``) and the task from the registry; 5. fit with Lightning, resuming from
 ``<output>/checkpoints/last.ckpt`` when present; 6. validate and test the selected checkpoint;
-7. write ``metrics.json`` and ``config.yaml`` into the output folder and export the model
-(``model.ckpt``, plus task-specific places such as ``${paths.predictors_dir}/subjNN/<region>.ckpt``).
+7. write ``metrics.json``, ``config.yaml`` and ``learning_curves.png`` into the output folder and export the
+model (``model.ckpt``, plus task-specific places such as ``${paths.predictors_dir}/subjNN/<region>.ckpt``).
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from neuroguide.config import output_dir
 from neuroguide.data import prepare_synthetic
+from neuroguide.learning_curves import write_learning_curves
+from neuroguide.logging_setup import log_outputs
 from neuroguide.requirements import provide
 from neuroguide.slurm import preflight, slurm_allocation
 from neuroguide.tasks import get_task
@@ -146,4 +148,7 @@ def _finish(trainer: L.Trainer, module, cfg: DictConfig, out: Path, metrics: dic
 
             wandb.finish()  # each job of a multirun finishes its own run
     log.info("metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
-    log.info("wrote %s and %s", out / "metrics.json", out / "config.yaml")
+    figure = write_learning_curves(trainer, cfg, out)
+    log_outputs("run folder", out, {"model": out / "model.ckpt", "metrics": out / "metrics.json",
+                                    "config": out / "config.yaml", "log": out / "train.log"},
+                [figure] if figure else [])
