@@ -23,7 +23,8 @@ def test_learning_curves_of_a_run_plot_its_metrics_csv(compose_train, tmp_path):
 
     # what metrics.csv says, read independently: the first value of each metric in each fitted epoch (0, 1, 2);
     # the selected checkpoint's validation and the test are logged later, at epoch 3
-    rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
+    with open(out / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     expected: dict[str, dict[int, float]] = {}
     for r in rows:
         for k in ("train/loss", "val/loss", "val/r_median"):
