@@ -10,12 +10,14 @@ import hydra
 from omegaconf import DictConfig
 
 import neuroguide.config  # noqa: F401  (registers the config resolvers)
+from neuroguide.logging_setup import setup_console
 
 log = logging.getLogger("neuroguide")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    setup_console()  # each line once (console and evaluate.log), no advertisement, no known-harmless warnings
     from neuroguide.evaluation.runner import EvaluationFailed, run
 
     try:

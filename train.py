@@ -5,12 +5,14 @@ import hydra
 from omegaconf import DictConfig
 
 import neuroguide.config  # noqa: F401  (registers the config resolvers)
+from neuroguide.logging_setup import setup_console
 
 log = logging.getLogger("neuroguide")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    setup_console()  # each line once (console and train.log), no advertisement, no known-harmless warnings
     from neuroguide.train import run
 
     try:

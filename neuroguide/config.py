@@ -1,8 +1,7 @@
 """Hydra/OmegaConf glue: resolvers, composing the project's configs from Python, checks."""
 from __future__ import annotations
 
-import hashlib
-import re
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -11,20 +10,26 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 
 
-def _run_name(override_dirname: str = "") -> str:
-    """A folder name from the overrides (``key-value`` joined by ``_``); 'default' when none; hashed when long."""
-    if not override_dirname:
-        return "default"
-    # "alpha=0.5,region=TO" -> "region-TO_alpha-0.5" (sweep factors first): no '=' or ',' so the path can be passed back as
-    # an unquoted Hydra override (ckpt=outputs/.../region-TO_alpha-0.5/model.ckpt)
-    items = str(override_dirname).split(",")
-    first = ("task", "region", "alpha", "at.eps", "at.norm", "predictor.shuffle", "seed", "subject", "experiment")
-    items.sort(key=lambda it: (first.index(it.split("=")[0]) if it.split("=")[0] in first else len(first), it))
-    name = "_".join(items).replace("=", "-")
-    name = re.sub(r"[^A-Za-z0-9._+-]", "_", name)
-    if len(name) > 120:
-        name = name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
-    return name
+def _run_name(*_, _root_=None) -> str:
+    """The ``ng_run_name`` resolver: the run folder name of the command being run (see
+    :mod:`neuroguide.run_names`), from Hydra's record of the overrides and the composed config."""
+    from neuroguide.run_names import run_name
+
+    hydra = OmegaConf.select(_root_, "hydra") if _root_ is not None else None
+    if hydra is None:
+        raise ValueError("${ng_run_name:} names a run folder inside Hydra's config (hydra.run.dir, hydra.sweep.subdir)")
+    exclude = OmegaConf.select(hydra, "job.config.override_dirname.exclude_keys") or []
+    return run_name(list(hydra.overrides.task or []), _root_, exclude=list(exclude))
+
+
+def available_cpus(cap: int | None = 8) -> int:
+    """The CPU cores this process may use (its affinity: a SLURM allocation, taskset, a container), at most
+    ``cap``: the ``${ng_cpus:}`` resolver (data loader workers)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform (macOS)
+        n = os.cpu_count() or 1
+    return max(1, min(int(cap), n) if cap not in (None, "") else n)
 
 
 def register_resolvers() -> None:
@@ -32,6 +37,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("ng_root", lambda: str(REPO_ROOT))
     if not OmegaConf.has_resolver("ng_first"):  # the first argument that is not null
         OmegaConf.register_new_resolver("ng_first", lambda *xs: next((x for x in xs if x is not None), None))
+    if not OmegaConf.has_resolver("ng_cpus"):  # ${ng_cpus:} = min(8, cores available); ${ng_cpus:4} caps at 4
+        OmegaConf.register_new_resolver("ng_cpus", lambda cap=8: available_cpus(cap))
     if not OmegaConf.has_resolver("ng_run_name"):
         OmegaConf.register_new_resolver("ng_run_name", _run_name)
 

@@ -51,9 +51,13 @@ def wandb_logger(project: str = "neuroguide", group: str | None = None, job_type
     if mode == "offline":
         log.warning("W&B: no API key found, logging offline into %s; upload later with "
                     "`wandb sync %s/wandb/offline-run-*`", save_dir, save_dir)
-    return WandbLogger(project=project, group=group, job_type=job_type, tags=[str(t) for t in (tags or [])],
-                       save_dir=save_dir, id=run_id, mode=mode,
-                       offline=mode == "offline", name=name, **kwargs)
+    logger = WandbLogger(project=project, group=group, job_type=job_type, tags=[str(t) for t in (tags or [])],
+                         save_dir=save_dir, id=run_id, mode=mode,
+                         offline=mode == "offline", name=name, **kwargs)
+    init = getattr(logger, "_wandb_init", {})
+    if "anonymous" in init and init["anonymous"] is None:  # Lightning passes anonymous=None, which wandb >= 0.19
+        del init["anonymous"]                               # warns about ("The anonymous setting has no effect")
+    return logger
 
 
 def finish_wandb(run, metrics: dict, figures_dir: str | Path | None = None) -> None:

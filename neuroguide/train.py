@@ -5,8 +5,8 @@ data the task ``needs`` (``task.needs``); 3. provide the task's requirements (e.
 predictor, :mod:`neuroguide.requirements`), then seed; 4. build the datamodule
 (``cfg.task.datamodule``) and the task from the registry; 5. fit with Lightning, resuming from
 ``<output>/checkpoints/last.ckpt`` when present; 6. validate and test the selected checkpoint;
-7. write ``metrics.json`` and ``config.yaml`` into the output folder and export the model
-(``model.ckpt``, plus task-specific places such as ``${paths.predictors_dir}/subjNN/<region>.ckpt``).
+7. write ``metrics.json``, ``config.yaml`` and ``learning_curves.png`` into the output folder and export the
+model (``model.ckpt``, plus task-specific places such as ``${paths.predictors_dir}/subjNN/<region>.ckpt``).
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from neuroguide.config import output_dir
 from neuroguide.data import prepare_synthetic
+from neuroguide.learning_curves import write_learning_curves
+from neuroguide.logging_setup import log_outputs
 from neuroguide.loggers import finish_wandb
 from neuroguide.requirements import provide
 from neuroguide.slurm import preflight, slurm_allocation
@@ -154,6 +156,7 @@ def _finish(trainer: L.Trainer, module, cfg: DictConfig, out: Path, metrics: dic
     for p in module.export_paths(cfg):
         module.export(p, metrics)
         log.info("saved %s model to %s", cfg.task.name, p)
+    figure = write_learning_curves(trainer, cfg, out)
     for lg in trainer.loggers:
         if type(lg).__name__ == "WandbLogger":
             finish_wandb(lg.experiment, metrics, out)
@@ -162,4 +165,6 @@ def _finish(trainer: L.Trainer, module, cfg: DictConfig, out: Path, metrics: dic
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         log.info("removed %s (keep_checkpoints=true keeps them)", out / "checkpoints")
     log.info("metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
-    log.info("wrote %s and %s", out / "metrics.json", out / "config.yaml")
+    log_outputs("run folder", out, {"model": out / "model.ckpt", "metrics": out / "metrics.json",
+                                    "config": out / "config.yaml", "log": out / "train.log"},
+                [figure] if figure else [])

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -85,7 +86,8 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
 
 def curve_figure(panels: Sequence[dict], path: str | os.PathLike, *, title: str | None = None,
                  logx: bool = False, logy: bool = False) -> Path:
-    """One axis per panel; each panel ``{"title", "xlabel", "ylabel", "curves": [...], "hlines": [...]}``.
+    """One axis per panel; each panel ``{"title", "xlabel", "ylabel", "curves": [...], "hlines": [...]}``
+    (``"integer_x": True`` puts ticks at whole numbers only, e.g. epochs).
 
     A curve is ``{"x", "y", "yerr" (optional, drawn as a band), "label", "style" (optional fmt)}``; an
     hline is ``{"y", "label"}`` (dashed grey).
@@ -108,6 +110,11 @@ def curve_figure(panels: Sequence[dict], path: str | os.PathLike, *, title: str 
             ax.set_ylim(bottom=bottom)
         for h in panel.get("hlines", []):
             ax.axhline(h["y"], ls="--", color="grey", lw=1, label=h.get("label"))
+        if panel.get("integer_x"):
+            xs = [v for c in panel.get("curves", []) for v in np.asarray(c["x"], float)]
+            if xs and min(xs) == max(xs):  # one point: a range of whole numbers around it
+                ax.set_xlim(min(xs) - 1, max(xs) + 1)
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         if logx:
             ax.set_xscale("log")
         if logy:

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from neuroguide.config import CONF_DIR, output_dir
 from neuroguide.evaluation.stimuli import Stimuli, model_stimuli
+from neuroguide.logging_setup import log_outputs
 from neuroguide.models.checkpoints import load_model
 from neuroguide.models.features import device_of
 from neuroguide.utils.io import atomic_path, write_json
@@ -296,6 +297,7 @@ def run(cfg: DictConfig) -> dict:
         metrics = {f"eval/selection/{r['at_eps']}/{r['layer']}/{k}": v for r in res["rows"] for k, v in r.items()
                    if isinstance(v, float)}
         write_json(out / "metrics.json", metrics)
+        _log_outputs(out, cfg)
         return metrics
     if len(modes) != 1:
         raise ValueError("give exactly one of ckpt=<path>, models=[<path>,...] or sweep_dir=<dir> "
@@ -311,11 +313,19 @@ def run(cfg: DictConfig) -> dict:
         metrics = evaluate_sweep(Path(cfg.sweep_dir), analyses, out, cfg)
     write_json(out / "metrics.json", metrics)
     _wandb_summary(cfg, metrics, out)
-    log.info("wrote %s", out / "metrics.json")
+    _log_outputs(out, cfg)
     failed = failures(metrics)
     if failed:
         raise EvaluationFailed(failed, out / "metrics.json")
     return metrics
+
+
+def _log_outputs(out: Path, cfg: DictConfig) -> None:
+    """The closing block: where metrics.json and the figures are (sweep mode: also each run's eval/ folder)."""
+    files = {"metrics": out / "metrics.json", "config": out / "config.yaml", "log": out / "evaluate.log"}
+    if cfg.get("sweep_dir"):
+        files["per run"] = Path(cfg.sweep_dir)  # <run>/eval/ and <run>/eval_metrics.json
+    log_outputs("evaluation folder", out, files, out.rglob("*.png"))
 
 
 def evaluate_models(paths: list[str], analyses: Mapping[str, dict], out: Path, cfg: DictConfig) -> dict:

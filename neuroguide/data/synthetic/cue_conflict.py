@@ -23,6 +23,7 @@ random texture (only shape predicts the class) or texture ``y`` with a random sh
 """
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -32,6 +33,8 @@ import numpy as np
 from PIL import Image
 
 from neuroguide.utils.io import atomic_dir, hash_inputs, marker_holds, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 MARKER = "_SUCCESS.json"
 CATEGORY_FILE = "categories.txt"
@@ -185,6 +188,7 @@ def write_cue_conflict(root: str | Path, classes: Sequence[str], *, n_per_pair: 
                 f"{root} is not empty and holds no synthetic cue-conflict set with parameters {params} (found: "
                 f"{found}). Delete the folder, or choose another eval.shape_bias.synthetic.root")
         shutil.rmtree(root)
+    log.info("writing the synthetic cue-conflict set to %s (first use)", root)
     with atomic_dir(root, complete=lambda r: marker_holds(r / MARKER, key)) as tmp:
         lines = [f"# synthetic cue-conflict set: {len(classes)} classes, {image_size} px, seed {seed}",
                  "# one class per line, in the model's output order: name  # shape cue, texture cue"]

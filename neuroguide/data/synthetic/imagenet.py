@@ -23,6 +23,7 @@ at once.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,8 @@ import numpy as np
 from PIL import Image
 
 from neuroguide.utils.io import atomic_dir, hash_inputs, marker_holds, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 MARKER = "_SUCCESS.json"
 CLASS_LIST = "classes.txt"
@@ -165,6 +168,7 @@ def write_synthetic_imagenet(root: str | Path, *, n_classes: int = 10, n_train: 
                 f"(found: {found}). Delete the folder, pass overwrite=True, or choose another paths.synthetic_root.")
         shutil.rmtree(root)
     recipes = class_recipes(params["n_classes"], params["seed"])  # checks n_classes
+    log.info("writing the synthetic ImageNet subset to %s (first use)", root)
     # an empty folder (e.g. made by mkdir) is replaced; a concurrent writer's complete tree is kept
     with atomic_dir(root, complete=lambda r: marker_holds(r / MARKER, key)) as tmp:
         _write_tree(tmp, params, recipes)

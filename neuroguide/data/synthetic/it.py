@@ -21,6 +21,7 @@ Written files (in ``root``):
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from neuroguide.data.synthetic.nsd import render_images
 from neuroguide.models.backbones import Backbone
 from neuroguide.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from neuroguide.utils.io import atomic_path
+
+log = logging.getLogger(__name__)
 
 FILE = "it.h5"
 WRITER_VERSION = 1  # part of the parameters: a changed writer rewrites existing files
@@ -94,6 +97,7 @@ def write_synthetic_it(root: str | Path, seed: int = 0, n_images: int = 300, n_s
             pass
     if n_repeats < 2:
         raise ValueError(f"n_repeats={n_repeats}: at least 2 repeats are needed for a split-half noise ceiling")
+    log.info("writing the synthetic IT recordings to %s (first use)", path)
     rng = np.random.default_rng(seed)
     images = render_images(int(n_images), int(image_size), rng)
 

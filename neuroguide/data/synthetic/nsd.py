@@ -20,6 +20,7 @@ z-scoring removes). ``ncsnr`` is the planted signal sd over noise sd.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import zlib
 from pathlib import Path
@@ -30,6 +31,8 @@ import numpy as np
 import scipy.io
 
 from neuroguide.utils.io import atomic_dir, atomic_path, hash_inputs, marker_holds, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 # Atlas label layout of the synthetic volume: (atlas, label) -> block index in a grid of blocks.
 KASTNER_LABELS = list(range(1, 18))
@@ -133,6 +136,7 @@ def write_synthetic_nsd(root: str | Path, *, subjects=(1,), n_stimuli: int = 900
         shutil.rmtree(root)
     if n_subject_images * n_repeats % trials_per_session:
         raise ValueError("n_subject_images * n_repeats must be a multiple of trials_per_session")
+    log.info("writing the synthetic NSD data to %s (first use)", root)
     # a concurrent writer that finished first is kept if its tree is complete
     with atomic_dir(root, complete=lambda r: marker_holds(r / MARKER, key)) as tmp:
         _write(tmp, params)

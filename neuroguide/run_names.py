@@ -1,0 +1,129 @@
+"""Run folder names: the run's scientific factors, readable, plus a short hash of every other override.
+
+``python train.py region=TO alpha=0.5``           -> ``outputs/guidance/region-TO_alpha-0.5_eps-0``
+``python train.py task=predictor region=V1 seed=1`` -> ``outputs/predictor/task-predictor_region-V1_seed-1``
+``... task.lr=0.01 paths.data_dir=/d``             -> ``..._cfg-3f2a9c1e`` (8 hex digits of those overrides)
+``python evaluate.py ckpt=<run>/model.ckpt eval=[rsa,cka]`` -> ``outputs/eval/ckpt-<run>_eval-rsa+cka_cfg-...``
+
+Rules (one place, used by ``conf/hydra/{default,evaluate}.yaml`` through the ``ng_run_name`` resolver):
+
+* The task's core factors are always named, with the values of the composed config (so ``alpha=.5`` and
+  ``alpha=0.5`` name the same folder): guidance region, alpha, eps (at.eps); predictor region;
+  it_encoding backbone, bb.eps (backbone.at_eps), layer; evaluate.py the analyses (eval).
+* The other named factors (task, norm when not l2, shuffle, seed, subject, experiment, ckpt, models,
+  sweep_dir) are named when given on the command line. Paths never enter the name: a checkpoint is named
+  by its run folder (``ckpt-region-TO_alpha-0.5_eps-0``), several models by their count.
+* Every other override (``task.lr=0.01``, ``data.image_size=32``, paths, and the full text of ckpt / models /
+  sweep_dir) goes into an 8-digit hash suffix ``cfg-<hash>``: two different commands never share a folder
+  by accident, and the same command always finds its folder again (auto-resume).
+* Overrides that never change the science are left out: ``hydra.*``, ``trainer.fast_dev_run``, ``logger``,
+  ``resume``, ``paths.log_dir`` (and ``hydra.job.config.override_dirname.exclude_keys``).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import PurePath
+from typing import Any, Iterable
+
+# (override key, label in the name, where the value comes from: a config path, or None = the override's value)
+FACTORS: tuple[tuple[str, str, str | None], ...] = (
+    ("task", "task", "task.name"),
+    ("region", "region", "region.name"),
+    ("alpha", "alpha", "alpha"),
+    ("at.eps", "eps", "at.eps"),
+    ("at.norm", "norm", "at.norm"),
+    ("predictor.shuffle", "shuffle", "predictor.shuffle"),
+    ("seed", "seed", "seed"),
+    ("subject", "subject", "subject"),
+    ("backbone", "backbone", "backbone.name"),
+    ("backbone.at_eps", "bb.eps", "backbone.at_eps"),
+    ("backbone.layer", "layer", "backbone.layer"),
+    ("experiment", "experiment", None),
+    ("ckpt", "ckpt", None),
+    ("models", "models", None),
+    ("sweep_dir", "sweep", None),
+    ("eval", "eval", None),
+)
+# named even when not overridden (the composed config's values)
+CORE = {"guidance": ("region", "alpha", "at.eps"), "predictor": ("region",),
+        "it_encoding": ("backbone", "backbone.at_eps", "backbone.layer")}
+# factors whose override text is a path: named by a short label, their full text goes into the hash
+PATHS = ("ckpt", "models", "sweep_dir")
+# never in the name nor the hash: they do not change the science
+EXCLUDED = ("trainer.fast_dev_run", "logger", "resume", "keep_checkpoints", "paths.log_dir")
+DEFAULTS_HIDDEN = {"at.norm": "l2"}  # named only when not this value
+MAX_LEN = 120
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v).lower()
+    if isinstance(v, float):
+        return format(v, ".10g")
+    if isinstance(v, (list, tuple)):
+        return "+".join(_fmt(x) for x in v)
+    return str(v)
+
+
+def _path_label(key: str, value: Any) -> str:
+    """A path override's text in the name: a checkpoint's run folder, a sweep folder's name, a model count."""
+    if key == "models":
+        return str(len(value)) if isinstance(value, (list, tuple)) else "1"
+    p = PurePath(str(value))
+    if key == "ckpt" and p.suffix == ".ckpt":
+        if p.name in ("model.ckpt", "last.ckpt", "best.ckpt"):
+            p = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+        else:
+            p = p.with_suffix("")  # e.g. predictors/synthetic/subj01/TO.ckpt -> TO
+    return p.name or "root"
+
+
+def run_name(overrides: Iterable[str], config: Any = None, exclude: Iterable[str] = ()) -> str:
+    """The run folder name of a command (``overrides`` as Hydra records them in ``hydra.overrides.task``).
+
+    ``config`` (the composed config, an OmegaConf node or dict-like with ``select``) gives the factors' values;
+    without it the overrides' own values are used."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    excluded = set(EXCLUDED) | {str(k) for k in exclude}
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides])
+    given: dict[str, Any] = {}
+    hashed: list[str] = []
+    for o in parsed:
+        key = o.key_or_group
+        if key in excluded or key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            continue
+        if key in {k for k, _, _ in FACTORS} and not o.is_delete():
+            given[key] = o.value()
+            if key not in PATHS:
+                continue
+        hashed.append(o.input_line or f"{key}={o.value()}")
+
+    def value(key: str, path: str | None) -> Any:
+        if path is not None and config is not None:
+            found = OmegaConf.select(config, path, default="__missing__", throw_on_missing=False)
+            if found != "__missing__":
+                return OmegaConf.to_container(found, resolve=True) if OmegaConf.is_config(found) else found
+        return given.get(key)
+
+    task = value("task", "task.name")
+    core = CORE.get(str(task), ())
+    if config is not None and task is None and OmegaConf.select(config, "eval") is not None:  # evaluate.py
+        evals = OmegaConf.select(config, "eval")
+        given.setdefault("eval", list(evals.keys()) if OmegaConf.is_dict(evals) else evals)
+    parts = []
+    for key, label, path in FACTORS:
+        if key not in given and key not in core:
+            continue
+        v = value(key, path) if key not in PATHS else _path_label(key, given[key])
+        if key in DEFAULTS_HIDDEN and _fmt(v) == DEFAULTS_HIDDEN[key]:
+            continue
+        parts.append(f"{label}-{_fmt(v)}")
+    if hashed:
+        parts.append("cfg-" + hashlib.sha1("\n".join(sorted(hashed)).encode()).hexdigest()[:8])
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", "_".join(parts)) or "default"
+    if len(name) > MAX_LEN:  # very long factor values (e.g. many analyses): cut, and a hash of the whole name
+        name = name[:MAX_LEN - 13] + "_h-" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    return name

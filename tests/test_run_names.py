@@ -1,0 +1,67 @@
+"""Run folder names: scientific factors, readable; every other override in a short hash; stable per command."""
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from neuroguide.config import CONF_DIR
+from neuroguide.run_names import run_name
+
+
+@pytest.fixture(scope="module")
+def folder():
+    """folder(config_name, *overrides) -> the last part of hydra.run.dir as train.py / evaluate.py resolve it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        def _folder(config_name, *overrides):
+            cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+            run_dir = OmegaConf.select(cfg, "hydra.run.dir")
+            assert OmegaConf.select(cfg, "hydra.sweep.subdir") == run_dir.rsplit("/", 1)[-1]  # one scheme for both
+            return run_dir.rsplit("/", 1)[-1]
+        yield _folder
+
+
+def test_factors_are_named_from_the_composed_config(folder):
+    assert folder("train", "region=TO", "alpha=0.5") == "region-TO_alpha-0.5_eps-0"
+    assert folder("train") == "region-TO_alpha-0.5_eps-0"  # the defaults, named: the same run
+    assert folder("train", "alpha=.5", "region=TO", "at.norm=l2") == "region-TO_alpha-0.5_eps-0"
+    assert folder("train", "at.norm=linf", "at.eps=0.0078431373") == "region-TO_alpha-0.5_eps-0.0078431373_norm-linf"
+    assert folder("train", "task=predictor", "region=V1", "seed=1", "predictor.shuffle=true") == \
+        "task-predictor_region-V1_shuffle-true_seed-1"
+    assert folder("train", "task=it_encoding", "backbone.at_eps=2") == \
+        "task-it_encoding_backbone-resnet50_bb.eps-2_layer-layer4.0"
+
+
+def test_same_command_same_folder_other_overrides_other_folders(folder):
+    a = folder("train", "region=TO", "task.optimizer.lr=0.01", "data.image_size=32")
+    assert a == folder("train", "data.image_size=32", "region=TO", "task.optimizer.lr=0.01")  # order does not matter
+    b = folder("train", "region=TO", "task.optimizer.lr=0.02", "data.image_size=32")
+    assert a != b and a.startswith("region-TO_alpha-0.5_eps-0_cfg-") and len(a.rsplit("-", 1)[1]) == 8
+    # overrides that never change the science name no new folder
+    assert folder("train", "region=TO", "+trainer.fast_dev_run=true", "logger=csv", "resume=false",
+                  "paths.log_dir=/somewhere/else") == "region-TO_alpha-0.5_eps-0"
+
+
+def test_paths_stay_out_of_names(folder):
+    name = folder("train", "paths.data_dir=/very/long/data/path", "region=V4")
+    assert "very" not in name and "path" not in name and name.startswith("region-V4_alpha-0.5_eps-0_cfg-")
+    assert name != folder("train", "paths.data_dir=/another/data/path", "region=V4")
+    ckpt = "/scratch/me/outputs/guidance/region-TO_alpha-0.5_eps-0/model.ckpt"
+    name = folder("evaluate", f"ckpt={ckpt}")
+    assert name.startswith("ckpt-region-TO_alpha-0.5_eps-0_eval-sensitivity+robustness_cfg-")
+    assert "scratch" not in name and "model.ckpt" not in name
+    # the same run folder name under another parent: another evaluation folder
+    assert name != folder("evaluate", f"ckpt={ckpt.replace('/me/', '/you/')}")
+
+
+def test_list_valued_eval_overrides_give_short_readable_names(folder):
+    name = folder("evaluate", "ckpt=/o/guidance/region-TO_alpha-0.5_eps-0/checkpoints/last.ckpt",
+                  "eval=[rsa,cka,smoothness]", "eval.rsa.regions=[V2,V4,VO,LO,PHC,TO]")
+    assert name.startswith("ckpt-region-TO_alpha-0.5_eps-0_eval-rsa+cka+smoothness_cfg-") and len(name) < 80
+    assert folder("evaluate", "eval=[transfer]", "models=[/a/x.ckpt,/b/y.ckpt,/c/z.ckpt]").startswith(
+        "models-3_eval-transfer_cfg-")
+
+
+def test_run_name_without_a_config_uses_the_override_values():
+    assert run_name(["region=TO", "alpha=0.5", "hydra.run.dir=/x"]) == "region-TO_alpha-0.5"
+    assert run_name([]) == "default"
