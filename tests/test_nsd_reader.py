@@ -280,3 +280,72 @@ def test_max_sessions_counts_session_numbers(synthetic_nsd, tmp_path):
     spec = [RegionSpec("V1", "Kastner2015", (1, 2), "nsdgeneral")]
     rd = extract_regions(tmp_path / "nsd", 1, spec, max_sessions=3, progress=False)["V1"]
     assert rd.meta["session_numbers"] == [1, 3]
+
+
+# ----------------------------------------------------------------------------- read path and parallel reads
+def _reference_read(path, flat_index, volume_shape):
+    """The straightforward read: the whole array as nibabel / h5py give it, one voxel at a time."""
+    x, y, z = np.unravel_index(flat_index, volume_shape)
+    if str(path).endswith(".hdf5"):
+        with h5py.File(path, "r") as f:
+            data = f["betas"][()]  # (T, Z, Y, X)
+        cols = [data[:, k, j, i] for i, j, k in zip(x, y, z)]
+    else:
+        data = np.asarray(nib.load(str(path)).dataobj)  # (X, Y, Z, T), scaled as nibabel scales
+        cols = [data[i, j, k, :] for i, j, k in zip(x, y, z)]
+    return np.stack(cols, 1).astype(np.float32) / nsd.BETA_SCALE
+
+
+def _random_session(tmp_path, fmt, shape=(7, 5, 4, 9), slope=None, inter=None, seed=0):
+    rng = np.random.default_rng(seed)
+    vol = rng.integers(-32768, 32767, size=shape, dtype=np.int16, endpoint=True)
+    path = tmp_path / f"betas_session01.{fmt}"
+    if fmt == "hdf5":
+        with h5py.File(path, "w") as f:
+            f["betas"] = vol.transpose(3, 2, 1, 0)
+    else:
+        img = nib.Nifti1Image(vol, np.eye(4))
+        if slope is not None:
+            img.header.set_slope_inter(slope, inter)
+        nib.save(img, str(path))
+        assert nib.load(str(path)).dataobj.slope == (slope or 1.0)
+    return path, shape[:3]
+
+
+@pytest.fixture(params=["nibabel", "fast"])
+def gzip_reader(request, monkeypatch):
+    """Both NIfTI decompression paths: nibabel's, and the optional fast one (isal.igzip when installed;
+    here the standard gzip module stands in for it, exercising the same seek + readinto code)."""
+    import gzip
+
+    monkeypatch.setattr(nsd, "_fast_gzip", None if request.param == "nibabel" else gzip)
+    return request.param
+
+
+@pytest.mark.parametrize("fmt", ["nii.gz", "hdf5"])
+def test_read_session_matches_reference_on_random_volume(tmp_path, fmt, gzip_reader):
+    """Random int16 over the full range at random voxels (unsorted, one repeated): bit-identical to the
+    straightforward read, float32 (trials, voxels)."""
+    path, shape = _random_session(tmp_path, fmt)
+    rng = np.random.default_rng(1)
+    flat = np.concatenate([rng.permutation(np.prod(shape))[:60], [3, 3]])
+    got = nsd.read_session(path, flat, shape)
+    want = _reference_read(path, flat, shape)
+    assert got.dtype == np.float32 and got.shape == (9, len(flat))
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("slope, inter", [(2.0, -3.0), (0.5, 0.0)])
+def test_read_session_applies_nifti_scaling_like_nibabel(tmp_path, slope, inter, gzip_reader):
+    """A header scl_slope / scl_inter: the voxels gathered unscaled, then scaled, equal nibabel's scaled array."""
+    path, shape = _random_session(tmp_path, "nii.gz", slope=slope, inter=inter)
+    flat = np.arange(0, np.prod(shape), 3)
+    np.testing.assert_array_equal(nsd.read_session(path, flat, shape), _reference_read(path, flat, shape))
+
+
+def test_truncated_session_error_names_file(tmp_path, gzip_reader):
+    path, shape = _random_session(tmp_path, "nii.gz", shape=(20, 20, 10, 30))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"betas_session01\.nii\.gz could not be read.*truncated"):
+        nsd.read_session(path, np.arange(10), shape)
