@@ -349,3 +349,51 @@ def test_truncated_session_error_names_file(tmp_path, gzip_reader):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"betas_session01\.nii\.gz could not be read.*truncated"):
         nsd.read_session(path, np.arange(10), shape)
+
+
+def test_parallel_read_equals_serial(synthetic_nsd):
+    """read_workers=2 (worker processes) gives exactly the arrays of read_workers=1 (this process)."""
+    from neuroguide.data.nsd_sessions import read_workers
+
+    specs = [RegionSpec("V1", "Kastner2015", (1, 2), "nsdgeneral"), RegionSpec("FFA", "floc-faces", (2, 3), None)]
+    assert read_workers(2, NSDPaths(synthetic_nsd, 1).sessions()) == 2
+    serial = extract_regions(synthetic_nsd, 1, specs, progress=False, read_workers=1)
+    parallel = extract_regions(synthetic_nsd, 1, specs, progress=True, read_workers=2)
+    for name in ("V1", "FFA"):
+        for k in ("train_images", "train", "test_images", "test", "test_repeats", "nc"):
+            np.testing.assert_array_equal(getattr(serial[name], k), getattr(parallel[name], k))
+
+
+def test_parallel_read_error_names_file(tmp_path):
+    """An error in a worker process reaches the caller with the file's name (NaN betas, then a damaged file)."""
+    bad = [list(map(float, r)) for r in SESSIONS[1]]
+    bad[1][1] = np.nan
+    p = make_tiny_tree(tmp_path, [np.asarray(SESSIONS[0], float), bad], float_betas=True)
+    with pytest.raises(ValueError, match=r"betas_session02\.nii\.gz.*NaN"):
+        extract_regions(tmp_path, 2, [V1], progress=False, read_workers=2)
+    f = p.betas_dir / "betas_session01.nii.gz"
+    f.write_bytes(f.read_bytes()[:60])
+    with pytest.raises(ValueError, match=r"betas_session01\.nii\.gz could not be read"):
+        extract_regions(tmp_path, 2, [V1], progress=False, read_workers=2)
+
+
+def test_read_workers_bounds(tmp_path, monkeypatch):
+    """auto: min(sessions, cores, memory / per-session bytes), serial for small sessions; N: at most N;
+    a bad value names data.read_workers."""
+    from neuroguide.data import nsd_sessions as ns
+
+    sessions = [tmp_path / f"betas_session{i:02d}.nii.gz" for i in range(1, 7)]
+    monkeypatch.setattr(ns, "session_nbytes", lambda p: 2**30)
+    monkeypatch.setattr(ns, "usable_cores", lambda: 4)
+    monkeypatch.setattr(ns, "available_memory", lambda: 100 * 2**30)
+    assert ns.read_workers("auto", sessions) == 4  # cores
+    assert ns.read_workers("auto", sessions[:2]) == 2  # sessions
+    assert ns.read_workers(16, sessions) == 6 and ns.read_workers(1, sessions) == 1
+    monkeypatch.setattr(ns, "available_memory", lambda: int(3.5 * 2**30))
+    assert ns.read_workers("auto", sessions) == 2  # 3.5 GiB / (1 GiB + overhead)
+    assert ns.read_workers(5, sessions) == 2
+    monkeypatch.setattr(ns, "session_nbytes", lambda p: 2**20)
+    assert ns.read_workers("auto", sessions) == 1  # small sessions: processes cost more than they save
+    for bad in (0, "two", 1.5):
+        with pytest.raises(ValueError, match="data.read_workers"):
+            ns.read_workers(bad, sessions)
