@@ -220,26 +220,29 @@ def _read_session(path: Path, flat_index: np.ndarray, volume_shape: tuple) -> np
     return _scale_like_nibabel(proxy, np.take(trials, columns, axis=1))
 
 
-try:  # optional, about twice as fast as the standard library's gzip: pip install isal (extra neuroguide[fast-gzip])
-    from isal import igzip as _fast_gzip
-except ImportError:  # the standard gzip module, through nibabel
-    _fast_gzip = None
+try:  # optional: isal's gzip decompresses about twice as fast as the standard library's (pip install isal)
+    from isal import igzip as _gzip
+except ImportError:
+    import gzip as _gzip
+
+_GZ_PIECE = 16 * 2**20  # bytes decompressed per read call
 
 
 def _read_unscaled(path: Path, proxy) -> np.ndarray:
     """The NIfTI data array as stored (unscaled), in one Fortran-order buffer of the file's dtype.
 
-    A ``.gz`` file is decompressed by ``isal.igzip`` straight into that buffer when isal is installed,
-    else nibabel reads it (standard gzip, or indexed_gzip when installed).
+    A ``.gz`` file is decompressed (``isal.igzip`` when installed, else the standard ``gzip``) piece by
+    piece straight into that buffer, so the peak is the session plus one piece; reading it in one call,
+    as nibabel does, holds a second full copy in gzip's reader. Other files: nibabel (a memory map).
     """
-    if _fast_gzip is None or not path.name.endswith(".gz"):
+    if not path.name.endswith(".gz"):
         return np.asfortranarray(proxy.get_unscaled())  # nibabel's array is Fortran order already: no copy
     raw = np.empty(proxy.shape, proxy.dtype, order="F")
     buf, n = raw.reshape(-1, order="F").view(np.uint8), 0
     try:
-        with _fast_gzip.open(path, "rb") as f:
+        with _gzip.open(path, "rb") as f:
             f.seek(proxy.offset)
-            while n < buf.nbytes and (k := f.readinto(buf[n:])):
+            while n < buf.nbytes and (k := f.readinto(buf[n:n + _GZ_PIECE])):
                 n += k
     except Exception as e:
         if type(e).__name__ == "IsalError":  # isal's zlib.error
