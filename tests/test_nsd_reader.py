@@ -376,17 +376,21 @@ def test_parallel_read_error_names_file(tmp_path):
 
 
 def test_read_workers_bounds(tmp_path, monkeypatch):
-    """auto: min(sessions, cores, memory / per-session bytes), serial for small sessions; N: at most N;
+    """auto: min(sessions, cores, idle cores, memory / per-session bytes), serial for small sessions; N: at most N;
     a bad value names data.read_workers."""
     from neuroguide.data import nsd_sessions as ns
 
     sessions = [tmp_path / f"betas_session{i:02d}.nii.gz" for i in range(1, 7)]
     monkeypatch.setattr(ns, "session_nbytes", lambda p: 2**30)
     monkeypatch.setattr(ns, "usable_cores", lambda: 4)
+    monkeypatch.setattr(ns, "idle_cores", lambda: 8)
     monkeypatch.setattr(ns, "available_memory", lambda: 100 * 2**30)
     assert ns.read_workers("auto", sessions) == 4  # cores
     assert ns.read_workers("auto", sessions[:2]) == 2  # sessions
     assert ns.read_workers(16, sessions) == 6 and ns.read_workers(1, sessions) == 1
+    monkeypatch.setattr(ns, "idle_cores", lambda: 1)
+    assert ns.read_workers("auto", sessions) == 1 and ns.read_workers(3, sessions) == 3  # a busy machine
+    monkeypatch.setattr(ns, "idle_cores", lambda: 8)
     monkeypatch.setattr(ns, "available_memory", lambda: int(3.5 * 2**30))
     assert ns.read_workers("auto", sessions) == 2  # 3.5 GiB / (1 GiB + overhead)
     assert ns.read_workers(5, sessions) == 2

@@ -237,8 +237,9 @@ def _read_unscaled(path: Path, proxy) -> np.ndarray:
     """
     if not path.name.endswith(".gz"):
         return np.asfortranarray(proxy.get_unscaled())  # nibabel's array is Fortran order already: no copy
-    raw = np.empty(proxy.shape, proxy.dtype, order="F")
-    buf, n = raw.reshape(-1, order="F").view(np.uint8), 0
+    # a bytearray, as nibabel uses: numpy's own large buffers ask for huge pages, whose faults cost more here
+    buf, n = memoryview(bytearray(int(np.prod(proxy.shape)) * proxy.dtype.itemsize)), 0
+    raw = np.ndarray(proxy.shape, proxy.dtype, buffer=buf, order="F")
     try:
         with _gzip.open(path, "rb") as f:
             f.seek(proxy.offset)

@@ -51,6 +51,15 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def idle_cores() -> int:
+    """Cores the machine's 1-minute load average leaves idle (at least 1): on a machine shared with other
+    jobs a second process only competes for a busy core, and was slower than reading serially."""
+    try:
+        return max(1, int((os.cpu_count() or 1) - os.getloadavg()[0] + 0.5))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def available_memory() -> int | None:
     """Bytes that can be allocated without swapping: MemAvailable, lowered to a cgroup (v2) memory limit's
     headroom where one is set (containers, SLURM jobs). None when unknown."""
@@ -75,8 +84,8 @@ def available_memory() -> int | None:
 def read_workers(workers: int | str | None, sessions: Sequence[Path]) -> int:
     """How many processes read ``sessions`` (config key ``data.read_workers``).
 
-    ``auto`` (or None): min(sessions, usable cores, memory bound), and 1 (this process) when sessions are
-    small (< SMALL_SESSION_BYTES decompressed). An integer N: min(N, sessions, memory bound); 1 reads in
+    ``auto`` (or None): min(sessions, usable cores, idle cores, memory bound), and 1 (this process) when
+    sessions are small (< SMALL_SESSION_BYTES decompressed). An integer N: min(N, sessions, memory bound); 1 reads in
     this process. The memory bound is the available memory over (session size + WORKER_OVERHEAD_BYTES).
     """
     if not sessions:
@@ -91,7 +100,7 @@ def read_workers(workers: int | str | None, sessions: Sequence[Path]) -> int:
             raise ValueError(f"data.read_workers must be 'auto' or an integer >= 1 (1: read sessions in this "
                              f"process), got {workers!r}")
     else:
-        n = usable_cores()
+        n = min(usable_cores(), idle_cores())
     n = min(n, len(sessions))
     if n <= 1:
         return 1
