@@ -101,7 +101,7 @@ def check_predictor(path: Path, cfg: DictConfig, need: PredictorRequirement) -> 
                          f"{predictor_train_command(cfg, need)}")
     d = cfg.data
     kw = dict(cache_dir=cfg.paths.cache_dir, betas_format=d.betas_format, max_sessions=d.max_sessions, pca=d.pca,
-              pca_variance=d.pca_variance)
+              pca_variance=d.pca_variance, read_workers=d.get("read_workers", "auto"))
     try:
         rd = cached_region(d.nsd_root, need.subject, load_region(need.region), **kw)
         if rd is None and d.synthetic:  # seconds on the synthetic data

@@ -280,3 +280,122 @@ def test_max_sessions_counts_session_numbers(synthetic_nsd, tmp_path):
     spec = [RegionSpec("V1", "Kastner2015", (1, 2), "nsdgeneral")]
     rd = extract_regions(tmp_path / "nsd", 1, spec, max_sessions=3, progress=False)["V1"]
     assert rd.meta["session_numbers"] == [1, 3]
+
+
+# ----------------------------------------------------------------------------- read path and parallel reads
+def _reference_read(path, flat_index, volume_shape):
+    """The straightforward read: the whole array as nibabel / h5py give it, one voxel at a time."""
+    x, y, z = np.unravel_index(flat_index, volume_shape)
+    if str(path).endswith(".hdf5"):
+        with h5py.File(path, "r") as f:
+            data = f["betas"][()]  # (T, Z, Y, X)
+        cols = [data[:, k, j, i] for i, j, k in zip(x, y, z)]
+    else:
+        data = np.asarray(nib.load(str(path)).dataobj)  # (X, Y, Z, T), scaled as nibabel scales
+        cols = [data[i, j, k, :] for i, j, k in zip(x, y, z)]
+    return np.stack(cols, 1).astype(np.float32) / nsd.BETA_SCALE
+
+
+def _random_session(tmp_path, fmt, shape=(7, 5, 4, 9), slope=None, inter=None, seed=0):
+    rng = np.random.default_rng(seed)
+    vol = rng.integers(-32768, 32767, size=shape, dtype=np.int16, endpoint=True)
+    path = tmp_path / f"betas_session01.{fmt}"
+    if fmt == "hdf5":
+        with h5py.File(path, "w") as f:
+            f["betas"] = vol.transpose(3, 2, 1, 0)
+    else:
+        img = nib.Nifti1Image(vol, np.eye(4))
+        if slope is not None:
+            img.header.set_slope_inter(slope, inter)
+        nib.save(img, str(path))
+        assert nib.load(str(path)).dataobj.slope == (slope or 1.0)
+    return path, shape[:3]
+
+
+@pytest.fixture(params=["gzip", "isal"])
+def gzip_reader(request, monkeypatch):
+    """Both .nii.gz decompressors: the standard gzip module, and isal.igzip (optional; skipped when absent)."""
+    module = pytest.importorskip("isal.igzip") if request.param == "isal" else __import__("gzip")
+    monkeypatch.setattr(nsd, "_gzip", module)
+    return request.param
+
+
+@pytest.mark.parametrize("fmt", ["nii.gz", "hdf5"])
+def test_read_session_matches_reference_on_random_volume(tmp_path, fmt, gzip_reader):
+    """Random int16 over the full range at random voxels (unsorted, one repeated): bit-identical to the
+    straightforward read, float32 (trials, voxels)."""
+    path, shape = _random_session(tmp_path, fmt)
+    rng = np.random.default_rng(1)
+    flat = np.concatenate([rng.permutation(np.prod(shape))[:60], [3, 3]])
+    got = nsd.read_session(path, flat, shape)
+    want = _reference_read(path, flat, shape)
+    assert got.dtype == np.float32 and got.shape == (9, len(flat))
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("slope, inter", [(2.0, -3.0), (0.5, 0.0)])
+def test_read_session_applies_nifti_scaling_like_nibabel(tmp_path, slope, inter, gzip_reader):
+    """A header scl_slope / scl_inter: the voxels gathered unscaled, then scaled, equal nibabel's scaled array."""
+    path, shape = _random_session(tmp_path, "nii.gz", slope=slope, inter=inter)
+    flat = np.arange(0, np.prod(shape), 3)
+    np.testing.assert_array_equal(nsd.read_session(path, flat, shape), _reference_read(path, flat, shape))
+
+
+def test_truncated_session_error_names_file(tmp_path, gzip_reader):
+    path, shape = _random_session(tmp_path, "nii.gz", shape=(20, 20, 10, 30))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"betas_session01\.nii\.gz could not be read.*truncated"):
+        nsd.read_session(path, np.arange(10), shape)
+
+
+def test_parallel_read_equals_serial(synthetic_nsd):
+    """read_workers=2 (worker processes) gives exactly the arrays of read_workers=1 (this process)."""
+    from neuroguide.data.nsd_sessions import read_workers
+
+    specs = [RegionSpec("V1", "Kastner2015", (1, 2), "nsdgeneral"), RegionSpec("FFA", "floc-faces", (2, 3), None)]
+    assert read_workers(2, NSDPaths(synthetic_nsd, 1).sessions()) == 2
+    serial = extract_regions(synthetic_nsd, 1, specs, progress=False, read_workers=1)
+    parallel = extract_regions(synthetic_nsd, 1, specs, progress=True, read_workers=2)
+    for name in ("V1", "FFA"):
+        for k in ("train_images", "train", "test_images", "test", "test_repeats", "nc"):
+            np.testing.assert_array_equal(getattr(serial[name], k), getattr(parallel[name], k))
+
+
+def test_parallel_read_error_names_file(tmp_path):
+    """An error in a worker process reaches the caller with the file's name (NaN betas, then a damaged file)."""
+    bad = [list(map(float, r)) for r in SESSIONS[1]]
+    bad[1][1] = np.nan
+    p = make_tiny_tree(tmp_path, [np.asarray(SESSIONS[0], float), bad], float_betas=True)
+    with pytest.raises(ValueError, match=r"betas_session02\.nii\.gz.*NaN"):
+        extract_regions(tmp_path, 2, [V1], progress=False, read_workers=2)
+    f = p.betas_dir / "betas_session01.nii.gz"
+    f.write_bytes(f.read_bytes()[:60])
+    with pytest.raises(ValueError, match=r"betas_session01\.nii\.gz could not be read"):
+        extract_regions(tmp_path, 2, [V1], progress=False, read_workers=2)
+
+
+def test_read_workers_bounds(tmp_path, monkeypatch):
+    """auto: min(sessions, cores, idle cores, memory / per-session bytes), serial for small sessions; N: at most N;
+    a bad value names data.read_workers."""
+    from neuroguide.data import nsd_sessions as ns
+
+    sessions = [tmp_path / f"betas_session{i:02d}.nii.gz" for i in range(1, 7)]
+    monkeypatch.setattr(ns, "session_nbytes", lambda p: 2**30)
+    monkeypatch.setattr(ns, "usable_cores", lambda: 4)
+    monkeypatch.setattr(ns, "idle_cores", lambda: 8)
+    monkeypatch.setattr(ns, "available_memory", lambda: 100 * 2**30)
+    assert ns.read_workers("auto", sessions) == 4  # cores
+    assert ns.read_workers("auto", sessions[:2]) == 2  # sessions
+    assert ns.read_workers(16, sessions) == 6 and ns.read_workers(1, sessions) == 1
+    monkeypatch.setattr(ns, "idle_cores", lambda: 1)
+    assert ns.read_workers("auto", sessions) == 1 and ns.read_workers(3, sessions) == 3  # a busy machine
+    monkeypatch.setattr(ns, "idle_cores", lambda: 8)
+    monkeypatch.setattr(ns, "available_memory", lambda: int(3.5 * 2**30))
+    assert ns.read_workers("auto", sessions) == 2  # 3.5 GiB / (1 GiB + overhead)
+    assert ns.read_workers(5, sessions) == 2
+    monkeypatch.setattr(ns, "session_nbytes", lambda p: 2**20)
+    assert ns.read_workers("auto", sessions) == 1  # small sessions: processes cost more than they save
+    for bad in (0, "two", 1.5):
+        with pytest.raises(ValueError, match="data.read_workers"):
+            ns.read_workers(bad, sessions)

@@ -182,7 +182,9 @@ def read_volume(path: Path) -> np.ndarray:
 def read_session(path: Path, flat_index: np.ndarray, volume_shape: tuple) -> np.ndarray:
     """Betas of one session at the given voxels: (trials, n_voxels) float32, in percent signal change.
 
-    ``flat_index`` indexes the C-order flattened (X, Y, Z) volume. The file is read once.
+    ``flat_index`` indexes the C-order flattened (X, Y, Z) volume. The file is read once, into one
+    buffer in its own order; the voxels are gathered from a view of that buffer (no transposing copy
+    of the session), in the file's integer type, and only they are scaled.
     """
     path = Path(path)
     with reading(path):
@@ -194,6 +196,12 @@ def read_session(path: Path, flat_index: np.ndarray, volume_shape: tuple) -> np.
 
 
 def _read_session(path: Path, flat_index: np.ndarray, volume_shape: tuple) -> np.ndarray:
+    # Both formats store each trial's volume with X fastest: NIfTI (X, Y, Z, T) in Fortran order, the HDF5
+    # dataset (T, Z, Y, X) in C order. So the session is a (T, X*Y*Z) C-order view of the buffer read, whose
+    # columns are the Fortran-order flat indices of the voxels.
+    x, y, z = np.unravel_index(np.asarray(flat_index, np.intp), volume_shape)
+    columns = np.ravel_multi_index((x, y, z), volume_shape, order="F")
+    n_vox = int(np.prod(volume_shape))
     if path.name.endswith(".hdf5"):
         with h5py.File(path, "r") as f:
             if "betas" not in f:
@@ -202,15 +210,59 @@ def _read_session(path: Path, flat_index: np.ndarray, volume_shape: tuple) -> np
         if data.shape[1:] != tuple(volume_shape)[::-1]:
             raise ValueError(f"{path}: betas shape {data.shape} does not match ROI volume {volume_shape} "
                              "(expected trials x Z x Y x X)")
-        x, y, z = np.unravel_index(flat_index, volume_shape)
-        out = data[:, z, y, x]
-    else:
-        img = nib.load(str(path))
-        if tuple(img.shape[:3]) != tuple(volume_shape):
-            raise ValueError(f"{path}: betas shape {img.shape} does not match ROI volume {volume_shape}")
-        data = np.asarray(img.dataobj)  # (X, Y, Z, T)
-        out = data.reshape(-1, data.shape[-1])[flat_index].T
-    return out
+        return np.take(data.reshape(len(data), n_vox), columns, axis=1)
+    img = nib.load(str(path))
+    if tuple(img.shape[:3]) != tuple(volume_shape):
+        raise ValueError(f"{path}: betas shape {img.shape} does not match ROI volume {volume_shape}")
+    proxy = img.dataobj
+    raw = _read_unscaled(path, proxy)  # (X, Y, Z, T) Fortran order, the file's dtype
+    trials = raw.reshape(n_vox, -1, order="F").T  # (T, X*Y*Z), a view
+    return _scale_like_nibabel(proxy, np.take(trials, columns, axis=1))
+
+
+try:  # optional: isal's gzip decompresses about twice as fast as the standard library's (pip install isal)
+    from isal import igzip as _gzip
+except ImportError:
+    import gzip as _gzip
+
+_GZ_PIECE = 16 * 2**20  # bytes decompressed per read call
+
+
+def _read_unscaled(path: Path, proxy) -> np.ndarray:
+    """The NIfTI data array as stored (unscaled), in one Fortran-order buffer of the file's dtype.
+
+    A ``.gz`` file is decompressed (``isal.igzip`` when installed, else the standard ``gzip``) piece by
+    piece straight into that buffer, so the peak is the session plus one piece; reading it in one call,
+    as nibabel does, holds a second full copy in gzip's reader. Other files: nibabel (a memory map).
+    """
+    if not path.name.endswith(".gz"):
+        return np.asfortranarray(proxy.get_unscaled())  # nibabel's array is Fortran order already: no copy
+    # a bytearray, as nibabel uses: numpy's own large buffers ask for huge pages, whose faults cost more here
+    buf, n = memoryview(bytearray(int(np.prod(proxy.shape)) * proxy.dtype.itemsize)), 0
+    raw = np.ndarray(proxy.shape, proxy.dtype, buffer=buf, order="F")
+    try:
+        with _gzip.open(path, "rb") as f:
+            f.seek(proxy.offset)
+            while n < buf.nbytes and (k := f.readinto(buf[n:n + _GZ_PIECE])):
+                n += k
+    except Exception as e:
+        if type(e).__name__ == "IsalError":  # isal's zlib.error
+            raise zlib.error(str(e)) from e
+        raise
+    if n != buf.nbytes:
+        raise EOFError(f"expected {buf.nbytes} bytes of betas {proxy.shape} {proxy.dtype} after the header, got {n}")
+    return raw
+
+
+def _scale_like_nibabel(proxy, values: np.ndarray) -> np.ndarray:
+    """The header's scl_slope / scl_inter applied as ``np.asarray(img.dataobj)`` applies them
+    (``ArrayProxy._get_scaled``, elementwise, so applying it to the gathered voxels only is identical)."""
+    from nibabel.volumeutils import apply_read_scaling
+
+    slope, inter = np.asanyarray(proxy.slope), np.asanyarray(proxy.inter)
+    if np.can_cast(inter, slope.dtype):
+        inter = inter.astype(slope.dtype)
+    return apply_read_scaling(values, slope, inter)
 
 
 def zscore_session(b: np.ndarray) -> np.ndarray:

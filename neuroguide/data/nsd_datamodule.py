@@ -45,13 +45,13 @@ class NSDDataModule(L.LightningDataModule):
                  batch_size: int = 64, num_workers: int = 0, betas_format: str = "nii.gz",
                  pca: bool = False, pca_variance: float = 0.95, cache_dir: str | None = None,
                  max_sessions: int | None = None, val_fraction: float = 0.1, shuffle: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, read_workers: int | str | None = "auto"):
         super().__init__()
         self.nsd_root, self.subject = nsd_root, int(subject)
         self.spec = RegionSpec.from_config(region)
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
         self.betas_format, self.pca, self.pca_variance = betas_format, bool(pca), float(pca_variance)
-        self.cache_dir, self.max_sessions = cache_dir, max_sessions
+        self.cache_dir, self.max_sessions, self.read_workers = cache_dir, max_sessions, read_workers
         self.val_fraction, self.shuffle, self.seed = float(val_fraction), bool(shuffle), int(seed)
         self.region_data: RegionData | None = None
 
@@ -63,7 +63,7 @@ class NSDDataModule(L.LightningDataModule):
                                     "nsddata/, nsddata_betas/ and nsddata_stimuli/ (or use data=synthetic)")
         rd = extract_regions(self.nsd_root, self.subject, [self.spec], cache_dir=self.cache_dir,
                              betas_format=self.betas_format, max_sessions=self.max_sessions, pca=self.pca,
-                             pca_variance=self.pca_variance)[self.spec.name]
+                             pca_variance=self.pca_variance, read_workers=self.read_workers)[self.spec.name]
         self.region_data = rd
         stim = NSDPaths(self.nsd_root, self.subject).stimuli
         y = rd.targets("train")  # what the predictor outputs: voxels, or PCA scores

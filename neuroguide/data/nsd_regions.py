@@ -14,8 +14,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from neuroguide.data.nsd import (Design, NSDPaths, average_repeats, effective_repeats, noise_ceiling, read_session,
-                                 read_volume, session_number, session_offsets, zscore_session)
+from neuroguide.data.nsd import (Design, NSDPaths, average_repeats, effective_repeats, noise_ceiling, read_volume,
+                                 session_number, session_offsets)
+from neuroguide.data.nsd_sessions import read_sessions
 from neuroguide.utils.io import atomic_dir, file_fingerprint, hash_inputs, read_json, require, write_json
 
 log = logging.getLogger("neuroguide")
@@ -180,13 +181,15 @@ def cached_region(root: str | Path, subject: int, region: RegionSpec | Mapping, 
 def extract_regions(root: str | Path, subject: int, regions: Sequence[RegionSpec | Mapping], *,
                     cache_dir: str | Path | None = None, betas_format: str = "nii.gz",
                     max_sessions: int | None = None, pca: bool = False, pca_variance: float = 0.95,
-                    progress: bool = True) -> dict[str, RegionData]:
+                    progress: bool = True, read_workers: int | str | None = "auto") -> dict[str, RegionData]:
     """Preprocess several regions of one subject, reading each session file once.
 
     Steps: trial -> image mapping from the design; per session, the union of all region voxels is
     read and z-scored per voxel; repeats of each image are averaged; test split = shared images;
     optional PCA (``pca_variance`` of the variance, fitted on train only). Regions already in
     ``cache_dir`` (same inputs and parameters) are loaded as memory maps and not recomputed.
+    ``read_workers`` (``data.read_workers``): processes reading the sessions, see
+    :func:`neuroguide.data.nsd_sessions.read_workers`; the result does not depend on it.
     """
     paths = NSDPaths(root, int(subject))
     specs = [r if isinstance(r, RegionSpec) else RegionSpec.from_config(r) for r in regions]
@@ -215,11 +218,8 @@ def extract_regions(root: str | Path, subject: int, regions: Sequence[RegionSpec
     flat = np.flatnonzero(union.ravel())
     cols = [np.searchsorted(flat, np.flatnonzero(m.ravel())) for m in masks]
 
-    from tqdm.auto import tqdm
-
-    chunks = []
-    for s in tqdm(sessions, desc=f"NSD {paths.subj} sessions", disable=not progress):
-        chunks.append(zscore_session(read_session(s, flat, shape)))
+    chunks = read_sessions(sessions, flat, shape, workers=read_workers, progress=progress,
+                           desc=f"NSD {paths.subj} sessions")
     counts_per_session = [len(c) for c in chunks]
     offsets = session_offsets(sessions, counts_per_session)
     trials = np.concatenate([o + np.arange(n) for o, n in zip(offsets, counts_per_session)])

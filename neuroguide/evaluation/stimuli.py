@@ -66,7 +66,8 @@ def nsd_stimuli(run_config: Mapping, facts: Mapping, n: int | None, override: Ma
         specs.append(r)
     rds = extract_regions(root, subject, specs, cache_dir=_get(run_config, "paths.cache_dir"),
                           betas_format=_get(run_config, "data.betas_format", "nii.gz"),
-                          max_sessions=_get(run_config, "data.max_sessions"), progress=False)
+                          max_sessions=_get(run_config, "data.max_sessions"), progress=False,
+                          read_workers=_get(run_config, "data.read_workers", "auto"))
     first = rds[specs[0]["name"]]
     rows = _spread(len(first.test_images), n)
     size = int(override.get("image_size") or facts.get("image_size") or _get(run_config, "data.image_size", 224))

@@ -193,7 +193,8 @@ def random_predictor(cfg: DictConfig) -> tuple[torch.nn.Module, dict, dict]:
     try:
         rd = extract_regions(cfg.data.nsd_root, cfg.subject, [spec], cache_dir=cfg.paths.cache_dir,
                              betas_format=cfg.data.betas_format, max_sessions=cfg.data.max_sessions,
-                             pca=cfg.data.pca, pca_variance=cfg.data.pca_variance, progress=False)[like]
+                             pca=cfg.data.pca, pca_variance=cfg.data.pca_variance, progress=False,
+                             read_workers=cfg.data.get("read_workers", "auto"))[like]
     except FileNotFoundError as e:
         raise FileNotFoundError(f"region=random needs the NSD data of region {like} to size the predictor "
                                 f"(paths.nsd_root={cfg.data.nsd_root}): {e}") from None
