@@ -217,3 +217,22 @@ def test_zoo_configs_build_with_valid_layers(name):
     root = layer_root(build_network(b.name, b.get("source") or "auto"))
     for layer in layer_list(b.layer):
         check_layer(root, layer, b.name)
+
+
+def test_shared515_from_the_design_and_each_subjects_sessions(tmp_path, compose_train):
+    from conftest import SMALL_NSD
+
+    from neuroguide.data.nsd import Design, NSDPaths
+    from neuroguide.data.nsd_shared import shared_by_all
+    from neuroguide.data.synthetic.nsd import betas_dir, write_synthetic_nsd
+
+    root = write_synthetic_nsd(tmp_path / "nsd", **{**SMALL_NSD, "subjects": (1, 2)})
+    design = Design.read(NSDPaths(root, 1).expdesign)
+    everyone = shared_by_all(root, 150)  # both subjects have all 4 sessions; 3..8 NSD's counts (capped at the design)
+    assert np.array_equal(everyone, np.sort(design.shared_images))
+    for f in betas_dir(root, 2).glob("betas_session04.*"):
+        f.unlink()  # subject 2 stopped after 3 sessions: 450 of 600 trials
+    seen = design.trial_images(2, 450)
+    expected = [i for i in design.shared_images if (seen == i).sum() >= 3]
+    fewer = shared_by_all(root, 150)
+    assert 0 < len(fewer) < len(everyone) and np.array_equal(fewer, np.sort(expected))

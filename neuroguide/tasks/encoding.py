@@ -52,6 +52,28 @@ def layer_list(layer) -> list[str]:
     return [str(s) for s in layer]
 
 
+def restrict_test_split(datamodule, cfg) -> np.ndarray:
+    """``task.test_images=shared515``: keep the test images every subject saw three times
+    (:func:`neuroguide.data.nsd_shared.shared_by_all`); returns the noise ceiling of the kept split (all 3 repeats)."""
+    from neuroguide.data.nsd import effective_repeats, noise_ceiling
+    from neuroguide.data.nsd_datamodule import ImageResponseDataset
+    from neuroguide.data.nsd_shared import shared_by_all
+
+    rd, ts = datamodule.region_data, datamodule.test_set
+    per_session = int(rd.meta["trials"]) // max(int(rd.meta["sessions"]), 1)
+    keep = np.isin(np.asarray(ts.stimuli.ids), shared_by_all(datamodule.nsd_root, per_session, datamodule.betas_format))
+    keep &= np.asarray(rd.test_repeats) >= 3
+    if not keep.any():
+        raise ValueError("task.test_images=shared515: no test image was seen three times by all eight subjects in the "
+                         "design and sessions found; use task.test_images=shared")
+    rows = np.flatnonzero(keep)
+    stimuli = NSDStimuli(ts.stimuli.path, np.asarray(ts.stimuli.ids)[rows], int(cfg.data.image_size))
+    datamodule.test_set = ImageResponseDataset(stimuli, ts.responses.numpy()[rows])
+    log.info("test split: %d of the subject's %d shared images, those all eight subjects saw three times", len(rows),
+             len(keep))
+    return noise_ceiling(np.asarray(rd.ncsnr), effective_repeats(np.asarray(rd.test_repeats)[rows])).astype(np.float32)
+
+
 def check_nc(nc: np.ndarray, threshold: float, region: str) -> None:
     """A region must have voxels with a noise ceiling at or above ``data.nc_threshold`` to be scored."""
     nc = np.asarray(nc, np.float64)
@@ -93,7 +115,10 @@ class EncodingTask(RegressionTask):
     def from_config(cls, cfg, datamodule) -> "EncodingTask":
         rd, b, t = datamodule.region_data, cfg.backbone, cfg.task
         threshold = float(cfg.data.get("nc_threshold") or 0.0)
-        check_nc(rd.nc, threshold, cfg.region.name)
+        nc = np.asarray(rd.nc)
+        if t.get("test_images", "shared") == "shared515":
+            nc = restrict_test_split(datamodule, cfg)
+        check_nc(nc, threshold, cfg.region.name)
         layers, pool, size = layer_list(b.layer), parse_pool(t.pool), int(cfg.data.image_size)
         source = str(b.get("source") or "auto")
         weights = backbone_weights(b, cfg.paths.get("robust_weights"))
@@ -131,13 +156,15 @@ class EncodingTask(RegressionTask):
         with torch.no_grad():
             model.readout.weight.copy_(weight)
             model.readout.bias.copy_(bias)
-        layer_rows = layer_table(fits, chosen.layer, rd.nc, threshold)
+        layer_rows = layer_table(fits, chosen.layer, nc, threshold)
         write_layer_table(layer_rows, output_dir(cfg), f"{cfg.region.name} subj{int(cfg.subject):02d} {b.name}")
         facts = {"region": cfg.region.name, "subject": int(cfg.subject), "n_voxels": int(rd.n_voxels),
                  "image_size": size, "backbone": str(b.name), "layer": chosen.layer, "layers": layers,
                  "weights": str(weights) if weights is not None else "random", "random_weights": weights is None,
                  "shuffle": bool(t.get("shuffle", False)), "alpha_median": float(np.median(chosen.fit.alphas))}
-        return cls(model_config, OmegaConf.to_container(cfg, resolve=True), model, facts=facts, nc=np.asarray(rd.nc),
+        facts["test_images"] = str(t.get("test_images", "shared"))
+        facts["n_test_images"] = len(datamodule.test_set)
+        return cls(model_config, OmegaConf.to_container(cfg, resolve=True), model, facts=facts, nc=nc,
                    nc_threshold=threshold, layer_rows=layer_rows)
 
     # ------------------------------------------------------------------ scores
