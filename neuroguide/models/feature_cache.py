@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from neuroguide.models.features import activations
-from neuroguide.utils.io import atomic_dir, file_fingerprint, hash_inputs, read_json, write_json
+from neuroguide.utils.io import atomic_dir, file_fingerprint, hash_inputs, write_json
 
 log = logging.getLogger("neuroguide")
 
@@ -97,7 +97,3 @@ def cached_features(network: nn.Module, root: nn.Module, images, ids: np.ndarray
             out[layer] = read_features(folder, ids)
             log.info("features of %s %s: %s extracted and cached in %s", backbone, layer, a.shape, folder)
     return {layer: out[layer] for layer in layers}
-
-
-def cache_meta(folder: Path) -> dict:
-    return read_json(folder / "meta.json")
