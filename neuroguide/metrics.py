@@ -69,3 +69,38 @@ def nanmedian(x: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0 or torch.isnan(x).all():
         return torch.tensor(float("nan"))
     return torch.nanquantile(x, 0.5).float()
+
+
+def voxel_scores(pred: torch.Tensor, voxels: torch.Tensor, nc: torch.Tensor | None = None,
+                 nc_threshold: float = 0.0) -> dict[str, torch.Tensor]:
+    """The NSD scores of every model that predicts voxels (predictors, encoding models).
+
+    ``r`` (V,): per-voxel Pearson r of (N, V) predictions against the (N, V) measured responses;
+    ``r_nc`` (V_kept,): ``r / sqrt(NC / 100)`` over the voxels with ``NC >= nc_threshold`` (percent), when
+    ``nc`` (V,) is given.
+    """
+    r = pearson_r(pred, voxels)
+    out = {"r": r}
+    if nc is not None and torch.as_tensor(nc).numel() == r.numel():
+        out["r_nc"] = nc_normalized(r, nc, nc_threshold)
+    return out
+
+
+def nc_normalized(r: torch.Tensor, nc: torch.Tensor, nc_threshold: float = 0.0) -> torch.Tensor:
+    """``r / sqrt(NC / 100)`` of the voxels with ``NC >= nc_threshold`` (NC in percent): (V,), (V,) -> (V_kept,)."""
+    r, nc = torch.as_tensor(r), torch.as_tensor(nc).detach().cpu().float()
+    keep = nc >= nc_threshold
+    return r[keep] / torch.sqrt(nc[keep].clamp_min(1e-6) / 100.0)
+
+
+def voxel_score_summary(split: str, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The logged keys of :func:`voxel_scores`: ``<split>/r_median``, ``r_mean`` and, with a noise ceiling,
+    ``r_nc_median``, ``r_nc_mean``, ``n_voxels_nc``."""
+    r = scores["r"]
+    out = {f"{split}/r_median": nanmedian(r), f"{split}/r_mean": torch.nanmean(r)}
+    if "r_nc" in scores:
+        kept = scores["r_nc"]
+        out[f"{split}/r_nc_median"] = nanmedian(kept)
+        out[f"{split}/r_nc_mean"] = torch.nanmean(kept) if kept.numel() else torch.tensor(float("nan"))
+        out[f"{split}/n_voxels_nc"] = torch.tensor(float(kept.numel()))
+    return out

@@ -3,7 +3,7 @@
 Every folder below the given one that holds a ``metrics.json`` and the ``config.yaml`` of a training run
 (one with a ``task``) is a run (with the evaluation numbers of its ``eval_metrics.json`` when
 ``evaluate.py sweep_dir=...`` wrote one); its config gives the factors (task, region, alpha, at.eps,
-shuffle, seed, subject). Folders written by ``evaluate.py`` are not runs. Writes ``report.csv`` and
+shuffle, seed, subject; an encoding model's backbone). Folders written by ``evaluate.py`` are not runs. Writes ``report.csv`` and
 ``report.md`` (one row per run) and figures comparing regions, alphas and eps for the chosen metrics.
 Regions are ordered as their configs say (``conf/region/*.yaml``: baselines first, then by ``order``).
 """
@@ -19,7 +19,7 @@ import yaml
 
 from neuroguide.utils.io import atomic_path, read_json
 
-FACTORS = ["task", "region", "alpha", "at_eps", "shuffle", "seed", "subject"]
+FACTORS = ["task", "region", "alpha", "at_eps", "shuffle", "seed", "subject", "backbone"]
 
 
 class NotASweep(FileNotFoundError):
@@ -57,7 +57,17 @@ def factors_of(config: dict) -> dict:
     guided = task == "guidance"  # alpha and at.eps mean something for the guided classifier only
     return {"task": task, "region": g("region", "name"), "alpha": g("alpha") if guided else None,
             "at_eps": g("at", "eps") if guided else None, "shuffle": g("predictor", "shuffle"), "seed": g("seed"),
-            "subject": g("subject")}
+            "subject": g("subject"), "backbone": _backbone(config) if task in ("encoding", "it_encoding") else None}
+
+
+def _backbone(config: dict) -> str | None:
+    """An encoding model's backbone: its name, with the L2 eps of a robust one (``resnet50 L2 3``) or ``random``."""
+    b = config.get("backbone") or {}
+    if not b.get("name"):
+        return None
+    if b.get("weights") == "random":
+        return f"{b['name']} random"
+    return f"{b['name']} L2 {b['at_eps']:g}" if b.get("at_eps") is not None and b.get("weights") is None else str(b["name"])
 
 
 def _get(d, keys):

@@ -4,7 +4,8 @@
 data the task ``needs`` (``task.needs``); 3. provide the task's requirements (e.g. a trained
 predictor, :mod:`neuroguide.requirements`), then seed; 4. build the datamodule
 (``cfg.task.datamodule``) and the task from the registry; 5. fit with Lightning, resuming from
-``<output>/checkpoints/last.ckpt`` when present; 6. validate and test the selected checkpoint;
+``<output>/checkpoints/last.ckpt`` when present (a task with ``closed_form = True``, e.g. encoding's ridge,
+is fitted when built and only validated here); 6. validate and test the selected checkpoint;
 7. write ``metrics.json``, ``config.yaml`` and ``learning_curves.png`` into the output folder and export the
 model (``model.ckpt``, plus task-specific places such as ``${paths.predictors_dir}/subjNN/<region>.ckpt``).
 """
@@ -95,9 +96,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = str(last) if cfg.get("resume", True) and last.exists() else None
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    metrics = _float_metrics(trainer.callback_metrics)
-    selected = selected_checkpoint(trainer, str(cfg.get("test_ckpt", "best")))
+    if getattr(module, "closed_form", False):  # fitted when built (ridge readouts): validated and tested, not trained
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics, selected = _float_metrics(trainer.callback_metrics), None
+    else:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics = _float_metrics(trainer.callback_metrics)
+        selected = selected_checkpoint(trainer, str(cfg.get("test_ckpt", "best")))
     if selected is not None:  # the best-validation weights: validated again (val/* of that epoch), tested, exported
         log.info("testing and exporting the best validation checkpoint %s", selected)
         trainer.validate(module, datamodule=datamodule, ckpt_path=str(selected), verbose=False)

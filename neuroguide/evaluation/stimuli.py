@@ -118,6 +118,7 @@ def it_stimuli(run_config: Mapping, facts: Mapping, n: int | None, override: Map
 # model kind -> its held-out stimuli: loader(run_config, facts, n, override) -> Stimuli
 STIMULI: dict[str, Callable[..., Stimuli]] = {
     "predictor": nsd_stimuli,
+    "encoding": nsd_stimuli,
     "guidance": classification_stimuli,
     "it_encoding": it_stimuli,
 }

@@ -116,6 +116,20 @@ def layer_key(layer: str | None) -> str:
     return OUTPUT if layer in (None, "", OUTPUT) else str(layer)
 
 
+def pool_map(a: torch.Tensor, pool: int | None) -> torch.Tensor:
+    """What ``pool`` does to one layer's output before it is flattened (here and in encoding models, so that
+    cached features and the exported model agree): (B, C, H, W) maps wider than ``pool`` are average-pooled to
+    ``pool`` x ``pool`` (1: global average); (B, N, D) token sequences (vision transformers) are averaged over
+    tokens; other outputs, and any output with ``pool=None``, are kept whole."""
+    if pool is None:
+        return a
+    if a.ndim == 4 and a.shape[-1] > pool:
+        return F.adaptive_avg_pool2d(a, pool)
+    if a.ndim == 3:
+        return a.mean(1)
+    return a
+
+
 def activations(model: nn.Module, images, layers: Sequence[str | None], *, batch_size: int = 128,
                 pool: int | None = None, root: nn.Module | None = None,
                 progress: bool = False) -> dict[str, torch.Tensor]:
@@ -132,7 +146,8 @@ def activations(model: nn.Module, images, layers: Sequence[str | None], *, batch
             keyed "output".
         batch_size: images per forward pass.
         pool: average-pool (B, C, H, W) maps larger than ``pool`` x ``pool`` to that size before
-            flattening (bounds D for large layers); None keeps them whole.
+            flattening, and average (B, N, D) token sequences over tokens (bounds D for large layers;
+            :func:`pool_map`); None keeps them whole.
         root: the module the layer names refer to (default: ``model``), e.g. the backbone inside a wrapper.
         progress: show a progress bar.
     Returns:
@@ -160,7 +175,6 @@ def activations(model: nn.Module, images, layers: Sequence[str | None], *, batch
                 y = model((xb[0] if isinstance(xb, (list, tuple)) else xb).to(device))
             for k in keys:
                 a = y if k == OUTPUT else out[hooked[k]]
-                if pool is not None and a.ndim == 4 and a.shape[-1] > pool:
-                    a = F.adaptive_avg_pool2d(a, pool)
+                a = pool_map(a, pool)
                 chunks[k].append(a.reshape(a.shape[0], -1).float().cpu())
     return {k: torch.cat(v) for k, v in chunks.items()}

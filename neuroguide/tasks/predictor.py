@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from neuroguide.metrics import nanmedian, pearson_r
+from neuroguide.metrics import nanmedian, pearson_r, voxel_score_summary, voxel_scores
 from neuroguide.tasks import register_task
 from neuroguide.tasks.regression import RegressionTask
 
@@ -94,26 +94,15 @@ class PredictorTask(RegressionTask):
         ``r / sqrt(NC / 100)`` over the voxels with ``NC >= nc_threshold``; with PCA ``r_pc`` (k,) the
         per-component r against the measured responses' PCA scores.
         """
-        r = pearson_r(self.to_voxels(pred), voxels)
-        out = {"r": r}
-        if self.nc.numel() == r.numel():
-            nc = self.nc.cpu()
-            keep = nc >= self.nc_threshold
-            out["r_nc"] = r[keep] / torch.sqrt(nc[keep].clamp_min(1e-6) / 100.0)
+        out = voxel_scores(self.to_voxels(pred), voxels, self.nc if self.nc.numel() else None, self.nc_threshold)
         if self.pca_components is not None:
             out["r_pc"] = pearson_r(pred, self.to_outputs(voxels))
         return out
 
     def log_scores(self, split: str, pred: torch.Tensor, target: torch.Tensor) -> None:
         s = self.scores(pred, target)
-        r = s["r"]
-        self.log(f"{split}/r_median", nanmedian(r), prog_bar=split == "val")
-        self.log(f"{split}/r_mean", torch.nanmean(r))
-        if "r_nc" in s:
-            kept = s["r_nc"]
-            self.log(f"{split}/r_nc_median", nanmedian(kept))
-            self.log(f"{split}/r_nc_mean", torch.nanmean(kept) if kept.numel() else torch.tensor(float("nan")))
-            self.log(f"{split}/n_voxels_nc", float(kept.numel()))
+        for k, v in voxel_score_summary(split, s).items():
+            self.log(k, v, prog_bar=k == "val/r_median")
         if "r_pc" in s:
             self.log(f"{split}/r_pc_median", nanmedian(s["r_pc"]))
 

@@ -17,6 +17,10 @@ of the image (a random mix of pixel statistics: quadrant colour means, contrast 
 energy at two scales) plus Gaussian noise with ``noise_sd``; each subject image is shown
 ``n_repeats`` times; each session adds its own per-voxel offset and gain (which per-session
 z-scoring removes). ``ncsnr`` is the planted signal sd over noise sd.
+
+``planted="depth"`` (:mod:`neuroguide.data.synthetic.planted_depth`): each area reads instead the
+features of one depth of a fixed, seeded random ResNet-18 (early areas shallow, TO and the category
+areas deep), saved as ``planted_network.pt`` in the tree, so encoding models have a known best layer.
 """
 from __future__ import annotations
 
@@ -112,18 +116,23 @@ def _block_masks(shape, n_blocks: int, rng: np.random.Generator) -> list[np.ndar
 def write_synthetic_nsd(root: str | Path, *, subjects=(1,), n_stimuli: int = 900, n_subject_images: int = 700,
                         n_shared: int = 100, n_repeats: int = 3, trials_per_session: int = 300,
                         image_size: int = 64, noise_sd: float = 1.0, seed: int = 0,
-                        volume: tuple = VOLUME, overwrite: bool = False) -> Path:
+                        volume: tuple = VOLUME, planted: str = "features", overwrite: bool = False) -> Path:
     """Write the synthetic NSD tree under ``root`` (idempotent; atomic rename into place).
 
     Returns ``root``. When a complete tree with the same parameters already exists, nothing is
     written. Sizes are small by default (900 stimuli of 64 px, 700 images x 3 repeats for each
-    subject, 7 sessions of 300 trials, an 18 x 20 x 14 volume).
+    subject, 7 sessions of 300 trials, an 18 x 20 x 14 volume). ``planted``: ``features`` (areas read
+    pixel statistics, the default) or ``depth`` (areas read a depth of a fixed random network; see the module doc).
     """
+    if planted not in ("features", "depth"):
+        raise ValueError(f"data.synthetic_nsd.planted={planted!r}: expected features or depth")
     root = Path(root)
     params = dict(subjects=list(subjects), n_stimuli=n_stimuli, n_subject_images=n_subject_images,
                   n_shared=n_shared, n_repeats=n_repeats, trials_per_session=trials_per_session,
                   image_size=image_size, noise_sd=noise_sd, seed=seed, volume=list(volume),
                   version=1)
+    if planted != "features":  # the default keeps the key (and the trees) written before the option existed
+        params["planted"] = planted
     key = hash_inputs(params)
     marker = root / MARKER
     if marker.exists() and not overwrite:
@@ -161,6 +170,11 @@ def _write(root: Path, p: dict) -> None:
         f.create_dataset("imgBrick", data=images, chunks=(1, S, S, 3))
     feats = image_features(images)
     feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-8)
+    depth = None
+    if p.get("planted") == "depth":
+        from neuroguide.data.synthetic.planted_depth import depth_features, depth_of
+
+        depth = depth_features(images, p["seed"], root)
 
     # --- design --------------------------------------------------------------------------
     n_sub_img, n_shared, R = p["n_subject_images"], p["n_shared"], p["n_repeats"]
@@ -224,10 +238,11 @@ def _write(root: Path, p: dict) -> None:
         signal = np.zeros((n_stim, n_vox), np.float32)
         for (atlas, lab), vox in area_voxels.items():
             arng = np.random.default_rng([p["seed"], subject, zlib.crc32(atlas.encode()), lab])
-            k = feats.shape[1]
+            f = feats if depth is None else depth[depth_of(atlas, lab)]
+            k = f.shape[1]
             use = arng.random(k) < 0.5
             W = arng.normal(size=(k, len(vox))) * use[:, None]
-            z = feats @ W / np.sqrt(max(use.sum(), 1))
+            z = f @ W / np.sqrt(max(use.sum(), 1))
             sig = np.tanh(z)
             sig = (sig - sig.mean(0)) / (sig.std(0) + 1e-8)
             signal[:, vox] = sig
