@@ -166,9 +166,10 @@ def _cache_folder(cache_dir: str | Path, paths: NSDPaths, spec: RegionSpec, sess
 
 def cached_region(root: str | Path, subject: int, region: RegionSpec | Mapping, *, cache_dir: str | Path | None,
                   betas_format: str = "nii.gz", max_sessions: int | None = None, pca: bool = False,
-                  pca_variance: float = 0.95) -> RegionData | None:
+                  pca_variance: float = 0.95, read_workers: int | str | None = None) -> RegionData | None:
     """The region's extraction when it is already in ``cache_dir`` (same inputs and parameters), else
-    None; never reads the betas. Raises FileNotFoundError when the NSD files themselves are missing."""
+    None; never reads the betas (``read_workers`` is accepted, as by :func:`extract_regions`, and unused).
+    Raises FileNotFoundError when the NSD files themselves are missing."""
     if cache_dir is None:
         return None
     paths = NSDPaths(root, int(subject))
