@@ -2,20 +2,21 @@
 
 What a resumed run needs beyond the weights, optimizer and loop counters Lightning restores:
 
-- the same random numbers: at the start of every training epoch the global generators (Python,
-  numpy, torch CPU and GPU) are seeded from (seed, epoch, rank), so what training draws in the main
-  process (PGD random starts of adversarial training, dropout, augmentations with ``num_workers=0``)
-  depends on the epoch only, not on what ran before it (the requirements trained in the same process,
-  a sanity check, validation, a restart). The augmentations themselves are seeded per sample by the
-  training loader (:mod:`neuroguide.data.loaders`), so workers need nothing from here;
+- the same random numbers: before every training batch the global generators (Python, numpy, torch
+  CPU and GPU) are seeded from (seed, epoch, batch index, rank), so what a training step draws (PGD
+  random starts of adversarial training, dropout) depends on where the step is, not on what ran
+  before it (the requirements trained in the same process, a sanity check, validation, how Lightning
+  restarts its loops: a resumed run creates the epoch's data iterator, which draws from the global
+  generator, before ``on_train_epoch_start``, an uninterrupted one after it; seeding per epoch was not
+  enough). The augmentations are seeded per sample by the training loader
+  (:mod:`neuroguide.data.loaders`), so data-loader workers need nothing from here;
 - the metrics logged before the kill: loggers that can resume (:class:`neuroguide.loggers.CSVLogger`)
   keep their file's rows up to the checkpoint (and drop the rows logged after it, which the resumed
   run logs again); a run that starts from scratch starts a fresh file.
 
 ``neuroguide.train.run`` always adds it (also with ``callbacks=none``): it changes no number of an
-uninterrupted run's epochs but their random draws. Checkpoints are written at the end of an epoch
-(after validation), which is where a resumed run starts; a checkpoint taken mid-epoch would resume
-with the epoch's draws from its start.
+uninterrupted run's steps but their random draws. Checkpoints are written at the end of an epoch
+(after validation), which is where a resumed run starts.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ class ExactResume(L.Callback):
     def __init__(self, seed: int = 0):
         self.seed = int(seed)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        seed_all(derive_seed(self.seed, trainer.current_epoch, trainer.global_rank))
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        seed_all(derive_seed(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._resumed = False

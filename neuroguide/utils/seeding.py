@@ -2,9 +2,8 @@
 
 A resumed run must draw the same random numbers as an uninterrupted one. Rather than carrying
 the generators' states through checkpoints, every stream of training is seeded from a position:
-the global generators at the start of each training epoch from (seed, epoch, rank)
-(:class:`neuroguide.callbacks.ExactResume`: PGD random starts, dropout, anything drawn in the main
-process), and each training sample's augmentation from (seed, epoch, index)
+the global generators before each training batch from (seed, epoch, batch index, rank)
+(:class:`neuroguide.callbacks.ExactResume`: PGD random starts, dropout, anything a training step draws), and each training sample's augmentation from (seed, epoch, index)
 (:class:`neuroguide.data.loaders.SeededSamples`: the same crops and flips with any number of
 data-loader workers, persistent or not, and on any number of GPUs).
 """
