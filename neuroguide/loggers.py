@@ -1,4 +1,4 @@
-"""Weights & Biases logger that never prompts.
+"""Loggers: Weights & Biases that never prompts; a CSV logger that keeps its rows across a resume.
 
 Mode: ``WANDB_MODE`` when set (online / offline / disabled); otherwise online when an API key is
 available (``WANDB_API_KEY`` or a ``~/.netrc`` entry for api.wandb.ai) and offline when not, with a
@@ -6,10 +6,16 @@ message telling how to sync later.
 """
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import uuid
 from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger as _CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -76,3 +82,52 @@ def finish_wandb(run, metrics: dict, figures_dir: str | Path | None = None) -> N
         (run.finish if hasattr(run, "finish") else wandb.finish)()
     except Exception as e:  # noqa: BLE001 - see the docstring
         log.warning("W&B summary not written: %s", e)
+
+
+
+class _KeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer without deleting an existing ``metrics.csv``: new rows are appended (the
+    header widened when new keys come); :meth:`keep_until` trims the file."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                header = next(csv.reader(f), [])
+            self.metrics_keys = sorted(set(header))
+
+    def keep_until(self, step: int | None) -> None:
+        """Keep the rows logged before global step ``step`` (every row of the epochs a checkpoint
+        holds); ``None`` keeps none."""
+        self.save()
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        if step is None:
+            self._fs.rm_file(self.metrics_file_path)
+            self.metrics_keys = []
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
+        with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            w.writeheader()
+            w.writerows(kept)
+
+
+class CSVLogger(_CSVLogger):
+    """Lightning's ``CSVLogger`` keeping ``metrics.csv`` across a resume (Lightning's deletes it when
+    the folder is reused). :class:`neuroguide.callbacks.ExactResume` calls :meth:`resume_at` with the
+    checkpoint's global step (rows logged after it are dropped: the resumed run logs them again), or
+    with None when fitting starts from scratch (an earlier run's rows are dropped)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _KeepingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    @rank_zero_only
+    def resume_at(self, step: int | None) -> None:
+        self.experiment.keep_until(step)

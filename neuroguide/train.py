@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from neuroguide.callbacks import ExactResume
 from neuroguide.config import output_dir
 from neuroguide.data import prepare_synthetic
 from neuroguide.learning_curves import write_learning_curves
@@ -90,7 +91,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
         extra["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg) or False,
-                                     callbacks=build_callbacks(cfg), default_root_dir=str(out), **extra)
+                                     callbacks=build_callbacks(cfg) + [ExactResume(cfg.seed)],
+                                     default_root_dir=str(out), **extra)
     _log_config(trainer, cfg)
     last = out / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if cfg.get("resume", True) and last.exists() else None
