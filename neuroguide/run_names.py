@@ -9,7 +9,8 @@ Rules (one place, used by ``conf/hydra/{default,evaluate}.yaml`` through the ``n
 
 * The task's core factors are always named, with the values of the composed config (so ``alpha=.5`` and
   ``alpha=0.5`` name the same folder): guidance region, alpha, eps (at.eps); predictor region;
-  it_encoding backbone, bb.eps (backbone.at_eps), layer; evaluate.py the analyses (eval).
+  it_encoding backbone, bb.eps (backbone.at_eps), layer; encoding region, backbone, layer; evaluate.py the
+  analyses (eval). A backbone chosen by its config (``backbone=resnet50_l2_eps1``) is named by that option.
 * The other named factors (task, norm when not l2, shuffle, seed, subject, experiment, ckpt, models,
   sweep_dir) are named when given on the command line. Paths never enter the name: a checkpoint is named
   by its run folder (``ckpt-region-TO_alpha-0.5_eps-0``), several models by their count.
@@ -47,7 +48,11 @@ FACTORS: tuple[tuple[str, str, str | None], ...] = (
 )
 # named even when not overridden (the composed config's values)
 CORE = {"guidance": ("region", "alpha", "at.eps"), "predictor": ("region",),
-        "it_encoding": ("backbone", "backbone.at_eps", "backbone.layer")}
+        "it_encoding": ("backbone", "backbone.at_eps", "backbone.layer"),
+        "encoding": ("region", "backbone", "backbone.layer")}
+# config groups named by the option chosen on the command line (backbone=resnet50_l2_eps1: several options
+# share backbone.name resnet50), else by the config's value
+GROUPS = ("backbone",)
 # factors whose override text is a path: named by a short label, their full text goes into the hash
 PATHS = ("ckpt", "models", "sweep_dir")
 # never in the name nor the hash: they do not change the science
@@ -102,6 +107,8 @@ def run_name(overrides: Iterable[str], config: Any = None, exclude: Iterable[str
         hashed.append(o.input_line or f"{key}={o.value()}")
 
     def value(key: str, path: str | None) -> Any:
+        if key in GROUPS and key in given:
+            return given[key]
         if path is not None and config is not None:
             found = OmegaConf.select(config, path, default="__missing__", throw_on_missing=False)
             if found != "__missing__":

@@ -65,3 +65,13 @@ def test_list_valued_eval_overrides_give_short_readable_names(folder):
 def test_run_name_without_a_config_uses_the_override_values():
     assert run_name(["region=TO", "alpha=0.5", "hydra.run.dir=/x"]) == "region-TO_alpha-0.5"
     assert run_name([]) == "default"
+
+
+def test_every_job_of_the_encoding_sweep_has_its_own_folder(folder):
+    """The zoo's robust ResNet-50s share backbone.name resnet50: the option chosen names them apart."""
+    base = compose("train", overrides=["experiment=mcneal2024_encoding"], return_hydra_config=True)  # inside folder's
+    params = base.hydra.sweeper.params
+    names = {folder("train", "experiment=mcneal2024_encoding", f"region={r}", f"backbone={b}", "subject=1")
+             for r in str(params.region).split(",") for b in str(params.backbone).split(",")}
+    assert len(names) == len(str(params.region).split(",")) * len(str(params.backbone).split(","))
+    assert any("backbone-resnet50_l2_eps1_" in n or n.endswith("backbone-resnet50_l2_eps1") for n in names)
