@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from neuroguide.config import compose_config, output_dir
 from neuroguide.tasks.predictor import PredictorRequirement, predictor_path
+from neuroguide.utils.io import pin_by_content
 
 log = logging.getLogger("neuroguide")
 
@@ -28,7 +29,10 @@ def provide(need, cfg: DictConfig, train: Callable[[DictConfig], dict]) -> DictC
         path = ensure_predictor(cfg, need, train)
         cfg = cfg.copy()
         OmegaConf.set_struct(cfg, False)
-        OmegaConf.update(cfg, need.config_key, str(path), force_add=True)
+        # the run refers to the predictor by content (predictors/.../.by-sha256/<sha>.ckpt): retraining the
+        # region's predictor later replaces R.ckpt but neither this run's model nor its config.yaml's identity
+        OmegaConf.update(cfg, need.config_key, str(pin_by_content(path).resolve()), force_add=True)
+        OmegaConf.update(cfg, f"{need.config_key}_source", str(path), force_add=True)
         return cfg
     raise TypeError(f"no provider for requirement {need!r}")
 
@@ -95,9 +99,11 @@ def check_predictor(path: Path, cfg: DictConfig, need: PredictorRequirement) -> 
 
     ck = read_checkpoint(path, kind="predictor")
     facts, n_out = ck.facts, int(ck.model_config["n_outputs"])
-    if facts.get("region") != need.region or int(facts.get("subject", need.subject)) != need.subject:
-        raise ValueError(f"{path} is the predictor of region {facts.get('region')} subject {facts.get('subject')}, but "
-                         f"this run asks for region={need.region} subject={need.subject}. Retrain with: "
+    if (facts.get("region") != need.region or int(facts.get("subject", need.subject)) != need.subject
+            or bool(facts.get("shuffle", need.shuffle)) != need.shuffle):
+        raise ValueError(f"{path} is the predictor of region {facts.get('region')} subject {facts.get('subject')} "
+                         f"(shuffle={bool(facts.get('shuffle', False))}), but this run asks for region={need.region} "
+                         f"subject={need.subject} (shuffle={need.shuffle}). Retrain with: "
                          f"{predictor_train_command(cfg, need)}")
     d = cfg.data
     kw = dict(cache_dir=cfg.paths.cache_dir, betas_format=d.betas_format, max_sessions=d.max_sessions, pca=d.pca,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,7 +288,9 @@ def test_disk_one_copy_of_the_predictor_and_no_checkpoints_after_a_finished_run(
     ckpt = torch.load(run_dir / "model.ckpt", weights_only=True)
     assert not [k for k in ckpt["state_dict"] if k.startswith("predictor.")]
     ref = ckpt["hyper_parameters"]["references"]["predictor."]
-    assert ref["path"] == str(pred_file.resolve())
+    pinned = Path(ref["path"])  # the predictor by content: predictors/.../.by-sha256/<sha256>.ckpt
+    assert pinned.parent == pred_file.parent / ".by-sha256" and pinned.stem == ref["sha256"]
+    assert pinned.read_bytes() == pred_file.read_bytes()
     assert (run_dir / "model.ckpt").stat().st_size < 0.7 * (pred_file.stat().st_size * 2)  # trunk only, not both
     model = neuroguide.load_model(run_dir / "model.ckpt")
     predictor = neuroguide.load_model(pred_file)
@@ -299,18 +302,29 @@ def test_disk_one_copy_of_the_predictor_and_no_checkpoints_after_a_finished_run(
         again = run(compose_train("region=TO", "alpha=0.5", "task.max_epochs=1",
                                   'predictor.train_overrides=["task.max_epochs=1"]'))
     assert again == pytest.approx(metrics, nan_ok=True) and "nothing to do" in caplog.text
-    # the referenced file changed or gone: a clear error, never other weights silently
-    data = pred_file.read_bytes()
-    sd = torch.load(pred_file, weights_only=True)
+    # the region's predictor retrained (replaced as the project writes files): the guided model keeps its own
+    mc = {"arch": "resnet18", "n_outputs": predictor.fc.out_features}
+    save_model_file(pred_file, "predictor", mc, PredictorTask.build_model(**mc).state_dict(),
+                    facts=predictor.neuroguide_info["facts"])
+    torch.testing.assert_close(neuroguide.load_model(run_dir / "model.ckpt").predictor_target(x), predictor(x))
+    # the referenced content changed in place or gone: a clear error, never other weights silently
+    data = pinned.read_bytes()
+    sd = torch.load(pinned, weights_only=True)
     sd["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in sd["state_dict"].items()}
-    torch.save(sd, pred_file)
-    with pytest.raises(ValueError, match=r"by reference to .*TO.ckpt, but that file has changed since"):
+    torch.save(sd, pinned)
+    with pytest.raises(ValueError, match=r"by reference to .*\.by-sha256.*, but that file has changed since"):
         neuroguide.load_model(run_dir / "model.ckpt")
-    pred_file.unlink()
-    with pytest.raises(FileNotFoundError, match=r"by reference to .*TO.ckpt, which does not exist. Copy that file there"):
+    pinned.unlink()
+    with pytest.raises(FileNotFoundError, match=r"by reference to .*, which does not exist. Copy that file there"):
         neuroguide.load_model(run_dir / "model.ckpt")
-    pred_file.write_bytes(data)
+    pinned.write_bytes(data)
     assert neuroguide.load_model(run_dir / "model.ckpt") is not None
+    # the same command is a new run (its predictor changed), not the finished one
+    caplog.clear()
+    with caplog.at_level("INFO", logger="neuroguide"):
+        run(compose_train("region=TO", "alpha=0.5", "task.max_epochs=1",
+                          'predictor.train_overrides=["task.max_epochs=1"]'))
+    assert "nothing to do" not in caplog.text
 
 
 def test_baselines_none_and_random(compose_train, tmp_path, caplog):

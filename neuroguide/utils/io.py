@@ -167,3 +167,23 @@ def marker_holds(marker: str | os.PathLike, key: str) -> bool:
         return read_json(marker).get("key") == key
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
         return False
+
+
+def pin_by_content(path: str | os.PathLike, store: str | os.PathLike | None = None) -> Path:
+    """A copy of ``path`` named by its content, ``<store>/<sha256><suffix>`` (``store`` defaults to
+    ``<path's folder>/.by-sha256``): a hard link when the file system allows (no extra disk), else a copy.
+    Referring to the pinned file keeps the reference valid when ``path`` is later replaced (the project's
+    writers replace files by renaming, which leaves the linked content alone)."""
+    path = Path(path)
+    store = Path(store) if store is not None else path.parent / ".by-sha256"
+    target = store / f"{file_sha256(path)}{path.suffix}"
+    if target.is_file():
+        return target
+    store.mkdir(parents=True, exist_ok=True)
+    tmp = store / f".{target.name}.{os.getpid()}.tmp"
+    try:
+        os.link(path, tmp)
+    except OSError:  # no hard links here (another file system, some network mounts): a copy
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, target)
+    return target
