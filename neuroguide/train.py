@@ -97,6 +97,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     last = out / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if cfg.get("resume", True) and last.exists() else None
     if ckpt_path:
+        check_resumable(last, cfg)
         log.info("resuming from %s", ckpt_path)
     if getattr(module, "closed_form", False):  # fitted when built (ridge readouts): validated and tested, not trained
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -117,14 +118,50 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+# keys that may differ between a run and its rerun without changing the science (machine, paths, length)
+NOT_SCIENCE = ("paths", "trainer", "hydra", "data.num_workers", "data.read_workers", "task.max_epochs",
+               "keep_checkpoints", "resume", "test_ckpt")
+
+
+def science_diff(a: dict, b: dict) -> list[str]:
+    """Dotted keys whose values differ between two resolved run configs, leaving out :data:`NOT_SCIENCE`."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            key = f"{prefix}{k}"
+            if any(key == n or key.startswith(n + ".") for n in NOT_SCIENCE):
+                continue
+            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
+        return out
+
+    fa, fb = flat(a), flat(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, "<unset>") != fb.get(k, "<unset>"))
+
+
 def completed_metrics(out: Path, cfg: DictConfig) -> dict[str, float] | None:
-    """The metrics of a finished run of this same config in ``out`` (its checkpoints already removed), else None."""
+    """The metrics of a finished run of this config in ``out`` (metrics.json written after its last
+    checkpoint, the same science in config.yaml), else None; a differing config is said in the log."""
+    import yaml
+
     files = [out / "metrics.json", out / "model.ckpt", out / "config.yaml"]
-    if (out / "checkpoints" / "last.ckpt").exists() or not all(f.is_file() for f in files):
+    last = out / "checkpoints" / "last.ckpt"
+    if not all(f.is_file() for f in files) or (last.exists() and last.stat().st_mtime > files[0].stat().st_mtime):
         return None
-    if files[2].read_text() != OmegaConf.to_yaml(cfg, resolve=True):
+    differ = science_diff(yaml.safe_load(files[2].read_text()) or {}, OmegaConf.to_container(cfg, resolve=True))
+    if differ:
+        log.info("%s holds a finished run of another config (%s differ): training this one", out, ", ".join(differ[:8]))
         return None
     return read_json(files[0])
+
+
+def check_resumable(last: Path, cfg: DictConfig) -> None:
+    """Refuse to resume a checkpoint written under another config (weights of two configs would mix)."""
+    hp = torch.load(last, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+    differ = science_diff(hp.get("run_config") or {}, OmegaConf.to_container(cfg, resolve=True))
+    if differ:
+        raise ValueError(f"{last} was written by a run of another config ({', '.join(differ[:8])} differ), so resuming "
+                         f"would mix the two. Rerun with resume=false to start this config afresh in the folder, or "
+                         f"give it its own folder (hydra.run.dir=...)")
 
 
 def selected_checkpoint(trainer: L.Trainer, which: str) -> Path | None:

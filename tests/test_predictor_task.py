@@ -92,3 +92,23 @@ def test_pca_predictor_scored_against_measured_voxels_with_best_checkpoint(compo
     best_epoch = max(per_epoch, key=per_epoch.get)
     assert metrics["selected_epoch"] == best_epoch
     assert metrics["val/r_median"] == pytest.approx(per_epoch[best_epoch], abs=1e-5)
+
+
+def test_reruns_find_finished_runs_and_refuse_to_mix_configs(compose_train, tmp_path, caplog):
+    """keep_checkpoints=true: the rerun of a finished config returns its metrics; a run of another config in
+    the same folder neither returns them nor resumes the other config's weights."""
+    from neuroguide.train import science_diff
+
+    common = ["task=predictor", "region=V1", "task.max_epochs=1", "keep_checkpoints=true"]
+    first = run(compose_train(*common))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    with caplog.at_level("INFO", logger="neuroguide"):
+        assert run(compose_train(*common, "data.num_workers=0")) == first  # machine settings are not science
+    assert "nothing to do" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="neuroguide"), \
+            pytest.raises(ValueError, match=r"last.ckpt was written by a run of another config \(task.lr, "
+                                            r"task.optimizer.lr differ\).*resume=false"):
+        run(compose_train(*common, "task.lr=0.01"))
+    assert "holds a finished run of another config (task.lr, task.optimizer.lr differ)" in caplog.text
+    assert science_diff({"a": {"b": 1}, "paths": {"x": 1}}, {"a": {"b": 2}, "paths": {"x": 2}, "c": 3}) == ["a.b", "c"]
