@@ -94,11 +94,11 @@ def nc_normalized(r: torch.Tensor, nc: torch.Tensor, nc_threshold: float = 0.0) 
 
 
 def voxel_score_summary(split: str, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The logged keys of :func:`voxel_scores`: ``<split>/r_median``, ``r_mean`` and, with a noise ceiling,
-    ``r_nc_median``, ``r_nc_mean``, ``n_voxels_nc``."""
+    """The logged keys of :func:`voxel_scores`: ``<split>/r_median``, ``r_mean`` and, on the test split (whose
+    images and repeats the noise ceiling is computed from), ``r_nc_median``, ``r_nc_mean``, ``n_voxels_nc``."""
     r = scores["r"]
     out = {f"{split}/r_median": nanmedian(r), f"{split}/r_mean": torch.nanmean(r)}
-    if "r_nc" in scores:
+    if "r_nc" in scores and split == "test":  # the noise ceiling is the test (shared) images' own
         kept = scores["r_nc"]
         out[f"{split}/r_nc_median"] = nanmedian(kept)
         out[f"{split}/r_nc_mean"] = torch.nanmean(kept) if kept.numel() else torch.tensor(float("nan"))

@@ -112,3 +112,17 @@ def test_reruns_find_finished_runs_and_refuse_to_mix_configs(compose_train, tmp_
         run(compose_train(*common, "task.lr=0.01"))
     assert "holds a finished run of another config (task.lr, task.optimizer.lr differ)" in caplog.text
     assert science_diff({"a": {"b": 1}, "paths": {"x": 1}}, {"a": {"b": 2}, "paths": {"x": 2}, "c": 3}) == ["a.b", "c"]
+
+
+def test_gathered_split_is_unpadded_in_order():
+    """3 ranks, 7 samples: DistributedSampler(shuffle=False) pads to 9 with samples 0, 1."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from neuroguide.tasks.regression import unpad_gathered
+
+    data = torch.arange(7.0)[:, None] * torch.tensor([[1.0, 10.0]])  # (7, 2)
+    per_rank = [data[list(DistributedSampler(range(7), num_replicas=3, rank=r, shuffle=False))] for r in range(3)]
+    gathered = torch.stack(per_rank)  # what all_gather returns: (W, n_local, 2)
+    assert gathered.shape == (3, 3, 2)
+    torch.testing.assert_close(unpad_gathered(gathered, 7), data)
+    assert not torch.equal(gathered.flatten(0, 1)[:7], data)  # the plain flatten is neither in order nor unique

@@ -86,8 +86,7 @@ def _takes_var_kwargs(fn: Callable) -> bool:
 
 def split_model_config(kind: str, model_config: dict) -> tuple[dict, dict]:
     """(builder arguments, run facts) of a model_config that may predate the split (see module doc)."""
-    if kind in _UPGRADES or kind not in _BUILDERS:
-        model_builder(kind)  # imports the builders (and their upgrade hooks)
+    model_builder(kind)  # imports the builders (and their upgrade hooks)
     if kind in _UPGRADES:
         return _UPGRADES[kind](dict(model_config))
     args = builder_arguments(kind)

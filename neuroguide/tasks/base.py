@@ -83,7 +83,7 @@ class Task(L.LightningModule):
         """Resume / best-checkpoint reloads: parts kept by reference come back from their (hash-checked) files."""
         refs = (checkpoint.get("hyper_parameters") or {}).get("references") or {}
         if refs:
-            state = referenced_state(refs, "this run's checkpoint")
+            state = referenced_state(refs, checkpoint.get("neuroguide_path", "the checkpoint being loaded"))
             checkpoint["state_dict"].update({f"model.{k}": v for k, v in state.items()})
 
     # ------------------------------------------------------------------ optimizer

@@ -38,7 +38,7 @@ from neuroguide.models.robust_weights import load_robust_weights
 from neuroguide.models.zoo import backbone_weights
 from neuroguide.tasks import register_task
 from neuroguide.tasks.regression import RegressionTask
-from neuroguide.utils.io import atomic_path
+from neuroguide.utils.io import atomic_path, file_fingerprint
 
 log = logging.getLogger("neuroguide")
 
@@ -136,7 +136,8 @@ class EncodingTask(RegressionTask):
         sets = {"fit": datamodule.train_set, "val": datamodule.val_set, "test": datamodule.test_set}
         ids = {k: np.asarray(ds.stimuli.ids) for k, ds in sets.items()}
         all_ids = np.unique(np.concatenate(list(ids.values())))
-        identity = {"backbone": str(b.name), "source": source, "weights": weights_fingerprint(weights, net)}
+        identity = {"backbone": str(b.name), "source": source, "weights": weights_fingerprint(weights, net),
+                    "stimuli": file_fingerprint(sets["fit"].stimuli.path)}  # rewritten images: other features
         feats = cached_features(net, root, NSDStimuli(sets["fit"].stimuli.path, all_ids, size), all_ids, layers,
                                 backbone=str(b.name), identity=identity, pool=pool, image_size=size,
                                 cache_dir=t.get("feature_cache_dir"), batch_size=int(t.batch_size))

@@ -1,4 +1,4 @@
-"""What the regression tasks share (predictor, it_encoding, and encoding models to come).
+"""What the regression tasks share (predictor, it_encoding, encoding).
 
 Each validation/test batch's predictions and targets are kept; at the end of the epoch they are
 gathered across devices and scored once on the whole split (per-output Pearson r through
@@ -58,13 +58,25 @@ class RegressionTask(Task):
             return
         pred, target = torch.cat([p for p, _ in items]), torch.cat([t for _, t in items])
         if self.trainer.world_size > 1:
-            pred = self.all_gather(pred).flatten(0, 1).cpu()
-            target = self.all_gather(target).flatten(0, 1).cpu()
+            pred, target = (unpad_gathered(self.all_gather(t), self._split_size(split)) for t in (pred, target))
         if len(pred) >= self.min_scored:
             self.log_scores(split, pred, target)
+
+    def _split_size(self, split: str) -> int | None:
+        loaders = self.trainer.val_dataloaders if split == "val" else self.trainer.test_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        return len(loader.dataset) if loader is not None and hasattr(loader, "dataset") else None
 
     def on_validation_epoch_end(self):
         self._eval_end("val")
 
     def on_test_epoch_end(self):
         self._eval_end("test")
+
+
+def unpad_gathered(x: torch.Tensor, n: int | None) -> torch.Tensor:
+    """(W, n_local, ...) per-rank results of an unshuffled ``DistributedSampler`` (rank r holds the samples
+    r, r + W, r + 2W, ... of the split, padded by repeating the first ones up to W * n_local) -> (n, ...) in the
+    split's order, each sample once (a padded duplicate would count twice in a per-voxel r)."""
+    x = x.transpose(0, 1).flatten(0, 1)
+    return (x if n is None else x[:n]).cpu()
