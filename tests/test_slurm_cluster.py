@@ -98,9 +98,11 @@ def test_requeue_on_timeout_resumes_and_matches_the_uninterrupted_run(cluster, t
     timeline = {}
     last = None
     while time.time() - t0 < 400 and proc.poll() is None:
-        last = next((p for p in sweep.glob("*attempt-timeout*/checkpoints/last.ckpt")), None)
-        if last is not None:
+        run_dir = _run_with(sweep, "+attempt=timeout")
+        last = run_dir / "checkpoints" / "last.ckpt" if run_dir is not None else None
+        if last is not None and last.exists():
             break
+        last = None
         time.sleep(0.2)
     assert last is not None, "the job never wrote a checkpoint"
     timeline["checkpoint"] = time.time() - t0
@@ -115,7 +117,7 @@ def test_requeue_on_timeout_resumes_and_matches_the_uninterrupted_run(cluster, t
     assert "Caught signal SIGUSR2" in logs and "Requeued job" in logs
     train_log = (run_dir / "train.log").read_text()
     assert "resuming from" in train_log and str(last) in train_log
-    ref_dir = next(p for p in sweep.iterdir() if "attempt-reference" in p.name)
+    ref_dir = _run_with(sweep, "+attempt=reference")
     ref = json.loads((ref_dir / "metrics.json").read_text())
     got = json.loads((run_dir / "metrics.json").read_text())
     assert set(got) == set(ref)
@@ -125,6 +127,16 @@ def test_requeue_on_timeout_resumes_and_matches_the_uninterrupted_run(cluster, t
     attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2 and all(p.name.endswith(run_id) for p in attempts)  # one W&B run, continued
     print("requeue timeline (s):", {k: round(v, 1) for k, v in timeline.items()})
+
+
+def _run_with(sweep: Path, override: str) -> Path | None:
+    """The sweep's run folder whose job was given ``override`` (Hydra's record in ``.hydra/overrides.yaml``;
+    run folder names hash such overrides)."""
+    for d in (sweep.iterdir() if sweep.is_dir() else ()):
+        f = d / ".hydra" / "overrides.yaml"
+        if f.is_file() and override in f.read_text():
+            return d
+    return None
 
 
 def _array_task(sweep: Path, index: int) -> str:
