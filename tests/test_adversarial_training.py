@@ -89,8 +89,11 @@ def train(at_eps, norm: str = "l2", epochs: int = 10, seed: int = 0) -> Guidance
                         optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
     x, y = planted(512, seed=1)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(task, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True))
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        check_val_every_n_epoch=epochs)
+    trainer.fit(task, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True),
+                val_dataloaders=DataLoader(TensorDataset(*planted(128, seed=3)), batch_size=64))
+    task.val_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     return task
 
 
@@ -110,8 +113,11 @@ def test_adversarial_training_beats_plain_training_at_its_eps_on_a_planted_non_r
         assert eps == 8 / 255  # at.eps=8/255 is parsed by the task
     res = {}
     for name, train_eps in (("plain", 0.0), (f"AT {EPS[norm]}", EPS[norm])):
-        model = train(train_eps, norm).model
-        res[name] = {"clean": accuracy(model, x, y), "eps/2": robust_accuracy(model, x, y, eps / 2, norm),
+        task = train(train_eps, norm)
+        model = task.model
+        # AT runs also validate under the training attack (what task.monitor=val/adv_acc selects by)
+        assert ("val/adv_acc" in task.val_metrics) == (train_eps != 0.0)
+        res[name] = {"val/adv_acc": task.val_metrics.get("val/adv_acc", float("nan")),"clean": accuracy(model, x, y), "eps/2": robust_accuracy(model, x, y, eps / 2, norm),
                      "eps": robust_accuracy(model, x, y, eps, norm)}
     print(f"\nplanted problem, {norm} eps {EPS[norm]} ({len(y)} test images, PGD 10 steps; {time.time() - t0:.1f} s)")
     for name, r in res.items():
@@ -120,6 +126,7 @@ def test_adversarial_training_beats_plain_training_at_its_eps_on_a_planted_non_r
     assert plain["clean"] > 0.97  # the pattern fits the labels that the robust cue gets wrong
     assert plain["eps"] < 0.3  # ... and PGD at eps inverts it
     assert at["eps"] > 0.75 and at["eps"] > plain["eps"] + 0.45  # AT learned the robust cue
+    assert at["val/adv_acc"] > 0.75
     assert 0.8 < at["clean"] < plain["clean"] - 0.05  # the clean cost: the robust cue is wrong on FLIP of the images
 
 

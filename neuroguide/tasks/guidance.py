@@ -6,7 +6,8 @@ eval mode while attacking, in train mode for the update): ``(1 - alpha) * CE(log
 alpha * MSE(neural_head(x_adv), predictor(x_t))`` with ``x_t = x`` (``at.target=clean``, the default:
 like the label ``y``, the brain's response is that of the image, which an imperceptible perturbation
 does not change) or ``x_t = x_adv`` (``at.target=adv``: the predictor's own response to the perturbed
-image). Baselines are regions:
+image). AT runs also log ``val/adv_acc``, the validation accuracy under the training attack (a checkpoint
+can be selected by it: ``task.monitor=val/adv_acc``). Baselines are regions:
 ``region=none`` (alpha forced to 0), ``region=random`` (an untrained predictor sized like
 ``region.like``), ``predictor.shuffle=true`` (the shuffled-control predictor of the region).
 """
@@ -173,6 +174,11 @@ class GuidanceTask(Task):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self._log("val", self.losses(x, y), y)
+        if float(self.at.get("eps", 0)) > 0:  # AT runs: accuracy under the training attack (at.eps, at.steps)
+            x_adv = self.adversarial(x, y)
+            with torch.no_grad():
+                acc = (self.model(x_adv).argmax(1) == y).float().mean()
+            self.log("val/adv_acc", acc, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
 
     def test_step(self, batch, batch_idx):
         x, y = batch
