@@ -107,11 +107,12 @@ def check_predictor(path: Path, cfg: DictConfig, need: PredictorRequirement) -> 
                          f"{predictor_train_command(cfg, need)}")
     d = cfg.data
     kw = dict(cache_dir=cfg.paths.cache_dir, betas_format=d.betas_format, max_sessions=d.max_sessions, pca=d.pca,
-              pca_variance=d.pca_variance, read_workers=d.get("read_workers", "auto"))
+              pca_variance=d.pca_variance)
     try:
-        rd = cached_region(d.nsd_root, need.subject, load_region(need.region), **kw)
+        rd = cached_region(d.nsd_root, need.subject, load_region(need.region), **kw)  # never reads betas: no workers
         if rd is None and d.synthetic:  # seconds on the synthetic data
-            rd = extract_regions(d.nsd_root, need.subject, [load_region(need.region)], progress=False, **kw)[need.region]
+            rd = extract_regions(d.nsd_root, need.subject, [load_region(need.region)], progress=False,
+                                 read_workers=d.get("read_workers", "auto"), **kw)[need.region]
     except FileNotFoundError as e:
         log.warning("predictor %s: output count not checked, the NSD data are not here (%s)", path, e)
         return

@@ -68,7 +68,7 @@ def _fmt(v: Any) -> str:
         return format(v, ".10g")
     if isinstance(v, (list, tuple)):
         return "+".join(_fmt(x) for x in v)
-    return str(v)
+    return str(v).replace("/", "_")  # at.eps=8/255 -> eps-8_255 (one folder, not two)
 
 
 def _path_label(key: str, value: Any) -> str:

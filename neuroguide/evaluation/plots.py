@@ -15,14 +15,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from neuroguide.attacks.eps import linf_k, parse_eps, parse_eps_for  # noqa: E402
 from neuroguide.utils.io import atomic_path  # noqa: E402
 
 
-def check_eps_list(eps_list, name: str = "eps_list") -> list[float]:
-    """A non-empty list of finite eps > 0, or a ValueError naming ``name``, what was found and the fix."""
+def check_eps_list(eps_list, name: str = "eps_list", norm: str | None = None) -> list[float]:
+    """A non-empty list of finite eps > 0, or a ValueError naming ``name``, what was found and the fix.
+
+    Items may be numbers or fractions such as ``"8/255"`` (Hydra reads ``[8/255,16/255]`` as strings);
+    with ``norm="linf"`` each is snapped to the nearest k/255 within a tolerance
+    (:func:`neuroguide.attacks.eps.snap_linf`), so ``0.0313725`` and ``8/255`` are the same eps."""
     if eps_list is None:
         raise ValueError(f"{name} is None: give a non-empty list of positive eps, e.g. {name}=[0.5, 1.0, 2.0]")
-    if isinstance(eps_list, (int, float)):
+    if isinstance(eps_list, (int, float, str)):
         eps_list = [eps_list]
     vals = list(eps_list)
     if not vals:
@@ -31,9 +36,10 @@ def check_eps_list(eps_list, name: str = "eps_list") -> list[float]:
     out = []
     for v in vals:
         try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} holds {v!r}, which is not a number; expected positive floats") from None
+            f = parse_eps_for(v, norm or "l2", name)
+        except ValueError:
+            raise ValueError(f"{name} holds {v!r}, which is not a number; expected positive numbers (L2, e.g. 1.0) "
+                             "or fractions k/255 (Linf, e.g. 8/255)") from None
         if not math.isfinite(f) or f <= 0:
             raise ValueError(f"{name} holds {v!r}: every eps must be a finite number > 0 (found {vals}); "
                              "remove it (clean results are reported separately)")
@@ -42,12 +48,14 @@ def check_eps_list(eps_list, name: str = "eps_list") -> list[float]:
 
 
 def eps_tag(norm: str, eps: float) -> str:
-    """Metric-key name of an eps: ``l2_1.0``, ``linf_2_255`` (k/255 when eps*255 is a whole number)."""
+    """Metric-key name of an eps: ``l2_1.0``, ``linf_2_255`` (k/255 when eps*255 is within
+    :data:`neuroguide.attacks.eps.SNAP_TOL` of a whole number, so ``0.0313725`` is ``linf_8_255``)."""
     norm = norm.lower()
+    eps = parse_eps(eps)
     if norm in ("linf", "fgsm"):
-        k = eps * 255
-        if abs(k - round(k)) < 1e-6 * max(1.0, k):
-            return f"{norm}_{int(round(k))}_255"
+        k = linf_k(eps)
+        if k is not None:
+            return f"{norm}_{k}_255"
         return f"{norm}_{eps:g}"
     return f"{norm}_{float(eps)!r}" if len(repr(float(eps))) < 10 else f"{norm}_{eps:g}"
 

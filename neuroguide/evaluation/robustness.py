@@ -227,10 +227,10 @@ def _eps_lists(eps_l2, eps_linf) -> tuple[list[float], list[float]]:
     if _skipped(eps_l2) and _skipped(eps_linf):
         raise ValueError(f"eval.robustness.eps_l2 and eval.robustness.eps_linf are both empty (got {eps_l2!r} and "
                          f"{eps_linf!r}): give at least one eps in either, e.g. "
-                         "eval.robustness.eps_linf=[0.0078431373] (2/255) for a Linf-only evaluation or "
+                         "eval.robustness.eps_linf=[2/255] for a Linf-only evaluation or "
                          "eval.robustness.eps_l2=[0.5] for an L2-only one")
-    l2 = [] if _skipped(eps_l2) else check_eps_list(eps_l2, "eval.robustness.eps_l2")
-    linf = [] if _skipped(eps_linf) else check_eps_list(eps_linf, "eval.robustness.eps_linf")
+    l2 = [] if _skipped(eps_l2) else check_eps_list(eps_l2, "eval.robustness.eps_l2", norm="l2")
+    linf = [] if _skipped(eps_linf) else check_eps_list(eps_linf, "eval.robustness.eps_linf", norm="linf")
     return l2, linf
 
 

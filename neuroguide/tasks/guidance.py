@@ -6,13 +6,15 @@ eval mode while attacking, in train mode for the update): ``(1 - alpha) * CE(log
 alpha * MSE(neural_head(x_adv), predictor(x_t))`` with ``x_t = x`` (``at.target=clean``, the default:
 like the label ``y``, the brain's response is that of the image, which an imperceptible perturbation
 does not change) or ``x_t = x_adv`` (``at.target=adv``: the predictor's own response to the perturbed
-image). Baselines are regions:
+image). AT runs also log ``val/adv_acc``, the validation accuracy under the training attack (a checkpoint
+can be selected by it: ``task.monitor=val/adv_acc``). Baselines are regions:
 ``region=none`` (alpha forced to 0), ``region=random`` (an untrained predictor sized like
 ``region.like``), ``predictor.shuffle=true`` (the shuffled-control predictor of the region).
 """
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -49,11 +51,14 @@ def check_at_target(target: str) -> str:
 class GuidanceTask(Task):
     def __init__(self, model_config: dict, run_config: dict | None = None, *, facts: dict | None = None,
                  alpha: float = 0.5, at: dict | None = None, optimizer=None, scheduler=None,
-                 predictor: torch.nn.Module | None = None, references: dict | None = None):
+                 predictor: torch.nn.Module | None = None, references: dict | None = None,
+                 model: torch.nn.Module | None = None):
         """``predictor``: the loaded frozen predictor whose weights the model's predictor takes (else the
         weights come from a checkpoint's state dict). ``references``: ``{"predictor.": {"path", "sha256"}}``
-        when the predictor is a trained file (kept by reference in checkpoints and the exported model)."""
-        super().__init__(model_config, run_config, facts=facts, optimizer=optimizer, scheduler=scheduler,
+        when the predictor is a trained file (kept by reference in checkpoints and the exported model).
+        ``model``: an already built network with the dual-head interface (``forward_heads``,
+        ``predictor_target``), e.g. a tiny one in tests; default: built from ``model_config``."""
+        super().__init__(model_config, run_config, model, facts=facts, optimizer=optimizer, scheduler=scheduler,
                          references=references)
         if predictor is not None:
             if self.model.predictor is None:
@@ -61,6 +66,7 @@ class GuidanceTask(Task):
             self.model.predictor.load_state_dict(predictor.state_dict())
         self.alpha = float(alpha)
         self.at = dict(at or {"eps": 0.0})
+        self.at["eps"] = at_eps(self.at)
         self.at["target"] = check_at_target(self.at.get("target", "clean"))
         k = model_config["num_classes"]
         self.metrics = torch.nn.ModuleDict({
@@ -74,10 +80,9 @@ class GuidanceTask(Task):
         alpha = _number(cfg, "alpha")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1] (the loss is (1 - alpha) * CE + alpha * MSE); got alpha={alpha}")
-        if _number(cfg, "at.eps") < 0:
-            raise ValueError(f"at.eps must be >= 0 (0 = plain training); got {cfg.at.eps}")
         if str(cfg.at.norm).lower() not in ("l2", "linf"):
             raise ValueError(f"at.norm must be l2 or linf; got {cfg.at.norm!r}")
+        at_eps(cfg.at)
         check_at_target(cfg.at.get("target", "clean"))
         head_pool_size(cfg.task.branch, cfg.task.get("head_pool", "auto"))
 
@@ -114,7 +119,7 @@ class GuidanceTask(Task):
                         "predictor": pred_config,
                         "predictor_image_size": pred_facts.get("image_size") if pred_config else None}
         facts = {"region": cfg.region.name, "subject": int(cfg.subject), "alpha": float(cfg.alpha),
-                 "at_eps": float(cfg.at.eps), "at_norm": str(cfg.at.norm), "image_size": int(cfg.data.image_size),
+                 "at_eps": at_eps(cfg.at), "at_norm": str(cfg.at.norm), "image_size": int(cfg.data.image_size),
                  "predictor": dict(pred_facts), "predictor_path": cfg.get("predictor_path")}
         return cls(model_config, OmegaConf.to_container(cfg, resolve=True), facts=facts, alpha=cfg.alpha,
                    at=OmegaConf.to_container(cfg.at, resolve=True), optimizer=instantiate(cfg.task.optimizer),
@@ -169,10 +174,31 @@ class GuidanceTask(Task):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self._log("val", self.losses(x, y), y)
+        if float(self.at.get("eps", 0)) > 0:  # AT runs: accuracy under the training attack (at.eps, at.steps)
+            x_adv = self.adversarial(x, y)
+            with torch.no_grad():
+                acc = (self.model(x_adv).argmax(1) == y).float().mean()
+            self.log("val/adv_acc", acc, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
 
     def test_step(self, batch, batch_idx):
         x, y = batch
         self._log("test", self.losses(x, y), y)
+
+
+def at_eps(at) -> float:
+    """``at.eps`` as a float >= 0: a number, or ``k/255`` (a string, as Hydra reads ``at.eps=8/255``); with
+    ``at.norm=linf`` snapped to the nearest k/255 within a tolerance (``neuroguide.attacks.eps``)."""
+    from neuroguide.attacks.eps import parse_eps_for
+
+    value, norm = at.get("eps", 0.0), str(at.get("norm", "l2"))
+    try:
+        eps = parse_eps_for(value, norm, "at.eps")
+    except ValueError:
+        raise ValueError(f"at.eps must be a number; got at.eps={value!r} (expected L2 in [0, 1] pixel units, e.g. "
+                         "at.eps=1.0, or k/255 for Linf, e.g. at.eps=8/255 at.norm=linf)") from None
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"at.eps must be >= 0 (0 = plain training); got at.eps={value!r}")
+    return eps
 
 
 def _number(cfg: DictConfig, key: str) -> float:
