@@ -5,7 +5,8 @@ predictor's output size: the stage's feature map is average-pooled to ``p x p`` 
 linear map. As in NeuralGuidance, ``head_pool="auto"`` keeps some spatial layout at the early stages:
 p = 4 after ``layer1``, 2 after ``layer2`` and ``layer3``, 1 (the global average pool) after ``layer4``.
 
-The frozen predictor lives inside the model (so one checkpoint holds everything) and stays in eval
+The frozen predictor lives inside the model (exported files keep it by reference to its file, see
+neuroguide.models.checkpoints) and stays in eval
 mode with ``requires_grad=False`` whatever ``.train()`` is called on the parent.
 """
 from __future__ import annotations
