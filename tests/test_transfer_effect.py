@@ -205,3 +205,68 @@ def test_bad_input(tmp_path):
         a, b = linear(weights(0)), linear(weights(1))
         a.image_size, b.image_size = 8, 16
         effect_transfer_matrix({"a": a, "b": b}, x, progress=False)
+
+
+def test_auto_skips_models_without_a_region_response(caplog):
+    """A plain classifier (a guidance model without a neural head) has no region response: ``auto`` skips the
+    analysis and names the key; ``true`` lets response_function raise its error naming the key."""
+    plain = cnn(0)
+    plain.neuroguide_info = {"model_kind": "guidance"}
+    plain.neural_head = None
+    models = {"pred": linear(weights(0)), "plain": plain}
+    with caplog.at_level(logging.WARNING, logger="neuroguide"):
+        assert transfer_effect.enabled_for(models, "auto", "auto") is False
+    assert "['plain'] have no region response" in caplog.text and "eval.transfer.effect.layer" in caplog.text
+    assert transfer_effect.enabled_for({"pred": models["pred"]}, "auto", "auto") is True
+    assert transfer_effect.enabled_for(models, "auto", "1") is True  # a named layer: every model has one
+    assert transfer_effect.enabled_for(models, False, "auto") is False
+    with pytest.raises(ValueError, match="eval.transfer.effect.layer=<layer>"):
+        effect_transfer_matrix(models, images(4), progress=False)
+    with pytest.raises(ValueError, match="enabled: expected true, false or auto"):
+        transfer_effect.enabled_for(models, "sometimes", "auto")
+
+
+@pytest.fixture(scope="module")
+def two_predictors(tmp_path_factory):
+    """A predictor of region TO (one fast_dev_run batch) and an exact copy of its run folder under another name."""
+    import shutil
+
+    from conftest import small_overrides
+    from neuroguide.config import compose_config
+    from neuroguide.train import run as train
+
+    tmp = tmp_path_factory.mktemp("effect")
+    cfg = compose_config("train", small_overrides(tmp) + ["+trainer.fast_dev_run=true", "task=predictor", "region=TO"],
+                         output_dir=tmp / "pred")
+    train(cfg)
+    shutil.copytree(tmp / "pred", tmp / "pred_copy")
+    return tmp, [tmp / "pred" / "model.ckpt", tmp / "pred_copy" / "model.ckpt"]
+
+
+def test_evaluate_models_mode_writes_the_effect_matched_keys(two_predictors):
+    """evaluate.py (runner.run) with models=[a, a_copy] eval=[transfer]: the fixed-eps matrix as before, and the
+    effect-matched one beside it; each source reaches the 1 sd target on itself and the copy receives exactly
+    the same effect, far above the random control."""
+    from neuroguide.config import compose_config
+    from neuroguide.evaluation.runner import run as evaluate
+
+    tmp, (a, b) = two_predictors
+    cfg = compose_config("evaluate", [f"paths.log_dir={tmp}/outputs", "n_images=6", f"models=[{a},{b}]",
+                                      "eval=[transfer]", "eval.transfer.steps=2", "eval.transfer.effect.steps=4",
+                                      "eval.transfer.effect.bisection_steps=7", "eval.transfer.effect.eps_max=1.0"],
+                         output_dir=tmp / "eval")
+    m = evaluate(cfg)
+    names = ["pred", "pred_copy"]
+    tag = "eval/transfer/effect_1.0sd"
+    assert m[f"{tag}/eps_resolution"] == 1.0 / 2 ** 7
+    for s in names:
+        assert m[f"{tag}/{s}/unreachable"] == 0.0  # this barely trained predictor moves 1 sd by eps ~ 0.1
+        # on itself the source reaches the target, overshooting by less than the bracket's width allows
+        assert 1.0 <= m[f"{tag}/{s}/{s}/effect"] < 1.2 and 0 < m[f"{tag}/{s}/eps_mean"] <= 1.0
+        for t in names:
+            assert m[f"{tag}/{s}/{t}/effect"] == m[f"{tag}/{s}/{s}/effect"]
+            assert abs(m[f"{tag}/{s}/{t}/random_effect"]) < 0.3
+    assert m[f"{tag}/pred/eps_mean"] == m[f"{tag}/pred_copy/eps_mean"]
+    assert "eval/transfer/l2_1.0/pred/pred_copy/change" in m  # the fixed-eps matrix is unchanged
+    assert (tmp / "eval" / "transfer" / "transfer_effect_1.0sd.png").stat().st_size > 1000
+    assert (tmp / "eval" / "transfer" / "transfer_effect_1.0sd_images.csv").exists()
