@@ -270,3 +270,18 @@ def test_evaluate_models_mode_writes_the_effect_matched_keys(two_predictors):
     assert "eval/transfer/l2_1.0/pred/pred_copy/change" in m  # the fixed-eps matrix is unchanged
     assert (tmp / "eval" / "transfer" / "transfer_effect_1.0sd.png").stat().st_size > 1000
     assert (tmp / "eval" / "transfer" / "transfer_effect_1.0sd_images.csv").exists()
+
+
+def test_raw_units_are_the_sd_target_times_the_natural_sd():
+    """target_units="raw": a change of ``target`` in response units; equal to ``target / sd`` in sd units."""
+    W = weights(0)
+    x = images(12)
+    models = {"A": linear(W)}
+    in_sd = effect_transfer_matrix(models, x, target=0.7, eps_max=1.0, bisection_steps=10, progress=False)
+    sd = float((x.flatten(1).double() @ W.double().mean(0)).std())
+    assert in_sd.sd[0] == pytest.approx(sd, rel=1e-5)  # the natural sd (N - 1) of the mean response
+    raw = effect_transfer_matrix(models, x, target=0.7 * in_sd.sd[0], target_units="raw", eps_max=1.0,
+                                 bisection_steps=10, progress=False)
+    assert raw.target_change[0] == pytest.approx(in_sd.target_change[0], rel=1e-12)
+    np.testing.assert_array_equal(raw.eps, in_sd.eps)
+    assert raw.effect[0, 0] == pytest.approx(in_sd.effect[0, 0]) and raw.effect[0, 0] >= 0.7
