@@ -285,3 +285,34 @@ def test_raw_units_are_the_sd_target_times_the_natural_sd():
     assert raw.target_change[0] == pytest.approx(in_sd.target_change[0], rel=1e-12)
     np.testing.assert_array_equal(raw.eps, in_sd.eps)
     assert raw.effect[0, 0] == pytest.approx(in_sd.effect[0, 0]) and raw.effect[0, 0] >= 0.7
+
+
+def test_runner_keeps_the_fixed_eps_matrix_when_effect_fails_and_takes_sd_over_the_split(tmp_path):
+    """runner's transfer: ``effect.enabled=true`` on a plain classifier records ``eval/transfer/effect/failed``
+    (naming the key) beside the fixed-eps results; with region responses, the sd is taken over the held-out split
+    (``stim.split``), not the perturbed images: the eps found is the closed form with the split's sd."""
+    from neuroguide.evaluation import runner
+    from neuroguide.evaluation.stimuli import Stimuli
+
+    plain = cnn(0)
+    plain.neuroguide_info = {"model_kind": "guidance"}
+    plain.neural_head = None
+    x = images(6)
+    run_transfer = runner.MULTI_MODEL["transfer"]
+    m: dict = {}
+    with runner._recorded(m, "transfer", "test"):  # as evaluate_models calls it
+        m.update(run_transfer({"plain": plain, "other": cnn(1)}, Stimuli(x), tmp_path,
+                              {"eps": 0.1, "steps": 2, "effect": {"enabled": True}}))
+    assert "eval/transfer/l2_0.1/plain/other/change" in m
+    assert "eval.transfer.effect.layer" in m["eval/transfer/effect/failed"]
+
+    W = weights(0)
+    split_images = images(40, seed=5) * 0.5 + 0.25  # a narrower spread than the perturbed images
+    stim = Stimuli(x, split=lambda n: Stimuli(split_images[:n] if n else split_images))
+    m = run_transfer({"A": linear(W)}, stim, tmp_path, {"eps": 0.1, "steps": 2, "effect": {
+        "target": 1.0, "eps_max": 0.5, "bisection_steps": 12, "n_images": 4, "n_sigma_images": None}})
+    w_bar = W.double().mean(0)
+    exact = float((split_images.flatten(1).double() @ w_bar).std() / w_bar.norm())
+    assert 0 <= m["eval/transfer/effect_1.0sd/A/eps_mean"] - exact <= 0.5 / 2 ** 12 * 1.001
+    rows = list(csv.DictReader(open(tmp_path / "transfer_effect_1.0sd_images.csv")))
+    assert len(rows) == 4  # n_images: the first 4 perturbed

@@ -141,21 +141,15 @@ def _robustness(model, stim, out, p):
 
 @multi_model("transfer")
 def _transfer(models, stim, out, p):
-    """The fixed-eps matrix, then (``effect:``) effect-matched transfer; a failure of the latter is recorded as
+    """The fixed-eps matrix, then effect-matched transfer (``effect:``), whose failure is recorded as
     ``eval/transfer/effect/failed`` and keeps the fixed-eps results."""
     from neuroguide.evaluation import transfer, transfer_effect
 
     p = dict(p)
-    effect = dict(p.pop("effect", None) or {})
+    effect = p.pop("effect", None)
     metrics = transfer.evaluate(models, stim.images, stim.labels, out, **p)
-    enabled = effect.pop("enabled", "auto")
     with _recorded(metrics, "transfer/effect", f"the models {list(models)}"):
-        if transfer_effect.enabled_for(models, enabled, effect.get("layer", "auto")):
-            n, n_sigma = effect.pop("n_images", None), effect.pop("n_sigma_images", None)
-            sigma = stim.split(n_sigma).images if stim.split is not None else _images(stim, n_sigma)
-            log.info("effect-matched transfer: %d images, sd over %d natural images (%s)", len(_images(stim, n)),
-                     len(sigma), stim.source)
-            metrics.update(transfer_effect.evaluate(models, _images(stim, n), out, sigma_images=sigma, **effect))
+        metrics.update(transfer_effect.evaluate_stimuli(models, stim, out, effect))
     return metrics
 
 

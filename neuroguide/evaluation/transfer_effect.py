@@ -334,6 +334,26 @@ def evaluate(models: Mapping[str, nn.Module], images: torch.Tensor, out_dir: str
     return metrics
 
 
+def evaluate_stimuli(models: Mapping[str, nn.Module], stim, out_dir: str | os.PathLike, params: Mapping | None) -> dict:
+    """:func:`evaluate` configured by ``params`` (``eval.transfer.effect``) on evaluation stimuli ``stim``
+    (:class:`neuroguide.evaluation.stimuli.Stimuli`): ``enabled`` (:func:`enabled_for`), ``n_images`` (the first
+    of ``stim``; null: all), ``n_sigma_images`` (natural images spread over the held-out split for the sd; null:
+    all of it); the rest goes to :func:`evaluate`. ``{}`` when disabled."""
+    p = dict(params or {})
+    enabled = p.pop("enabled", "auto")
+    n, n_sigma = p.pop("n_images", None), p.pop("n_sigma_images", None)
+    if not enabled_for(models, enabled, p.get("layer", "auto")):
+        return {}
+    images = stim.images[:n] if n else stim.images
+    if stim.split is not None:  # the held-out split read again: the sd over more than the perturbed images
+        sigma = stim.split(n_sigma).images
+    else:
+        sigma = stim.images[:n_sigma] if n_sigma else stim.images
+    log.info("effect-matched transfer: %d images, sd over %d natural images (%s)", len(images), len(sigma),
+             stim.source)
+    return evaluate(models, images, out_dir, sigma_images=sigma, **p)
+
+
 def _write(res: EffectTransferResult, out_dir: Path, tag: str) -> None:
     rows, per_image = [], []
     for i, s in enumerate(res.names):
@@ -357,5 +377,5 @@ def _write(res: EffectTransferResult, out_dir: Path, tag: str) -> None:
                          f"({res.norm}, eps resolution {res.resolution:.2g})")
 
 
-__all__ = ["bisect_eps", "effect_transfer_matrix", "evaluate", "effect_tag", "enabled_for", "region_mean",
+__all__ = ["bisect_eps", "effect_transfer_matrix", "evaluate", "evaluate_stimuli", "effect_tag", "enabled_for", "region_mean",
            "EffectBisection", "EffectTransferResult"]
