@@ -108,6 +108,9 @@ def bisect_eps(forward: nn.Module, images: torch.Tensor, target_change: float, *
     if int(bisection_steps) != bisection_steps or bisection_steps < 0:
         raise ValueError(f"{KEY}.bisection_steps must be an integer >= 0 (halvings of [0, eps_max]), "
                          f"got {bisection_steps!r}")
+    if restarts > 1 and not random_start:
+        raise ValueError(f"{KEY}.restarts={restarts} with random_start=false repeats one attack: set "
+                         f"{KEY}.random_start=true for restarts, or restarts=1")
     sign = direction_sign(direction)
     obj = objectives.MeanResponse(sign)
     device = device_of(forward)
@@ -180,12 +183,19 @@ class EffectTransferResult:
     @property
     def eps_mean(self) -> np.ndarray:
         """(S,) mean eps over reachable images (NaN when none is)."""
-        return np.array([float(np.nanmean(e)) if np.isfinite(e).any() else float("nan") for e in self.eps])
+        return np.array([_nanmean(e) for e in self.eps])
 
 
-def _nanmean(a: torch.Tensor) -> float:
-    a = a[torch.isfinite(a)]
-    return float(a.mean()) if a.numel() else float("nan")
+def _nanmean(a) -> float:
+    """Mean of the finite entries (NaN when there are none, without numpy's warning)."""
+    a = np.asarray(a, dtype=float)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if a.size else float("nan")
+
+
+def _image_mean(a: np.ndarray) -> np.ndarray:
+    """(S, T, N) -> (S, T): the mean over the reachable (finite) images."""
+    return np.array([[_nanmean(a[i, j]) for j in range(a.shape[1])] for i in range(a.shape[0])])
 
 
 def effect_transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor, *, target: float = 1.0,
@@ -249,13 +259,17 @@ def effect_transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor
         x_rnd = random_control(images[ok], x_adv - images[ok], norm, generator)
         d_norm, r_norm = perturbation_norms(x_adv, images[ok], norm), perturbation_norms(x_rnd, images[ok], norm)
         matched[i] = float((r_norm >= (1 - NORM_RTOL) * d_norm).float().mean())
+        if matched[i] < 1:
+            log.warning("effect-matched transfer: the random control of source %r reaches the attack's %s norm (within "
+                        "%g%%) on only %.1f%% of the images: too few pixels are free to move", src, norm,
+                        100 * NORM_RTOL, 100 * matched[i])
         for j, tgt in enumerate(names):
             m0 = clean[tgt][ok]
             eff[i, j, ok.numpy()] = (sign * (region_mean(fwd[tgt], x_adv, batch_size) - m0) / sd[tgt]).numpy()
             rnd[i, j, ok.numpy()] = (sign * (region_mean(fwd[tgt], x_rnd, batch_size) - m0) / sd[tgt]).numpy()
-    mean = lambda a: np.array([[_nanmean(torch.as_tensor(a[i, j])) for j in range(S)] for i in range(S)])  # noqa: E731
     return EffectTransferResult(names=names, norm=norm, direction=str(direction), target=target,
-                                target_units=target_units, resolution=resolution, effect=mean(eff), random=mean(rnd),
+                                target_units=target_units, resolution=resolution, effect=_image_mean(eff),
+                                random=_image_mean(rnd),
                                 eps=eps_found, per_image_effect=eff, per_image_random=rnd, random_norm_matched=matched,
                                 target_change=changes, sd=np.array([sd[n] for n in names]))
 
@@ -329,8 +343,8 @@ def evaluate(models: Mapping[str, nn.Module], images: torch.Tensor, out_dir: str
                 metrics[f"{base}/{_safe(g)}/random_effect"] = float(res.random[i, j])
         off = ~np.eye(len(res.names), dtype=bool)
         metrics[f"{key_prefix}/{tag}/eps_resolution"] = res.resolution
-        metrics[f"{key_prefix}/{tag}/offdiag_mean"] = _nanmean(torch.as_tensor(res.effect[off]))
-        metrics[f"{key_prefix}/{tag}/random_mean"] = _nanmean(torch.as_tensor(res.random))
+        metrics[f"{key_prefix}/{tag}/offdiag_mean"] = _nanmean(res.effect[off])
+        metrics[f"{key_prefix}/{tag}/random_mean"] = _nanmean(res.random)
     return metrics
 
 
