@@ -141,9 +141,16 @@ def _robustness(model, stim, out, p):
 
 @multi_model("transfer")
 def _transfer(models, stim, out, p):
-    from neuroguide.evaluation import transfer
+    """The fixed-eps matrix, then effect-matched transfer (``effect:``), whose failure is recorded as
+    ``eval/transfer/effect/failed`` and keeps the fixed-eps results."""
+    from neuroguide.evaluation import transfer, transfer_effect
 
-    return transfer.evaluate(models, stim.images, stim.labels, out, **p)
+    p = dict(p)
+    effect = p.pop("effect", None)
+    metrics = transfer.evaluate(models, stim.images, stim.labels, out, **p)
+    with _recorded(metrics, "transfer/effect", f"the models {list(models)}"):
+        metrics.update(transfer_effect.evaluate_stimuli(models, stim, out, effect))
+    return metrics
 
 
 def neural_reference(model, params: dict, cfg_n: int | None) -> tuple[torch.Tensor, dict]:
