@@ -277,3 +277,26 @@ def test_the_registered_analysis_runs_the_yaml_config_and_skips_the_flip_without
     m = MULTI_MODEL["control"]({"unit": unit, "other": other}, stim, tmp_path / "c", _params())
     assert "unit/eval/control/l2_0.1/down/change_sd" in m and "other/eval/control/linf_2_255/up/change_sd" in m
     assert (tmp_path / "c" / "control_curve.png").exists() and (tmp_path / "c" / "unit" / "category_flip.png").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_py_on_a_trained_predictor_the_change_grows_with_eps(tmp_path):
+    """`evaluate.py ckpt=<predictor> eval=[control]` on a predictor of the synthetic default (trained for one batch
+    here, 32 px): for both norms and both directions the achieved change grows with eps."""
+    from conftest import small_overrides
+    from neuroguide.config import compose_config
+    from neuroguide.evaluation.runner import run as evaluate
+    from neuroguide.train import run as train
+
+    train(compose_config("train", small_overrides(tmp_path) + ["+trainer.fast_dev_run=true", "task=predictor",
+                                                               "region=TO"], output_dir=tmp_path / "pred"))
+    cfg = compose_config("evaluate", [f"paths.log_dir={tmp_path}/outputs", f"ckpt={tmp_path}/pred/model.ckpt",
+                                      "eval=[control]", "n_images=3", "eval.control.n_images=3",
+                                      "eval.control.steps=6", "eval.control.eps_l2=[0.25,1.0,2.0]",
+                                      "eval.control.eps_linf=[1/255,4/255]"], output_dir=tmp_path / "eval")
+    m = evaluate(cfg)
+    for norm, tags in {"l2": ["0.25", "1.0", "2.0"], "linf": ["1_255", "4_255"]}.items():
+        for d in ("up", "down"):
+            curve = [m[f"eval/control/{norm}_{t}/{d}/change_sd"] for t in tags]
+            assert curve[0] > 0 and all(b > a for a, b in zip(curve, curve[1:])), (norm, d, curve)
+    assert (tmp_path / "eval" / "control" / "control_images_l2.png").exists()

@@ -318,8 +318,10 @@ def image_grid(res: ControlResult, path: str | os.PathLike, title: str = "") -> 
     names = {"up": "pushed up", "down": "pushed down", "target": "to target"}
     cols += [(names[d], kept[d].numpy()) for d in pushed]
     cols += [(f"{d} perturbation (ampl.)", amplified((kept[d] - x0).numpy())) for d in pushed]
-    e = res.eps[kept["eps_index"]]
-    labels = [f"m={float(res.clean[i]):.3g}" for i in range(len(x0))]
+    e = kept["eps_index"]
+    labels = [f"m {float(res.clean[i]):.3g}\n" + " ".join(f"{d} {float(res.perturbed[e, res.directions.index(d), i]):.3g}"
+                                                       for d in pushed) for i in range(len(x0))]
+    e = res.eps[e]
     return image_grid_figure(cols, path, row_labels=labels,
                              title=f"{title}{res.norm} eps {eps_label(res.norm, e)}".strip())
 
