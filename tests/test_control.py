@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from neuroguide.config import CONF_DIR
-from neuroguide.evaluation import category_flip, control, control_analysis, superstimuli
+from neuroguide.evaluation import category_flip, control, superstimuli
 from neuroguide.evaluation.runner import MULTI_MODEL, PER_MODEL
 from neuroguide.evaluation.stimuli import Stimuli
 
@@ -195,7 +195,8 @@ def test_superstimulus_trajectory_is_best_so_far_and_ends_above_the_best_natural
         again = net(res.images)[:, 1]
     assert torch.allclose(again, traj[-1], atol=1e-5) and torch.allclose(again, res.response, atol=1e-5)
     assert res.images.min() >= 0 and res.images.max() <= 1
-    best_natural = float(net(nat)[:, 1].max())
+    with torch.no_grad():
+        best_natural = float(net(nat)[:, 1].max())
     assert float(res.response.min()) > best_natural
     assert m["eval/control/superstimulus/best_natural"] == pytest.approx(best_natural, rel=1e-5)
     assert m["eval/control/superstimulus/above_best_natural_sd"] > 0

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.attacks.steps import get_step_class
 from neuroguide.evaluation.control import responses
-from neuroguide.evaluation.plots import check_eps_list, curve_figure, eps_tag, write_csv
+from neuroguide.models.features import device_of
+from neuroguide.evaluation.plots import check_eps_list, curve_figure, write_csv
 
 log = logging.getLogger("neuroguide")
 
@@ -183,7 +184,7 @@ def category_flip(forward: nn.Module, images: torch.Tensor, labels: torch.Tensor
     if n_images:
         idx = idx[:int(n_images)]
     x = images[idx].detach().float().cpu()
-    device = next(iter(forward.parameters()), torch.empty(0)).device
+    device = device_of(forward)
     obj = _site_objective(site)
     perturbed = np.zeros((len(eps_list), len(x)))
     for e, eps in enumerate(tqdm(eps_list, desc="category flip", disable=not progress, leave=False)):
@@ -252,8 +253,10 @@ def figure(results: Sequence[FlipResult], path: str | os.PathLike) -> Path:
         y = [(float(r.clean.mean()) - r.best_natural) / sd] + list(r.relative_to_best_sd)
         err = [0.0] + [float(r.perturbed[i].std() / sd) for i in range(len(r.eps))]
         curves.append({"x": x, "y": y, "yerr": err, "label": f"site {r.site}: cat {r.non_preferred} perturbed up"})
-        if len(results) == 1:
-            hlines.append({"y": (r.preferred_mean - r.best_natural) / sd, "label": f"preferred cat {r.preferred} mean"})
+        if len(results) == 1:  # the flip level, the red dashed line of Fig. 2C
+            level = (r.preferred_mean - r.best_natural) / sd
+            curves.append({"x": [0.0, r.eps[-1]], "y": [level, level], "style": "r--",
+                           "label": f"preferred cat {r.preferred} mean"})
     fe = [r.flip_eps for r in results]
     title = "flip eps " + ", ".join("never" if not np.isfinite(f) else f"{f:.3g}" for f in fe)
     return curve_figure([{"title": title, "xlabel": f"eps ({results[0].norm})",

@@ -41,6 +41,7 @@ from neuroguide.attacks.steps import get_step_class
 from neuroguide.evaluation.plots import (amplified, check_eps_list, curve_figure, eps_label, eps_tag,
                                          image_grid_figure, write_csv)
 from neuroguide.evaluation.responses import response_function
+from neuroguide.models.features import device_of, evaluation_mode
 
 log = logging.getLogger("neuroguide")
 
@@ -117,19 +118,12 @@ class MeanOf(nn.Module):
 @torch.no_grad()
 def responses(forward: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """(N, K) float32 CPU responses of ``forward`` to ``images`` (N, 3, H, W), in eval mode."""
-    from neuroguide.models.features import evaluation_mode
-
-    device = _device(forward)
+    device = device_of(forward)
     out = []
     with evaluation_mode(forward):
         for i in range(0, len(images), batch_size):
             out.append(forward(images[i:i + batch_size].to(device).float()).flatten(1).float().cpu())
     return torch.cat(out)
-
-
-def _device(module: nn.Module) -> torch.device:
-    p = next(iter(module.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- the attack
@@ -226,7 +220,7 @@ def control_curve(forward: nn.Module, images: torch.Tensor, *, norm: str, eps_li
     norm = get_step_class(norm).norm
     eps_list = check_eps_list(eps_list, f"{KEY}.eps_{norm}", norm=norm)
     directions = check_directions(directions, target)
-    device = _device(forward)
+    device = device_of(forward)
     images = images.detach().float().cpu()
     nat = responses(forward, sd_images, batch_size)
     sd_cols = nat.std(0) if len(nat) > 1 else torch.zeros(nat.shape[1])

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.evaluation.control import responses
+from neuroguide.models.features import device_of
 from neuroguide.evaluation.plots import amplified, curve_figure, image_grid_figure, write_csv
 
 KEY = "eval.control.superstimulus"
@@ -150,7 +150,7 @@ def superstimulus(forward: nn.Module, starts: torch.Tensor, *, eps: float | None
         eps, norm = diameter, "l2"
     elif not (float(eps) > 0 and math.isfinite(float(eps))):
         raise ValueError(f"{KEY}.eps must be a number > 0 or null (no limit), got {eps!r}")
-    device = next(iter(forward.parameters()), torch.empty(0)).device
+    device = device_of(forward)
 
     def score(x):
         return forward(x).flatten(1).mean(1)
