@@ -183,3 +183,42 @@ def heatmap(matrices: Sequence[tuple[str, np.ndarray]], row_names: Iterable[str]
     if title:
         fig.suptitle(title)
     return fig
+
+
+def amplified(delta: np.ndarray) -> np.ndarray:
+    """Perturbations (N, ...) made visible: ``0.5 + delta / (2 max|delta|)`` per image (grey = no change)."""
+    delta = np.asarray(delta, float)
+    m = np.maximum(np.abs(delta).reshape(len(delta), -1).max(1), 1e-12)
+    return np.clip(0.5 + delta / (2 * m.reshape(-1, *([1] * (delta.ndim - 1)))), 0, 1)
+
+
+def image_grid_figure(columns: Sequence[tuple[str, np.ndarray]], path: str | os.PathLike, *,
+                      row_labels: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """Images in a grid saved as a PNG: ``columns`` = [(title, (R, H, W, 3) or (R, 3, H, W) array in [0, 1])],
+    one row per image (all columns hold R images); ``row_labels`` (R,) name the rows."""
+    cols = []
+    for name, a in columns:
+        a = np.asarray(a, float)
+        if a.ndim == 4 and a.shape[1] in (1, 3) and a.shape[-1] not in (1, 3):
+            a = a.transpose(0, 2, 3, 1)
+        cols.append((name, np.clip(a, 0, 1)))
+    n_rows = len(cols[0][1]) if cols else 0
+    if not cols or n_rows == 0 or any(len(a) != n_rows for _, a in cols):
+        raise ValueError(f"image grid: expected columns of the same number (>= 1) of images, got "
+                         f"{[(n, len(a)) for n, a in cols]}")
+    fig, axes = plt.subplots(n_rows, len(cols), figsize=(1.7 * len(cols), 1.7 * n_rows + 0.4), squeeze=False)
+    for j, (name, a) in enumerate(cols):
+        for i in range(n_rows):
+            ax = axes[i, j]
+            img = a[i]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                      vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=8)
+            if j == 0 and row_labels is not None:
+                ax.set_ylabel(str(row_labels[i]), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)

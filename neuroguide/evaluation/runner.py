@@ -219,6 +219,21 @@ def _cka_models(models, stim, out, p):
     return cka.evaluate_models(models, stim.images, out, **p)
 
 
+@per_model("control")
+def _control(model, stim, out, p):
+    """Region control, category flip, super-stimuli (:mod:`neuroguide.evaluation.control_analysis`)."""
+    from neuroguide.evaluation import control_analysis
+
+    return control_analysis.evaluate({"model": model}, stim, out, p)
+
+
+@multi_model("control")
+def _control_models(models, stim, out, p):
+    from neuroguide.evaluation import control_analysis
+
+    return control_analysis.evaluate(models, stim, out, p)
+
+
 # --------------------------------------------------------------------------- modes
 def _device(cfg) -> torch.device:
     d = str(cfg.get("device", "auto"))
