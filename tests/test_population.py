@@ -125,3 +125,29 @@ def test_bad_input_is_named(one_thread):
     with pytest.raises(ValueError, match="needs at least 2"):
         population_measures(model, images, [0.1], labels=torch.zeros(20, dtype=torch.long), n_images=2, steps=2,
                             n_units=2, progress=False)
+
+
+@pytest.mark.slow
+def test_evaluate_py_population_on_a_guided_classifier(tmp_path, one_thread):
+    """`evaluate.py ckpt=<guided model> eval=[population]` through the real configs: the neural head's units,
+    sigma over the held-out split, the decoder trained on its labelled images."""
+    from conftest import small_overrides
+
+    from neuroguide.config import compose_config
+    from neuroguide.evaluation.runner import run as run_eval
+    from neuroguide.train import run as train
+
+    train(compose_config("train", small_overrides(tmp_path) + ["region=TO", "+trainer.fast_dev_run=true"],
+                         output_dir=tmp_path / "guided"))
+    cfg = compose_config("evaluate", [f"paths.log_dir={tmp_path}/outputs", f"ckpt={tmp_path}/guided/model.ckpt",
+                                      "eval=[population]", "eval.population.eps_list=[0.5,1.0]",
+                                      "eval.population.steps=4", "eval.population.n_images=4",
+                                      "eval.population.n_units=3", "n_images=6"], output_dir=tmp_path / "ev")
+    m = run_eval(cfg)
+    print({k: v for k, v in m.items() if "l2_1.0" in k})
+    assert m["eval/population/n_images"] == 4 and m["eval/population/n_decoder_images"] >= 2
+    for tag in ("l2_0.5", "l2_1.0"):
+        # the whole normalized vector moves at least as far as its most sensitive unit alone
+        assert m[f"eval/population/{tag}/population_sensitivity"] >= m[f"eval/population/{tag}/max_unit_sensitivity"]
+        assert 0 <= m[f"eval/population/{tag}/decoder_acc_decoder_attack"] <= 1
+    assert (tmp_path / "ev" / "population" / "population.png").exists()

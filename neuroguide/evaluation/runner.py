@@ -212,6 +212,20 @@ def _cka_models(models, stim, out, p):
     return cka.evaluate_models(models, stim.images, out, **p)
 
 
+@per_model("population")
+def _population(model, stim, out, p):
+    """Clean images: ``n_pool_images`` spread over the model's held-out split (null: all of it); ``n_images`` of
+    them attacked, the others train the decoder (when the stimuli have labels)."""
+    from neuroguide.evaluation import population
+
+    p = dict(p)
+    pool = stim.split(p.pop("n_pool_images", None)) if stim.split is not None else stim
+    if pool.labels is None:
+        log.info("population: %s has no class labels: population sensitivity only, the decoder part is skipped",
+                 stim.source)
+    return population.evaluate(model, pool.images, out, labels=pool.labels, **p)
+
+
 # --------------------------------------------------------------------------- modes
 def _device(cfg) -> torch.device:
     d = str(cfg.get("device", "auto"))
