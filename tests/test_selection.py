@@ -107,3 +107,123 @@ def test_selection_config_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"at_eps=2.0 needs a robust ImageNet checkpoint.*robust_weights"):
         run_selection({"it_file": str(it), "out_dir": str(tmp_path), "layers": ["layer1"], "backbone": "resnet18",
                        "eps": [0, 2], "robust_weights": {0: None}})
+
+
+# --------------------------------------------------------------------------- criterion C
+class ReadoutBrain(torch.nn.Module):
+    """A simulated brain built from one layer of a network: ``scale_i * softplus(w_i . h_L(x) / sqrt(D))`` for
+    ``sites`` random readouts ``w_i`` of the flattened layer ``L``. ``network`` is a module, or the path of a
+    MadryLab-format ResNet18 checkpoint (for Hydra's ``_target_``)."""
+
+    def __init__(self, network, layer: str, sites: int = 256, seed: int = 0, image_size: int = 16):
+        super().__init__()
+        from neuroguide.models.features import LayerOutput
+
+        if isinstance(network, str):
+            from neuroguide.models.backbones import build_network, layer_root
+            from neuroguide.models.robust_weights import load_robust_weights
+
+            net = build_network("resnet18")
+            load_robust_weights(layer_root(net), network)
+            network = net.eval()
+        self.h = LayerOutput(network, layer)
+        g = torch.Generator().manual_seed(seed)
+        d = self.h(torch.rand(1, 3, image_size, image_size)).shape[1]
+        self.register_buffer("w", torch.randn(sites, d, generator=g) / d ** 0.5)
+        self.register_buffer("scale", torch.rand(sites, generator=g) + 0.5)
+
+    def forward(self, x):
+        return self.scale * torch.nn.functional.softplus(self.h(x) @ self.w.T)
+
+
+def _small_cnn(seed: int):
+    from collections import OrderedDict
+
+    torch.manual_seed(seed)
+
+    def block(i, o, s):
+        return torch.nn.Sequential(torch.nn.Conv2d(i, o, 3, s, 1), torch.nn.ReLU())
+
+    return torch.nn.Sequential(OrderedDict(c1=block(3, 8, 1), c2=block(8, 16, 2), c3=block(16, 16, 1),
+                                           c4=block(16, 32, 2))).eval()
+
+
+def _smooth_images(n: int, size: int = 16, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=size, mode="bilinear")
+    return (0.7 * coarse + 0.3 * torch.rand(n, 3, size, size, generator=g)).clamp(0, 1)
+
+
+def test_criterion_c_ranks_the_planted_layer_first(one_thread):
+    """The brain reads out one layer of network A (256 random sites + softplus). Candidates: the four layers of A
+    (AT eps 2) and of another random network B (eps 0). Perturbations made on the planted layer of A move the
+    brain most: it ranks first, for each choice of planted layer."""
+    from neuroguide.evaluation.selection_transfer import layer_transfer_scores, rank
+
+    a, b = _small_cnn(0), _small_cnn(1)
+    images = _smooth_images(24)
+    layers = ["c1", "c2", "c3", "c4"]
+    for planted in layers:
+        rows = layer_transfer_scores({0.0: (b, b), 2.0: (a, a)}, images, layers, ReadoutBrain(a, planted), eps=0.5,
+                                     steps=32, progress=False)
+        ranks = rank(rows, "brain_change")
+        print(f"planted {planted}: " + ", ".join(f"eps {e:g} {L} #{k} ({r['brain_change']:.3f})"
+                                                 for r in rows for (e, L), k in ranks.items()
+                                                 if (r["at_eps"], r["layer"]) == (e, L)))
+        assert ranks[(2.0, planted)] == 1
+        assert all(r["brain_change"] > 0 and r["layer_change"] > 0 for r in rows)
+
+
+def test_criterion_c_bad_input_is_named(one_thread):
+    from neuroguide.evaluation.selection_transfer import layer_transfer_scores, make_brain
+
+    net, images = _small_cnn(0), _smooth_images(6)
+    nets = {0.0: (net, net)}
+
+    def run(brain, **kw):
+        return layer_transfer_scores(nets, images, kw.pop("layers", ["c2"]), brain, steps=2, progress=False, **kw)
+
+    with pytest.raises(ValueError, match=r"selection.brain: the brain must map images \(6, 3, S, S\).*returned \(5, 3\)"):
+        run(lambda x: torch.rand(len(x) - 1, 3))
+    with pytest.raises(ValueError, match=r"returned \(6,\)"):
+        run(lambda x: x.mean((1, 2, 3)))
+    with pytest.raises(ValueError, match="no site's response varies"):
+        run(lambda x: torch.ones(len(x), 4))
+    with pytest.raises(ValueError, match="selection.layers is empty"):
+        run(ReadoutBrain(net, "c2"), layers=[])
+    with pytest.raises(ValueError, match="brain_eps"):
+        run(ReadoutBrain(net, "c2"), eps=0)
+    with pytest.raises(ValueError, match="mapping with _target_"):
+        make_brain("my_brain.pt")
+    # repeats are averaged: a (N, sites, repeats) recording with NaNs scores like its repeat mean
+    brain = ReadoutBrain(net, "c2", sites=8)
+    with_repeats = lambda x: torch.stack([brain(x), brain(x), torch.full((len(x), 8), float("nan"))], dim=2)  # noqa
+    assert run(with_repeats)[0]["brain_change"] == pytest.approx(run(brain)[0]["brain_change"], rel=1e-5)
+
+
+def test_selection_with_a_simulated_brain_adds_criterion_c(tmp_path, one_thread):
+    """run_selection with ``brain`` given as a Hydra ``_target_``: a brain read out from layer2.1 of the synthetic
+    IT teacher (the eps=2 checkpoint). Criterion C is a column beside CKA and predictivity, in the CSV and the
+    figure, and picks the teacher's planted layer."""
+    from neuroguide.data.synthetic.it import madrylab_checkpoint, write_synthetic_it
+    from neuroguide.models.backbones import build_network
+
+    it = write_synthetic_it(tmp_path / "it", n_images=64, n_sites=4, image_size=32, teacher_layer="layer2.1")
+    teacher = str(tmp_path / "it" / "teacher_resnet18.pt")
+    torch.manual_seed(3)
+    other = str(tmp_path / "r18_eps0.pt")
+    torch.save(madrylab_checkpoint(build_network("resnet18").state_dict()), other)
+    brain = {"_target_": "test_selection.ReadoutBrain", "network": teacher, "layer": "layer2.1", "image_size": 32}
+    layers = ["layer1.1", "layer2.1", "layer3.1"]
+    res = run_selection({"it_file": str(it), "out_dir": str(tmp_path / "out"), "backbone": "resnet18",
+                         "layers": layers, "robust_weights": {0: other, 2: teacher}, "image_size": 32, "n_folds": 2,
+                         "brain": brain, "brain_eps": 0.5, "brain_steps": 8, "brain_n_images": 12})
+    from neuroguide.evaluation.selection_transfer import rank
+
+    ranks = rank(res["rows"], "brain_change")
+    for r in res["rows"]:
+        print(f"eps {r['at_eps']:g} {r['layer']}: CKA {r['cka']:.3f}, median r {r['r_median']:.3f}, "
+              f"C brain change {r['brain_change']:.3f} (rank {ranks[(r['at_eps'], r['layer'])]})")
+    assert res["best"]["brain_change"] == (2.0, "layer2.1")
+    with open(res["csv"]) as f:
+        assert {"cka", "r_median", "brain_change", "brain_change_sd"} <= set(next(csv.DictReader(f)))

@@ -1,0 +1,158 @@
+"""Guo et al.'s third model-selection criterion (appendix 6.1, C): transfer of layer-targeted perturbations to IT.
+
+For each candidate base network (AT eps) and layer, perturbations that maximally change that layer's
+representation, ``d = argmax_{||d|| <= eps} ||h_L(x + d) - h_L(x)||_2`` (the project's one attack engine on
+``objectives.ResponseChange``, no mapping to the sites involved), are shown to the brain, and the candidate is
+scored by how much the sites' responses move, in units of each site's std over clean images::
+
+    brain_change(eps_AT, L) = mean_{x, sites i} |b_i(x + d_L(x)) - b_i(x)| / sigma_i
+
+The candidate whose perturbations move the brain most is the one whose representation the brain shares. The
+brain is any callable ``images (N, 3, S, S) in [0, 1] -> (N, sites)`` responses (repeat means), e.g. a simulated
+brain's noise-free ``forward``; ``(N, sites, repeats)`` responses (NaN = missing) are averaged over repeats.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from neuroguide.attacks import objectives, pgd_attack
+from neuroguide.models.features import LayerOutput, device_of, evaluation_mode
+
+log = logging.getLogger("neuroguide")
+Brain = Callable[[torch.Tensor], torch.Tensor]
+KEY = "selection.brain"
+
+
+def make_brain(spec, key: str = KEY) -> Brain:
+    """The brain of a config: a callable as it is, or a mapping with ``_target_`` instantiated by Hydra (e.g.
+    ``{_target_: neuroguide.closed_loop.brain.SimulatedBrain, seed: 0}``); modules are put in eval mode."""
+    if callable(spec):
+        brain = spec
+    elif isinstance(spec, Mapping) and "_target_" in spec:
+        from hydra.utils import instantiate
+
+        brain = instantiate(dict(spec))
+    else:
+        raise ValueError(f"{key}: expected null, a callable images -> (N, sites), or a mapping with _target_ naming "
+                         f"its class (e.g. {key}._target_=neuroguide.closed_loop.brain.SimulatedBrain); found "
+                         f"{type(spec).__name__} {spec!r}")
+    if isinstance(brain, nn.Module):
+        brain.eval()
+    elif not callable(brain):
+        raise ValueError(f"{key}: {spec!r} made a {type(brain).__name__}, which is not callable")
+    return brain
+
+
+def brain_responses(brain: Brain, images, batch_size: int = 64, key: str = KEY) -> torch.Tensor:
+    """(N, sites) float32 CPU responses of ``brain`` to ``images`` ((N, 3, S, S) tensor or a dataset of images),
+    batch by batch under ``no_grad``; repeats (a third axis) are averaged (NaN-aware). A ValueError naming ``key``
+    for a brain whose output is not (B, sites) or (B, sites, repeats), or has a different number of sites per batch."""
+    out, sites = [], None
+    n = len(images)
+    for i in range(0, n, batch_size):
+        xb = images[i:i + batch_size] if isinstance(images, torch.Tensor) else \
+            torch.stack([images[j] for j in range(i, min(n, i + batch_size))])
+        with torch.no_grad():
+            r = brain(xb)
+        r = torch.as_tensor(r).detach().float().cpu()
+        if r.ndim == 3:
+            r = r.nanmean(dim=2)
+        if r.ndim != 2 or r.shape[0] != len(xb) or (sites is not None and r.shape[1] != sites):
+            raise ValueError(f"{key}: the brain must map images ({len(xb)}, 3, S, S) to responses ({len(xb)}, sites) "
+                             f"(or ({len(xb)}, sites, repeats)); it returned {tuple(r.shape)}"
+                             + (f" after {sites} sites before" if sites is not None else "")
+                             + ". Fix: give a callable returning one row per image, e.g. a SimulatedBrain's forward")
+        sites = r.shape[1]
+        out.append(r)
+    if not out:
+        raise ValueError(f"{key}: no images to show the brain")
+    return torch.cat(out)
+
+
+def site_sigma(clean: torch.Tensor, key: str = KEY) -> torch.Tensor:
+    """(sites,) std over clean images of each site's (N, sites) responses (NaN-aware); a ValueError when no site
+    has a positive std."""
+    mean = clean.nanmean(0)
+    n = torch.isfinite(clean).sum(0)
+    var = ((clean - mean) ** 2).nansum(0) / (n - 1).clamp_min(1)
+    sigma = torch.where(n > 1, var.sqrt(), torch.full_like(var, float("nan")))
+    if not bool((sigma > 0).any()):
+        raise ValueError(f"{key}: no site's response varies over the {len(clean)} clean images (std {sigma.tolist()[:8]}"
+                         "...): the brain gives constant (or NaN) responses; check its output")
+    return sigma
+
+
+def layer_forward(network: nn.Module, root: nn.Module, layer: str) -> LayerOutput:
+    """``network``'s (B, 3, S, S) -> (B, D) flattened output of ``layer`` (a name in ``root``)."""
+    prefix = {m: n for n, m in network.named_modules()}.get(root)
+    if prefix is None:
+        raise ValueError(f"selection: root ({type(root).__name__}) is not a submodule of the network")
+    return LayerOutput(network, f"{prefix}.{layer}" if prefix else layer)
+
+
+def layer_transfer_scores(networks: Mapping[float, tuple[nn.Module, nn.Module]], images: torch.Tensor,
+                          layers: Sequence[str], brain: Brain, *, eps: float = 1.0, norm: str = "l2", steps: int = 32,
+                          schedule: str = "guo", restarts: int = 1, batch_size: int = 32,
+                          sigma: torch.Tensor | None = None, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Criterion C for every (AT eps, layer): one row ``{at_eps, layer, brain_change, brain_change_sd}``.
+
+    Args:
+        networks: AT eps -> (network taking [0, 1] images, the module the layer names refer to).
+        images: (N, 3, S, S) clean images in [0, 1] to perturb.
+        layers: layer names in each root.
+        brain: ``images -> (N, sites)`` (see :func:`brain_responses`).
+        eps, norm, steps, schedule, restarts: the perturbation budget (the same for every candidate).
+        sigma: (sites,) each site's std over clean images (default: over ``images``; more images are better).
+    Returns:
+        rows with ``brain_change`` (mean over images and sites of ``|delta b_i| / sigma_i``), ``brain_change_sd``
+        (its sd across sites) and ``layer_change`` (mean ``||delta h_L||_2``, in the layer's own units).
+    """
+    if not layers:
+        raise ValueError("selection.layers is empty: name the candidate layers")
+    if not float(eps) > 0:
+        raise ValueError(f"selection.brain_eps={eps!r}: the perturbation budget must be > 0")
+    images = images.detach().float().cpu()
+    clean_b = brain_responses(brain, images, batch_size)
+    sig = site_sigma(clean_b) if sigma is None else torch.as_tensor(sigma).float().cpu()
+    if sig.shape != (clean_b.shape[1],):
+        raise ValueError(f"{KEY}: sigma has shape {tuple(sig.shape)}, the brain has {clean_b.shape[1]} sites")
+    ok = torch.isfinite(sig) & (sig > 0)
+    if not bool(ok.all()):
+        log.warning("selection criterion C: %d of %d sites have no clean std and are left out", int((~ok).sum()),
+                    len(ok))
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for at_eps, (network, root) in networks.items():
+        device = device_of(network)
+        for layer in layers:
+            forward = layer_forward(network, root, layer)
+            x_adv, layer_change = [], []
+            for i in tqdm(range(0, len(images), batch_size), desc=f"criterion C eps={at_eps} {layer}",
+                          disable=not progress, leave=False):
+                x = images[i:i + batch_size].to(device)
+                with torch.no_grad(), evaluation_mode(network):
+                    h0 = forward(x)
+                res = pgd_attack(forward, x, objectives.ResponseChange(h0), eps=float(eps), norm=norm, steps=steps,
+                                 schedule=schedule, restarts=restarts, victim=network, generator=gen)
+                layer_change.append((res.value.cpu() * h0.shape[1]).sqrt())  # mean of squares -> L2 norm
+                x_adv.append(res.x_adv.cpu())
+            adv_b = brain_responses(brain, torch.cat(x_adv), batch_size)
+            change = ((adv_b - clean_b).abs() / sig)[:, ok]  # (N, sites)
+            per_site = change.nanmean(0)
+            row = {"at_eps": float(at_eps), "layer": layer, "brain_change": float(per_site.nanmean()),
+                   "brain_change_sd": float(per_site[torch.isfinite(per_site)].std()) if ok.sum() > 1 else 0.0,
+                   "layer_change": float(torch.cat(layer_change).mean())}
+            rows.append(row)
+            log.info("selection C eps=%s %s: brain change %.3f sigma", at_eps, layer, row["brain_change"])
+    return rows
+
+
+def rank(rows: Sequence[dict], metric: str) -> dict[tuple[float, str], int]:
+    """(at_eps, layer) -> rank by ``metric`` (1 = highest)."""
+    order = sorted(rows, key=lambda r: -r[metric])
+    return {(r["at_eps"], r["layer"]): i + 1 for i, r in enumerate(order)}
