@@ -122,6 +122,9 @@ def test_bad_input_is_named(one_thread):
         population_measures(model, images, [0.1], labels=labels[:5])
     with pytest.raises(ValueError, match="eval.population.n_images=20"):
         population_measures(model, images, [0.1], n_images=20)
+    with pytest.raises(ValueError, match="no image can be attacked.*only one of its class"):
+        population_measures(model, images, [0.1], labels=torch.arange(20), n_images=2, steps=2, n_units=2,
+                            progress=False)
     with pytest.raises(ValueError, match="needs at least 2"):
         population_measures(model, images, [0.1], labels=torch.zeros(20, dtype=torch.long), n_images=2, steps=2,
                             n_units=2, progress=False)

@@ -144,6 +144,10 @@ def _split_images(labels: torch.Tensor | None, n_total: int, n_attack: int, seed
         if len(attack) < n_attack and left[c] > 1:
             attack.append(i)
             left[c] -= 1
+    if not attack:
+        raise ValueError(f"population: no image can be attacked: each of the {n_total} labelled images is the only one "
+                         "of its class, which the decoder needs for training; give more labelled images "
+                         "(eval.population.n_pool_images)")
     chosen = torch.tensor(sorted(attack), dtype=torch.long)
     rest = torch.tensor([i for i in perm.tolist() if i not in set(attack)], dtype=torch.long)
     return chosen, rest

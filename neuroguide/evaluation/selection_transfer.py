@@ -54,11 +54,12 @@ def brain_responses(brain: Brain, images, batch_size: int = 64, key: str = KEY) 
     for a brain whose output is not (B, sites) or (B, sites, repeats), or has a different number of sites per batch."""
     out, sites = [], None
     n = len(images)
+    device = device_of(brain) if isinstance(brain, nn.Module) else None
     for i in range(0, n, batch_size):
         xb = images[i:i + batch_size] if isinstance(images, torch.Tensor) else \
             torch.stack([images[j] for j in range(i, min(n, i + batch_size))])
         with torch.no_grad():
-            r = brain(xb)
+            r = brain(xb.to(device) if device is not None else xb)
         r = torch.as_tensor(r).detach().float().cpu()
         if r.ndim == 3:
             r = r.nanmean(dim=2)
