@@ -290,7 +290,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, out_dir: str | os.PathLike,
                                   {"x": eps, "y": [r["decoder_acc_decoder_attack"] for r in rows], "style": "s--",
                                    "label": "decoder-targeted"}],
                        "hlines": [{"y": res.decoder_acc_clean, "label": "clean"}]})
-    curve_figure(panels, out / "population.png", logx=True)
+    curve_figure(panels, out / "population.png")
     metrics = {f"{key_prefix}/n_units": len(res.units), f"{key_prefix}/n_images": int(res.population_change.shape[1]),
                f"{key_prefix}/n_unit_sensitivity_units": len(res.unit.units)}
     if res.decoder_acc_clean is not None:
