@@ -227,3 +227,69 @@ def test_selection_with_a_simulated_brain_adds_criterion_c(tmp_path, one_thread)
     assert res["best"]["brain_change"] == (2.0, "layer2.1")
     with open(res["csv"]) as f:
         assert {"cka", "r_median", "brain_change", "brain_change_sd"} <= set(next(csv.DictReader(f)))
+
+
+def _record(stimuli, out, brain, repeats=3, noise=0.05, drop=0, seed=0):
+    """A simulated lab session: the stimuli file's (8-bit) images shown to ``brain``, ``repeats`` noisy repeats each,
+    written in shuffled order with one extra image, as an IT file; the first ``drop`` stimuli left unrecorded."""
+    import h5py
+
+    with h5py.File(stimuli, "r") as f:
+        images, ids = f["images"][()], f["image_ids"][()]
+    rng = np.random.default_rng(seed)
+    keep = rng.permutation(len(ids))[drop:]
+    images = np.concatenate([images[keep], images[:1]])
+    ids = np.concatenate([ids[keep], np.array([b"extra/0"])])
+    with torch.no_grad():
+        mean = brain(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255).numpy()
+    responses = mean[:, :, None] + noise * rng.standard_normal((*mean.shape, repeats))
+    responses[0, 0, :] = np.nan  # a site with no repeat on one image
+    with h5py.File(out, "w") as f:
+        f.create_dataset("images", data=images)
+        f.create_dataset("responses", data=responses.astype(np.float32))
+        f.create_dataset("site_ids", data=np.array([f"s{i}" for i in range(mean.shape[1])], dtype="S"))
+        f.create_dataset("image_ids", data=ids)
+    return out
+
+
+def test_criterion_c_from_a_labs_recordings(tmp_path, one_thread):
+    """The lab workflow: a run with brain_stimuli writes the clean and layer-targeted images (no score yet); the
+    lab records them (here: the planted brain with trial noise, shuffled, one extra image); a run with
+    brain_recordings scores criterion C from the recordings, and the planted layer of the teacher ranks first.
+    A recordings file missing stimuli, or stimuli made with another budget or other layers, are refused by name."""
+    from neuroguide.data.synthetic.it import madrylab_checkpoint, write_synthetic_it
+    from neuroguide.evaluation.selection_lab import read_brain_recordings
+    from neuroguide.evaluation.selection_transfer import rank
+    from neuroguide.models.backbones import build_network
+
+    it = write_synthetic_it(tmp_path / "it", n_images=48, n_sites=4, image_size=32, teacher_layer="layer2.1")
+    teacher = str(tmp_path / "it" / "teacher_resnet18.pt")
+    torch.manual_seed(3)
+    other = str(tmp_path / "r18_eps0.pt")
+    torch.save(madrylab_checkpoint(build_network("resnet18").state_dict()), other)
+    layers = ["layer1.1", "layer2.1", "layer3.1"]
+    cfg = {"it_file": str(it), "out_dir": str(tmp_path / "out"), "backbone": "resnet18", "layers": layers,
+           "robust_weights": {0: other, 2: teacher}, "image_size": 32, "n_folds": 2, "brain_eps": 0.5,
+           "brain_steps": 8, "brain_n_images": 12, "brain_stimuli": str(tmp_path / "stimuli.h5")}
+    first = run_selection(cfg)
+    assert "brain_change" not in first["rows"][0] and "brain_change" not in first["best"]
+    brain = ReadoutBrain(teacher, "layer2.1", image_size=32)
+    recorded = _record(tmp_path / "stimuli.h5", tmp_path / "recorded.h5", brain)
+    res = run_selection({**cfg, "brain_recordings": str(recorded)})
+    ranks = rank(res["rows"], "brain_change")
+    for r in res["rows"]:
+        print(f"recorded: eps {r['at_eps']:g} {r['layer']}: brain change {r['brain_change']:.3f} "
+              f"(rank {ranks[(r['at_eps'], r['layer'])]})")
+    assert res["best"]["brain_change"] == (2.0, "layer2.1")
+
+    budget = {"eps": 0.5, "norm": "l2", "steps": 8, "restarts": 1, "n_images": 12, "image_size": 32, "seed": 0}
+    cands = [(e, L) for e in (0.0, 2.0) for L in layers]
+    clean, adv, _ = read_brain_recordings(tmp_path / "stimuli.h5", recorded, cands, budget)
+    assert clean.shape == (12, 256) and adv[(2.0, "layer2.1")].shape == (12, 256)
+    gappy = _record(tmp_path / "stimuli.h5", tmp_path / "gappy.h5", brain, drop=2)
+    with pytest.raises(ValueError, match=r"gappy.h5 lacks 2 of the 84 stimuli of .*stimuli.h5, e.g. \['"):
+        read_brain_recordings(tmp_path / "stimuli.h5", gappy, cands, budget)
+    with pytest.raises(ValueError, match=r"was made with the criterion C budget .*'steps': 8.*write new stimuli"):
+        read_brain_recordings(tmp_path / "stimuli.h5", recorded, cands, {**budget, "steps": 32})
+    with pytest.raises(ValueError, match=r"no perturbations for candidates \[\(2.0, 'layer4.1'\)\]"):
+        read_brain_recordings(tmp_path / "stimuli.h5", recorded, cands + [(2.0, "layer4.1")], budget)

@@ -137,24 +137,50 @@ FIGURE_METRICS = (("cka", "A. CKA to IT"), ("r_median", "B. CV predictivity (med
                   ("brain_change", "C. layer attacks on the brain (|db|/sigma)"))
 
 
-def _add_criterion_c(rows: list[dict], networks, images, layers: Sequence[str], cfg: Mapping) -> None:
-    """Criterion C's ``brain_change`` (and ``brain_change_sd``, ``layer_change``) added to each row."""
-    from neuroguide.evaluation.selection_transfer import brain_responses, layer_transfer_scores, make_brain, site_sigma
+def _add_criterion_c(rows: list[dict], networks, images, layers: Sequence[str], cfg: Mapping) -> bool:
+    """Criterion C's ``brain_change`` (and ``brain_change_sd``, ``layer_change``) added to each row, from a brain
+    callable (``brain``) or a lab's recordings (``brain_recordings`` of the ``brain_stimuli`` file); with
+    ``brain_stimuli`` alone, the stimuli file is written for the lab. Returns whether the column was added."""
+    from neuroguide.evaluation import selection_lab as lab
+    from neuroguide.evaluation.selection_transfer import (brain_change_rows, brain_responses, layer_perturbations,
+                                                          make_brain, site_sigma)
 
-    brain = make_brain(cfg["brain"])
-    n = int(cfg.get("brain_n_images") or 64)
-    pick = np.unique(np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int))
-    x = torch.stack([images[int(i)] for i in pick])
+    stimuli, recordings = cfg.get("brain_stimuli"), cfg.get("brain_recordings")
+    if cfg.get("brain") is None and not stimuli and not recordings:
+        log.info("selection: no brain given (selection.brain=null, no brain_stimuli / brain_recordings): criterion C "
+                 "(transfer of layer-targeted perturbations to the brain) is not computed")
+        return False
+    budget = {"eps": float(cfg.get("brain_eps", 1.0)), "norm": str(cfg.get("brain_norm", "l2")),
+              "steps": int(cfg.get("brain_steps", 32)), "restarts": int(cfg.get("brain_restarts", 1)),
+              "n_images": int(cfg.get("brain_n_images") or 64), "image_size": int(cfg.get("image_size", 224)),
+              "seed": int(cfg.get("seed", 0))}
+    candidates = [(float(e), layer) for e in networks for layer in layers]
     batch = int(cfg.get("batch_size", 64))
-    sigma = site_sigma(brain_responses(brain, images, batch))  # over all selection images
-    c_rows = layer_transfer_scores(networks, x, layers, brain, eps=float(cfg.get("brain_eps", 1.0)),
-                                   norm=str(cfg.get("brain_norm", "l2")), steps=int(cfg.get("brain_steps", 32)),
-                                   restarts=int(cfg.get("brain_restarts", 1)), batch_size=batch, sigma=sigma,
-                                   seed=int(cfg.get("seed", 0)))
+    if recordings:
+        if not stimuli:
+            raise ValueError("selection.brain_recordings needs selection.brain_stimuli: the stimuli file the lab "
+                             "recorded (written by a run with brain_stimuli=<file> and no recordings)")
+        clean, adv, change = lab.read_brain_recordings(stimuli, recordings, candidates, budget)
+        c_rows = brain_change_rows(clean, adv, site_sigma(clean, "selection.brain_recordings"), change)
+    else:
+        pick = np.unique(np.linspace(0, len(images) - 1, min(budget["n_images"], len(images))).round().astype(int))
+        x = torch.stack([images[int(i)] for i in pick])
+        perturbed = layer_perturbations(networks, x, layers, eps=budget["eps"], norm=budget["norm"],
+                                        steps=budget["steps"], restarts=budget["restarts"], batch_size=batch,
+                                        seed=budget["seed"])
+        if cfg.get("brain") is None:
+            lab.write_brain_stimuli(stimuli, x, perturbed, budget)
+            return False
+        brain = make_brain(cfg["brain"])
+        sigma = site_sigma(brain_responses(brain, images, batch))  # over all selection images
+        adv = {k: brain_responses(brain, xa, batch) for k, (xa, _) in perturbed.items()}
+        c_rows = brain_change_rows(brain_responses(brain, x, batch), adv, sigma,
+                                   {k: c for k, (_, c) in perturbed.items()})
     by_pair = {(r["at_eps"], r["layer"]): r for r in c_rows}
     for r in rows:
         c = by_pair[(r["at_eps"], r["layer"])]
         r.update(brain_change=c["brain_change"], brain_change_sd=c["brain_change_sd"], layer_change=c["layer_change"])
+    return True
 
 
 def selection_figure(rows: Sequence[dict], path: str | os.PathLike,
@@ -193,7 +219,9 @@ def run_selection(config: Mapping) -> dict:
     (null); ``max_images`` (null = all); ``batch_size`` (64); ``seed`` (0). Criterion C: ``brain`` (null: not
     computed; a callable, or a mapping with ``_target_`` instantiated by Hydra, e.g. a simulated brain),
     ``brain_eps`` (1.0), ``brain_norm`` (l2), ``brain_steps`` (32), ``brain_restarts`` (1), ``brain_n_images``
-    (64 perturbed images spread over the selection images; the sites' sigma is over all of them). Returns
+    (64 perturbed images spread over the selection images; the sites' sigma is over all of them); for a lab,
+    ``brain_stimuli`` (a file to write the clean and perturbed images to, for recording) and ``brain_recordings``
+    (the lab's IT file of their recordings, scored against ``brain_stimuli``; :mod:`selection_lab`). Returns
     ``{"rows", "best": {metric: (eps, layer)}, "csv", "png"}``.
     """
     from neuroguide.data.it import ITImages, read_it, split_half_reliability
@@ -235,12 +263,8 @@ def run_selection(config: Mapping) -> dict:
                             n_folds=int(cfg.get("n_folds", 5)), pool=cfg.get("pool"),
                             batch_size=int(cfg.get("batch_size", 64)), seed=int(cfg.get("seed", 0)))
     metrics = list(FIGURE_METRICS[:2])
-    if cfg.get("brain") is not None:
-        _add_criterion_c(rows, networks, images, list(cfg["layers"]), cfg)
+    if _add_criterion_c(rows, networks, images, list(cfg["layers"]), cfg):
         metrics.append(FIGURE_METRICS[2])
-    else:
-        log.info("selection: no brain given (selection.brain=null): criterion C (transfer of layer-targeted "
-                 "perturbations to the brain) is not computed")
     out = Path(cfg["out_dir"])
     csv_path = write_csv(out / "selection.csv", rows)
     png = selection_figure(rows, out / "selection.png", metrics)

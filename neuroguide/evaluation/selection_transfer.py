@@ -9,11 +9,16 @@ scored by how much the sites' responses move, in units of each site's std over c
 
 The candidate whose perturbations move the brain most is the one whose representation the brain shares. The
 brain is any callable ``images (N, 3, S, S) in [0, 1] -> (N, sites)`` responses (repeat means), e.g. a simulated
-brain's noise-free ``forward``; ``(N, sites, repeats)`` responses (NaN = missing) are averaged over repeats.
+brain's noise-free ``forward``; ``(N, sites, repeats)`` responses (NaN = missing) are averaged over repeats. A lab
+records the stimuli instead (:mod:`neuroguide.evaluation.selection_lab`). With noisy repeat means ``|delta b_i|`` is
+biased upwards by the trial noise, by the same amount for every candidate: the ranking holds, the values are not
+comparable between recordings with different noise or numbers of repeats. The resolution needs many sites: a few
+random readouts see only a few directions of the layer (README, "Choosing the base network").
 """
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -96,11 +101,71 @@ def layer_forward(network: nn.Module, root: nn.Module, layer: str) -> LayerOutpu
     return LayerOutput(network, f"{prefix}.{layer}" if prefix else layer)
 
 
+def layer_perturbations(networks: Mapping[float, tuple[nn.Module, nn.Module]], images: torch.Tensor,
+                        layers: Sequence[str], *, eps: float = 1.0, norm: str = "l2", steps: int = 32,
+                        schedule: str = "guo", restarts: int = 1, batch_size: int = 32, seed: int = 0,
+                        progress: bool = True) -> dict[tuple[float, str], tuple[torch.Tensor, torch.Tensor]]:
+    """``{(at_eps, layer): (x_adv (N, 3, S, S), layer_change (N,))}``: for each candidate, the perturbations of
+    ``images`` (N, 3, S, S) in [0, 1] maximising ``||h_L(x + d) - h_L(x)||_2`` within ``eps`` (PGD on
+    ``objectives.ResponseChange``), and that change."""
+    if not layers:
+        raise ValueError("selection.layers is empty: name the candidate layers")
+    if not float(eps) > 0:
+        raise ValueError(f"selection.brain_eps={eps!r}: the perturbation budget must be > 0")
+    images = images.detach().float().cpu()
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for at_eps, (network, root) in networks.items():
+        device = device_of(network)
+        for layer in layers:
+            forward = layer_forward(network, root, layer)
+            x_adv, change = [], []
+            for i in tqdm(range(0, len(images), batch_size), desc=f"criterion C eps={at_eps} {layer}",
+                          disable=not progress, leave=False):
+                x = images[i:i + batch_size].to(device)
+                with torch.no_grad(), evaluation_mode(network):
+                    h0 = forward(x)
+                res = pgd_attack(forward, x, objectives.ResponseChange(h0), eps=float(eps), norm=norm, steps=steps,
+                                 schedule=schedule, restarts=restarts, victim=network, generator=gen)
+                change.append((res.value.cpu() * h0.shape[1]).sqrt())  # mean of squares -> L2 norm
+                x_adv.append(res.x_adv.cpu())
+            out[(float(at_eps), layer)] = (torch.cat(x_adv), torch.cat(change))
+    return out
+
+
+def brain_change_rows(clean: torch.Tensor, perturbed: Mapping[tuple[float, str], torch.Tensor], sigma: torch.Tensor,
+                      layer_change: Mapping[tuple[float, str], torch.Tensor] | None = None) -> list[dict]:
+    """Criterion C's score per candidate from the brain's responses: ``clean`` (N, sites) to the clean images,
+    ``perturbed[(at_eps, layer)]`` (N, sites) to their perturbations (same image order), ``sigma`` (sites,).
+    Rows ``{at_eps, layer, brain_change, brain_change_sd, layer_change}``: the mean over images and sites of
+    ``|delta b_i| / sigma_i`` (sites without a positive finite sigma left out, with a warning), its sd across sites,
+    and the mean ``||delta h_L||_2`` (NaN when not given)."""
+    sig = torch.as_tensor(sigma).float().cpu()
+    if sig.shape != (clean.shape[1],):
+        raise ValueError(f"{KEY}: sigma has shape {tuple(sig.shape)}, the brain has {clean.shape[1]} sites")
+    ok = torch.isfinite(sig) & (sig > 0)
+    if not bool(ok.all()):
+        log.warning("selection criterion C: %d of %d sites have no clean std and are left out", int((~ok).sum()),
+                    len(ok))
+    rows = []
+    for (at_eps, layer), adv in perturbed.items():
+        per_site = ((adv - clean).abs() / sig)[:, ok].nanmean(0)  # (sites,)
+        fin = per_site[torch.isfinite(per_site)]
+        lc = (layer_change or {}).get((at_eps, layer))
+        row = {"at_eps": float(at_eps), "layer": layer, "brain_change": float(fin.mean()) if len(fin) else math.nan,
+               "brain_change_sd": float(fin.std()) if len(fin) > 1 else 0.0,
+               "layer_change": float(lc.mean()) if lc is not None else math.nan}
+        rows.append(row)
+        log.info("selection C eps=%s %s: brain change %.3f sigma", at_eps, layer, row["brain_change"])
+    return rows
+
+
 def layer_transfer_scores(networks: Mapping[float, tuple[nn.Module, nn.Module]], images: torch.Tensor,
                           layers: Sequence[str], brain: Brain, *, eps: float = 1.0, norm: str = "l2", steps: int = 32,
                           schedule: str = "guo", restarts: int = 1, batch_size: int = 32,
                           sigma: torch.Tensor | None = None, seed: int = 0, progress: bool = True) -> list[dict]:
-    """Criterion C for every (AT eps, layer): one row ``{at_eps, layer, brain_change, brain_change_sd}``.
+    """Criterion C for every (AT eps, layer) with a brain callable: :func:`layer_perturbations` shown to ``brain``
+    and scored by :func:`brain_change_rows`.
 
     Args:
         networks: AT eps -> (network taking [0, 1] images, the module the layer names refer to).
@@ -110,47 +175,14 @@ def layer_transfer_scores(networks: Mapping[float, tuple[nn.Module, nn.Module]],
         eps, norm, steps, schedule, restarts: the perturbation budget (the same for every candidate).
         sigma: (sites,) each site's std over clean images (default: over ``images``; more images are better).
     Returns:
-        rows with ``brain_change`` (mean over images and sites of ``|delta b_i| / sigma_i``), ``brain_change_sd``
-        (its sd across sites) and ``layer_change`` (mean ``||delta h_L||_2``, in the layer's own units).
+        rows ``{at_eps, layer, brain_change, brain_change_sd, layer_change}`` (see :func:`brain_change_rows`).
     """
-    if not layers:
-        raise ValueError("selection.layers is empty: name the candidate layers")
-    if not float(eps) > 0:
-        raise ValueError(f"selection.brain_eps={eps!r}: the perturbation budget must be > 0")
-    images = images.detach().float().cpu()
-    clean_b = brain_responses(brain, images, batch_size)
-    sig = site_sigma(clean_b) if sigma is None else torch.as_tensor(sigma).float().cpu()
-    if sig.shape != (clean_b.shape[1],):
-        raise ValueError(f"{KEY}: sigma has shape {tuple(sig.shape)}, the brain has {clean_b.shape[1]} sites")
-    ok = torch.isfinite(sig) & (sig > 0)
-    if not bool(ok.all()):
-        log.warning("selection criterion C: %d of %d sites have no clean std and are left out", int((~ok).sum()),
-                    len(ok))
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for at_eps, (network, root) in networks.items():
-        device = device_of(network)
-        for layer in layers:
-            forward = layer_forward(network, root, layer)
-            x_adv, layer_change = [], []
-            for i in tqdm(range(0, len(images), batch_size), desc=f"criterion C eps={at_eps} {layer}",
-                          disable=not progress, leave=False):
-                x = images[i:i + batch_size].to(device)
-                with torch.no_grad(), evaluation_mode(network):
-                    h0 = forward(x)
-                res = pgd_attack(forward, x, objectives.ResponseChange(h0), eps=float(eps), norm=norm, steps=steps,
-                                 schedule=schedule, restarts=restarts, victim=network, generator=gen)
-                layer_change.append((res.value.cpu() * h0.shape[1]).sqrt())  # mean of squares -> L2 norm
-                x_adv.append(res.x_adv.cpu())
-            adv_b = brain_responses(brain, torch.cat(x_adv), batch_size)
-            change = ((adv_b - clean_b).abs() / sig)[:, ok]  # (N, sites)
-            per_site = change.nanmean(0)
-            row = {"at_eps": float(at_eps), "layer": layer, "brain_change": float(per_site.nanmean()),
-                   "brain_change_sd": float(per_site[torch.isfinite(per_site)].std()) if ok.sum() > 1 else 0.0,
-                   "layer_change": float(torch.cat(layer_change).mean())}
-            rows.append(row)
-            log.info("selection C eps=%s %s: brain change %.3f sigma", at_eps, layer, row["brain_change"])
-    return rows
+    perturbed = layer_perturbations(networks, images, layers, eps=eps, norm=norm, steps=steps, schedule=schedule,
+                                    restarts=restarts, batch_size=batch_size, seed=seed, progress=progress)
+    clean_b = brain_responses(brain, images.detach().float().cpu(), batch_size)
+    sig = site_sigma(clean_b) if sigma is None else sigma
+    adv_b = {k: brain_responses(brain, x, batch_size) for k, (x, _) in perturbed.items()}
+    return brain_change_rows(clean_b, adv_b, sig, {k: c for k, (_, c) in perturbed.items()})
 
 
 def rank(rows: Sequence[dict], metric: str) -> dict[tuple[float, str], int]:
