@@ -9,8 +9,8 @@ with ``r(x)`` (K,) the population response and ``sigma`` (K,) each unit's std ov
   change of the whole normalized response vector (PGD on ``objectives.ResponseChange(r(x), scale=sigma)``),
   beside the **mean unit sensitivity** ``mean_i s~_i(eps)`` (:func:`neuroguide.evaluation.sensitivity.unit_sensitivity`
   on ``n_units`` of the K units). For a linear population ``r = W x`` (away from the pixel bounds)
-  ``S = eps * sigma_max(diag(1/sigma) W)`` and ``s~_i = eps * ||row_i(diag(1/sigma) W)||``; ``S`` lies between the
-  largest ``s~_i`` and ``sqrt(K)`` times it.
+  ``S = eps * sigma_max(diag(1/sigma) W)`` and ``s~_i = eps * ||row_i(diag(1/sigma) W)||``. Per image, the
+  population change lies between the largest unit change ``max_i s_i(x, eps) / sigma_i`` and ``sqrt(K)`` times it.
 - **behaviour**: a linear category decoder (:mod:`neuroguide.evaluation.decoder`) fitted on the clean responses
   of labelled images that are not attacked; its accuracy on the attacked images clean, under **unit-targeted**
   perturbations (each image's perturbation maximises the change of one unit: for each image and eps, the unit
