@@ -135,6 +135,12 @@ class ReadoutBrain(torch.nn.Module):
     def forward(self, x):
         return self.scale * torch.nn.functional.softplus(self.h(x) @ self.w.T)
 
+    def record(self, x, repeats: int, noise: float = 0.2):
+        """(N, sites, repeats) noisy trials (a SimulatedBrain's interface)."""
+        with torch.no_grad():
+            r = self(x)
+        return r[..., None] + noise * torch.randn(*r.shape, repeats)
+
 
 def _small_cnn(seed: int):
     from collections import OrderedDict
@@ -195,6 +201,13 @@ def test_criterion_c_bad_input_is_named(one_thread):
         run(ReadoutBrain(net, "c2"), eps=0)
     with pytest.raises(ValueError, match="mapping with _target_"):
         make_brain("my_brain.pt")
+    with pytest.raises(ValueError, match=r"selection.brain_repeats=2: recording repeats needs a brain with record"):
+        make_brain(lambda x: x, repeats=2)
+    # with repeats the brain's noisy record() is used: trial noise adds a positive bias to |delta b|
+    noisy = run(make_brain(ReadoutBrain(net, "c2", sites=8), repeats=2))[0]["brain_change"]
+    clean = run(make_brain(ReadoutBrain(net, "c2", sites=8)))[0]["brain_change"]
+    print(f"brain change, noise-free {clean:.3f}, 2 noisy repeats {noisy:.3f}")
+    assert noisy > clean
     # repeats are averaged: a (N, sites, repeats) recording with NaNs scores like its repeat mean
     brain = ReadoutBrain(net, "c2", sites=8)
     with_repeats = lambda x: torch.stack([brain(x), brain(x), torch.full((len(x), 8), float("nan"))], dim=2)  # noqa

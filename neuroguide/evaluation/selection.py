@@ -171,7 +171,7 @@ def _add_criterion_c(rows: list[dict], networks, images, layers: Sequence[str], 
         if cfg.get("brain") is None:
             lab.write_brain_stimuli(stimuli, x, perturbed, budget)
             return False
-        brain = make_brain(cfg["brain"])
+        brain = make_brain(cfg["brain"], cfg.get("brain_repeats"))
         sigma = site_sigma(brain_responses(brain, images, batch))  # over all selection images
         adv = {k: brain_responses(brain, xa, batch) for k, (xa, _) in perturbed.items()}
         c_rows = brain_change_rows(brain_responses(brain, x, batch), adv, sigma,
@@ -218,6 +218,7 @@ def run_selection(config: Mapping) -> dict:
     null = random init, allowed for eps 0 only); ``image_size`` (224); ``n_folds`` (5); ``pool``
     (null); ``max_images`` (null = all); ``batch_size`` (64); ``seed`` (0). Criterion C: ``brain`` (null: not
     computed; a callable, or a mapping with ``_target_`` instantiated by Hydra, e.g. a simulated brain),
+    ``brain_repeats`` (null: the brain's noise-free call; n: its ``record(images, n)``, repeat-averaged),
     ``brain_eps`` (1.0), ``brain_norm`` (l2), ``brain_steps`` (32), ``brain_restarts`` (1), ``brain_n_images``
     (64 perturbed images spread over the selection images; the sites' sigma is over all of them); for a lab,
     ``brain_stimuli`` (a file to write the clean and perturbed images to, for recording) and ``brain_recordings``

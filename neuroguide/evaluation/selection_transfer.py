@@ -33,9 +33,11 @@ Brain = Callable[[torch.Tensor], torch.Tensor]
 KEY = "selection.brain"
 
 
-def make_brain(spec, key: str = KEY) -> Brain:
+def make_brain(spec, repeats: int | None = None, key: str = KEY) -> Brain:
     """The brain of a config: a callable as it is, or a mapping with ``_target_`` instantiated by Hydra (e.g.
-    ``{_target_: neuroguide.closed_loop.brain.SimulatedBrain, seed: 0}``); modules are put in eval mode."""
+    ``{_target_: neuroguide.closed_loop.brain.SimulatedBrain, seed: 0}``); modules are put in eval mode. With
+    ``repeats``, the brain's ``record(images, repeats) -> (N, sites, repeats)`` (noisy trials, as a lab records)
+    is used instead of its noise-free call."""
     if callable(spec):
         brain = spec
     elif isinstance(spec, Mapping) and "_target_" in spec:
@@ -50,7 +52,13 @@ def make_brain(spec, key: str = KEY) -> Brain:
         brain.eval()
     elif not callable(brain):
         raise ValueError(f"{key}: {spec!r} made a {type(brain).__name__}, which is not callable")
-    return brain
+    if repeats is None:
+        return brain
+    if int(repeats) < 1 or not callable(getattr(brain, "record", None)):
+        raise ValueError(f"{key}_repeats={repeats}: recording repeats needs a brain with record(images, repeats) and "
+                         f"repeats >= 1; {type(brain).__name__} has {'a' if hasattr(brain, 'record') else 'no'} record. "
+                         f"Fix: {key}_repeats=null (its noise-free responses)")
+    return lambda images: brain.record(images, int(repeats))
 
 
 def brain_responses(brain: Brain, images, batch_size: int = 64, key: str = KEY) -> torch.Tensor:
