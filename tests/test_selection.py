@@ -215,10 +215,15 @@ def test_criterion_c_bad_input_is_named(one_thread):
 
 
 def test_selection_with_a_simulated_brain_adds_criterion_c(tmp_path, one_thread):
-    """run_selection with ``brain`` given as a Hydra ``_target_``: a brain read out from layer2.1 of the synthetic
-    IT teacher (the eps=2 checkpoint). Criterion C is a column beside CKA and predictivity, in the CSV and the
-    figure, and picks the teacher's planted layer."""
+    """`evaluate.py eval=[selection]` with ``eval.selection.brain`` given as a Hydra ``_target_``: a brain read out
+    from layer2.1 of the synthetic IT teacher (the eps=2 checkpoint). Criterion C is a column beside CKA and
+    predictivity, in metrics.json, the CSV and the figure, and picks the teacher's planted layer."""
+    import json
+
+    from neuroguide.config import compose_config
     from neuroguide.data.synthetic.it import madrylab_checkpoint, write_synthetic_it
+    from neuroguide.evaluation.runner import run as run_eval
+    from neuroguide.evaluation.selection_transfer import rank
     from neuroguide.models.backbones import build_network
 
     it = write_synthetic_it(tmp_path / "it", n_images=64, n_sites=4, image_size=32, teacher_layer="layer2.1")
@@ -226,19 +231,25 @@ def test_selection_with_a_simulated_brain_adds_criterion_c(tmp_path, one_thread)
     torch.manual_seed(3)
     other = str(tmp_path / "r18_eps0.pt")
     torch.save(madrylab_checkpoint(build_network("resnet18").state_dict()), other)
-    brain = {"_target_": "test_selection.ReadoutBrain", "network": teacher, "layer": "layer2.1", "image_size": 32}
-    layers = ["layer1.1", "layer2.1", "layer3.1"]
-    res = run_selection({"it_file": str(it), "out_dir": str(tmp_path / "out"), "backbone": "resnet18",
-                         "layers": layers, "robust_weights": {0: other, 2: teacher}, "image_size": 32, "n_folds": 2,
-                         "brain": brain, "brain_eps": 0.5, "brain_steps": 8, "brain_n_images": 12})
-    from neuroguide.evaluation.selection_transfer import rank
-
-    ranks = rank(res["rows"], "brain_change")
-    for r in res["rows"]:
-        print(f"eps {r['at_eps']:g} {r['layer']}: CKA {r['cka']:.3f}, median r {r['r_median']:.3f}, "
-              f"C brain change {r['brain_change']:.3f} (rank {ranks[(r['at_eps'], r['layer'])]})")
-    assert res["best"]["brain_change"] == (2.0, "layer2.1")
-    with open(res["csv"]) as f:
+    cfg = compose_config("evaluate", [
+        f"paths.log_dir={tmp_path}/outputs", "eval=[selection]", f"eval.selection.it_file={it}",
+        "eval.selection.backbone=resnet18", "eval.selection.layers=[layer1.1,layer2.1,layer3.1]",
+        f"+paths.robust_weights.0={other}", f"+paths.robust_weights.2={teacher}", "eval.selection.image_size=32",
+        "eval.selection.n_folds=2", "eval.selection.brain_eps=0.5", "eval.selection.brain_steps=8",
+        "eval.selection.brain_n_images=12",
+        f"eval.selection.brain={{_target_:test_selection.ReadoutBrain,network:'{teacher}',layer:layer2.1,image_size:32}}"],
+        output_dir=tmp_path / "out")
+    m = run_eval(cfg)
+    rows = [{"at_eps": e, "layer": L, "brain_change": m[f"eval/selection/{e}/{L}/brain_change"]}
+            for e in (0.0, 2.0) for L in ("layer1.1", "layer2.1", "layer3.1")]
+    ranks = rank(rows, "brain_change")
+    for r in rows:
+        cka = m[f"eval/selection/{r['at_eps']}/{r['layer']}/cka"]
+        print(f"eps {r['at_eps']:g} {r['layer']}: CKA {cka:.3f}, C brain change {r['brain_change']:.3f} "
+              f"(rank {ranks[(r['at_eps'], r['layer'])]})")
+    assert ranks[(2.0, "layer2.1")] == 1
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == m
+    with open(tmp_path / "out" / "selection.csv") as f:
         assert {"cka", "r_median", "brain_change", "brain_change_sd"} <= set(next(csv.DictReader(f)))
 
 
