@@ -131,18 +131,32 @@ class MSEToTarget(Objective):
 
 
 class ResponseChange(Objective):
-    """Move the whole response away from a reference: ``+mean_k (h_k(x) - r_k)^2`` per row.
+    """Move the whole response away from a reference: ``+mean_k ((h_k(x) - r_k) / s_k)^2`` per row.
 
-    The untargeted attack on neural outputs (transfer of response changes); ``reference``: (N, K),
-    usually the clean response. Its gradient is zero at the reference: use a random start.
+    The untargeted attack on neural outputs (transfer of response changes, population sensitivity);
+    ``reference``: (N, K), usually the clean response. ``scale``: None (``s_k = 1``) or (K,) per-unit scales
+    ``s_k > 0``, e.g. each unit's std over clean images (Lonngqvist et al.'s population change
+    ``||(r(x + d) - r(x)) / sigma||_2 = sqrt(K * value)``). Its gradient is zero at the reference: use a random
+    start.
     """
 
-    def __init__(self, reference: torch.Tensor):
+    def __init__(self, reference: torch.Tensor, scale: torch.Tensor | None = None):
         self.reference = torch.as_tensor(reference).float()
+        self.scale = None
+        if scale is not None:
+            self.scale = torch.as_tensor(scale).float().flatten()
+            if not bool(torch.isfinite(self.scale).all()) or bool((self.scale <= 0).any()):
+                raise ValueError(f"ResponseChange scale: expected finite per-unit scales > 0, got min "
+                                 f"{float(self.scale.min()):g}; leave out units with zero std")
 
     def __call__(self, outputs, rows):
         outputs = _check_2d(outputs)
         r = self.reference.to(outputs.device)
         if r.ndim == 2:
             r = r[rows.to(outputs.device)]
-        return ((outputs - r) ** 2).mean(dim=1)
+        diff = outputs - r
+        if self.scale is not None:
+            if self.scale.numel() != diff.shape[1]:
+                raise ValueError(f"ResponseChange scale has {self.scale.numel()} values for {diff.shape[1]} units")
+            diff = diff / self.scale.to(outputs.device)
+        return (diff ** 2).mean(dim=1)

@@ -18,25 +18,23 @@ analyses, models and runs go on, metrics.json is written with everything that co
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from neuroguide.config import CONF_DIR, output_dir
-from neuroguide.evaluation.stimuli import Stimuli, model_stimuli
+import neuroguide.evaluation.analyses  # noqa: F401  (registers every analysis)
+from neuroguide.evaluation.registry import (  # noqa: F401  (per_model, multi_model, FAILED: the public names)
+    FAILED, MULTI_MODEL, PER_MODEL, _recorded, failures, multi_model, per_model)
+from neuroguide.evaluation.stimuli import model_stimuli
 from neuroguide.logging_setup import log_outputs
 from neuroguide.models.checkpoints import load_model
-from neuroguide.models.features import device_of
 from neuroguide.utils.io import atomic_path, write_json
 
 log = logging.getLogger("neuroguide")
-
-FAILED = "failed"  # last part of the metric key of a failed step: eval/<analysis>/failed
 
 
 class EvaluationFailed(RuntimeError):
@@ -49,189 +47,6 @@ class EvaluationFailed(RuntimeError):
         lines = "".join(f"\n  {k}: {v}" for k, v in self.failures.items())
         super().__init__(f"{len(self.failures)} evaluation step(s) failed (tracebacks in the log); {metrics_file} "
                          f"holds the results of the others and these failures:{lines}")
-
-
-def failures(metrics: Mapping) -> dict[str, str]:
-    """The failed steps recorded in ``metrics`` (keys ending in ``/failed``)."""
-    return {k: v for k, v in metrics.items() if k.rsplit("/", 1)[-1] == FAILED}
-
-
-@contextlib.contextmanager
-def _recorded(metrics: dict, step: str, where: str, prefix: str = ""):
-    """Run the block; an exception in it is logged with its traceback and recorded in ``metrics`` as
-    ``{prefix}eval/{step}/failed = "<ExceptionType>: <message>"`` (one line), and the caller goes on."""
-    try:
-        yield
-    except Exception as e:
-        key = f"{prefix}eval/{step}/{FAILED}"
-        log.exception("%s failed (%s): recorded as %s in metrics.json; the other steps go on", step, where, key)
-        metrics[key] = " ".join(f"{type(e).__name__}: {e}".split())
-
-# --------------------------------------------------------------------------- per-model analyses
-PerModel = Callable[[torch.nn.Module, Stimuli, Path, dict], dict]
-PER_MODEL: dict[str, PerModel] = {}
-MULTI_MODEL: dict[str, Callable[[dict, Stimuli, Path, dict], dict]] = {}
-
-
-def per_model(name: str, needs_labels: bool = False):
-    """Register a per-model analysis; with ``needs_labels`` it is skipped (with a warning) on stimuli
-    without class labels (predictors, IT models)."""
-
-    def deco(fn):
-        def run_if_labelled(model, stim, out, p):
-            if needs_labels and stim.labels is None:
-                log.warning("%s: %s has no class labels (not a classifier): skipped", name, stim.source)
-                return {}
-            return fn(model, stim, out, p)
-
-        PER_MODEL[name] = run_if_labelled
-        return fn
-
-    return deco
-
-
-def multi_model(name: str):
-    def deco(fn):
-        MULTI_MODEL[name] = fn
-        return fn
-
-    return deco
-
-
-def _images(stim: Stimuli, n: int | None) -> torch.Tensor:
-    return stim.images if not n else stim.images[:n]
-
-
-@per_model("sensitivity")
-def _sensitivity(model, stim, out, p):
-    """``n_images`` attacked images (the first of the evaluation stimuli); ``sigma_i`` over
-    ``n_sigma_images`` clean images spread over the same held-out split (null: all of it)."""
-    from neuroguide.evaluation import sensitivity
-
-    p = dict(p)
-    n = p.pop("n_images", None)
-    n_sigma = p.pop("n_sigma_images", None)
-    if stim.split is not None:  # stimuli of model_stimuli: read the held-out split again, not only the first N
-        sigma_images = stim.split(n_sigma).images
-    else:
-        sigma_images = _images(stim, n_sigma)
-    log.info("sensitivity: %d attacked images, sigma_i over %d held-out clean images (%s)", len(_images(stim, n)),
-             len(sigma_images), stim.source)
-    return sensitivity.evaluate(model, _images(stim, n), out, sigma_images=sigma_images, **p)
-
-
-@per_model("robustness", needs_labels=True)
-def _robustness(model, stim, out, p):
-    """``n_images`` (default 1000; null: all) labelled images spread over the model's held-out split, read
-    again for this analysis (not only the top-level ``n_images``): accuracies are binomial, so 64 images
-    give a standard error of ~0.06, 200 images ~0.03, 1000 ~0.015."""
-    from neuroguide.evaluation import robustness
-
-    p = dict(p)
-    n = p.pop("n_images", None)
-    if str(n).strip().lower() in ("all", "none", "null"):
-        n = None
-    if stim.split is not None:
-        stim = stim.split(int(n) if n else None)
-    elif n:
-        stim = dataclasses.replace(stim, images=stim.images[:int(n)], labels=stim.labels[:int(n)], responses=None)
-    log.info("robustness: %d labelled images (%s)", len(stim.labels), stim.source)
-    return robustness.evaluate(model, stim.images, stim.labels, out, **p)
-
-
-@multi_model("transfer")
-def _transfer(models, stim, out, p):
-    """The fixed-eps matrix, then effect-matched transfer (``effect:``), whose failure is recorded as
-    ``eval/transfer/effect/failed`` and keeps the fixed-eps results."""
-    from neuroguide.evaluation import transfer, transfer_effect
-
-    p = dict(p)
-    effect = p.pop("effect", None)
-    metrics = transfer.evaluate(models, stim.images, stim.labels, out, **p)
-    with _recorded(metrics, "transfer/effect", f"the models {list(models)}"):
-        metrics.update(transfer_effect.evaluate_stimuli(models, stim, out, effect))
-    return metrics
-
-
-def neural_reference(model, params: dict, cfg_n: int | None) -> tuple[torch.Tensor, dict]:
-    """Images and measured responses to compare a model with: NSD test images with the voxels of
-    ``params['regions']`` (default: the model's own region), or an IT model's test sites."""
-    from neuroguide.evaluation.stimuli import STIMULI, nsd_stimuli
-
-    info = model.neuroguide_info
-    regions = params.pop("regions", None)
-    n = params.pop("n_images", None) or cfg_n
-    device = device_of(model)
-    if info["task_name"] == "it_encoding" and not regions:
-        st = STIMULI["it_encoding"](info["run_config"], info["facts"], n, {})
-        return st.images.to(device), {"IT": st.responses}
-    st = nsd_stimuli(info["run_config"], info["facts"], n, params.pop("stimuli", {}) or {}, regions)
-    return st.images.to(device), st.region_responses
-
-
-@per_model("rsa")
-def _rsa(model, stim, out, p):
-    from neuroguide.evaluation import rsa
-
-    p.pop("layer", None)  # the model-vs-model layer
-    images, responses = neural_reference(model, p, len(stim))
-    return rsa.evaluate(model, images, out, responses=responses, **p)
-
-
-@per_model("cka")
-def _cka(model, stim, out, p):
-    from neuroguide.evaluation import cka
-
-    p.pop("layer", None)
-    images, responses = neural_reference(model, p, len(stim))
-    return cka.evaluate(model, images, out, responses=responses, **p)
-
-
-@per_model("shape_bias", needs_labels=True)
-def _shape_bias(model, stim, out, p):
-    from neuroguide.evaluation import shape_bias
-
-    return shape_bias.evaluate(model, out, images=stim.images, labels=stim.labels, **p)
-
-
-@per_model("smoothness", needs_labels=True)
-def _smoothness(model, stim, out, p):
-    from neuroguide.evaluation import smoothness
-
-    return smoothness.evaluate(model, stim.images, stim.labels, out, **p)
-
-
-@multi_model("rsa")
-def _rsa_models(models, stim, out, p):
-    from neuroguide.evaluation import rsa
-
-    p = dict(p)
-    p.pop("regions", None), p.pop("n_images", None), p.pop("layers", None)
-    return rsa.evaluate_models(models, stim.images, out, **p)
-
-
-@multi_model("cka")
-def _cka_models(models, stim, out, p):
-    from neuroguide.evaluation import cka
-
-    p = dict(p)
-    p.pop("regions", None), p.pop("n_images", None), p.pop("layers", None)
-    return cka.evaluate_models(models, stim.images, out, **p)
-
-
-@per_model("control")
-def _control(model, stim, out, p):
-    """Region control, category flip, super-stimuli (:mod:`neuroguide.evaluation.control_analysis`)."""
-    from neuroguide.evaluation import control_analysis
-
-    return control_analysis.evaluate({"model": model}, stim, out, p)
-
-
-@multi_model("control")
-def _control_models(models, stim, out, p):
-    from neuroguide.evaluation import control_analysis
-
-    return control_analysis.evaluate(models, stim, out, p)
 
 
 # --------------------------------------------------------------------------- modes

@@ -9,9 +9,13 @@ B. **cross-validated linear predictivity**: ridge regression from X to each site
    (closed form from one eigendecomposition per fold); the score is the per-site Pearson r of the
    out-of-fold predictions (median over sites, and divided by sqrt of the split-half reliability).
 
+C. **transfer of layer-targeted perturbations to the brain** (with ``brain``, see
+   :mod:`neuroguide.evaluation.selection_transfer`): perturbations that maximally change the layer's
+   representation are shown to the brain (a callable ``images -> (N, sites)``, e.g. a simulated brain), and
+   the pair is scored by how much the sites move, ``mean |delta b_i| / sigma_i`` (column ``brain_change``).
+
 The table (CSV) has one row per pair; the figure shows each criterion as a layer x eps heatmap
-with the best pair marked by an asterisk. (Guo et al.'s third criterion, transfer of
-layer-targeted perturbations to IT, needs new recordings and is not computed here.)
+with the best pair marked by an asterisk.
 """
 from __future__ import annotations
 
@@ -129,9 +133,58 @@ def best_pair(rows: Sequence[dict], metric: str) -> tuple[float, str]:
     return r["at_eps"], r["layer"]
 
 
+FIGURE_METRICS = (("cka", "A. CKA to IT"), ("r_median", "B. CV predictivity (median r)"),
+                  ("brain_change", "C. layer attacks on the brain (|db|/sigma)"))
+
+
+def _add_criterion_c(rows: list[dict], networks, images, layers: Sequence[str], cfg: Mapping) -> bool:
+    """Criterion C's ``brain_change`` (and ``brain_change_sd``, ``layer_change``) added to each row, from a brain
+    callable (``brain``) or a lab's recordings (``brain_recordings`` of the ``brain_stimuli`` file); with
+    ``brain_stimuli`` alone, the stimuli file is written for the lab. Returns whether the column was added."""
+    from neuroguide.evaluation import selection_lab as lab
+    from neuroguide.evaluation.selection_transfer import (brain_change_rows, brain_responses, layer_perturbations,
+                                                          make_brain, site_sigma)
+
+    stimuli, recordings = cfg.get("brain_stimuli"), cfg.get("brain_recordings")
+    if cfg.get("brain") is None and not stimuli and not recordings:
+        log.info("selection: no brain given (selection.brain=null, no brain_stimuli / brain_recordings): criterion C "
+                 "(transfer of layer-targeted perturbations to the brain) is not computed")
+        return False
+    budget = {"eps": float(cfg.get("brain_eps", 1.0)), "norm": str(cfg.get("brain_norm", "l2")),
+              "steps": int(cfg.get("brain_steps", 32)), "restarts": int(cfg.get("brain_restarts", 1)),
+              "n_images": int(cfg.get("brain_n_images") or 64), "image_size": int(cfg.get("image_size", 224)),
+              "seed": int(cfg.get("seed", 0))}
+    candidates = [(float(e), layer) for e in networks for layer in layers]
+    batch = int(cfg.get("batch_size", 64))
+    if recordings:
+        if not stimuli:
+            raise ValueError("selection.brain_recordings needs selection.brain_stimuli: the stimuli file the lab "
+                             "recorded (written by a run with brain_stimuli=<file> and no recordings)")
+        clean, adv, change = lab.read_brain_recordings(stimuli, recordings, candidates, budget)
+        c_rows = brain_change_rows(clean, adv, site_sigma(clean, "selection.brain_recordings"), change)
+    else:
+        pick = np.unique(np.linspace(0, len(images) - 1, min(budget["n_images"], len(images))).round().astype(int))
+        x = torch.stack([images[int(i)] for i in pick])
+        perturbed = layer_perturbations(networks, x, layers, eps=budget["eps"], norm=budget["norm"],
+                                        steps=budget["steps"], restarts=budget["restarts"], batch_size=batch,
+                                        seed=budget["seed"])
+        if cfg.get("brain") is None:
+            lab.write_brain_stimuli(stimuli, x, perturbed, budget)
+            return False
+        brain = make_brain(cfg["brain"], cfg.get("brain_repeats"))
+        sigma = site_sigma(brain_responses(brain, images, batch))  # over all selection images
+        adv = {k: brain_responses(brain, xa, batch) for k, (xa, _) in perturbed.items()}
+        c_rows = brain_change_rows(brain_responses(brain, x, batch), adv, sigma,
+                                   {k: c for k, (_, c) in perturbed.items()})
+    by_pair = {(r["at_eps"], r["layer"]): r for r in c_rows}
+    for r in rows:
+        c = by_pair[(r["at_eps"], r["layer"])]
+        r.update(brain_change=c["brain_change"], brain_change_sd=c["brain_change_sd"], layer_change=c["layer_change"])
+    return True
+
+
 def selection_figure(rows: Sequence[dict], path: str | os.PathLike,
-                     metrics: Sequence[tuple[str, str]] = (("cka", "A. CKA to IT"),
-                                                           ("r_median", "B. CV predictivity (median r)"))) -> Path:
+                     metrics: Sequence[tuple[str, str]] = FIGURE_METRICS[:2]) -> Path:
     """Layer (rows) x eps (columns) heatmap per metric, best pair marked with a black asterisk (Fig. 6)."""
     from neuroguide.evaluation.plots import plt, save_figure
 
@@ -163,7 +216,13 @@ def run_selection(config: Mapping) -> dict:
     Keys: ``it_file``; ``out_dir``; ``backbone`` (default resnet50); ``eps`` (list, default the keys of
     ``robust_weights``); ``layers`` (names in the backbone); ``robust_weights`` ({eps: path or null},
     null = random init, allowed for eps 0 only); ``image_size`` (224); ``n_folds`` (5); ``pool``
-    (null); ``max_images`` (null = all); ``batch_size`` (64); ``seed`` (0). Returns
+    (null); ``max_images`` (null = all); ``batch_size`` (64); ``seed`` (0). Criterion C: ``brain`` (null: not
+    computed; a callable, or a mapping with ``_target_`` instantiated by Hydra, e.g. a simulated brain),
+    ``brain_repeats`` (null: the brain's noise-free call; n: its ``record(images, n)``, repeat-averaged),
+    ``brain_eps`` (1.0), ``brain_norm`` (l2), ``brain_steps`` (32), ``brain_restarts`` (1), ``brain_n_images``
+    (64 perturbed images spread over the selection images; the sites' sigma is over all of them); for a lab,
+    ``brain_stimuli`` (a file to write the clean and perturbed images to, for recording) and ``brain_recordings``
+    (the lab's IT file of their recordings, scored against ``brain_stimuli``; :mod:`selection_lab`). Returns
     ``{"rows", "best": {metric: (eps, layer)}, "csv", "png"}``.
     """
     from neuroguide.data.it import ITImages, read_it, split_half_reliability
@@ -204,9 +263,12 @@ def run_selection(config: Mapping) -> dict:
     rows = selection_scores(networks, images, responses, list(cfg["layers"]), reliability,
                             n_folds=int(cfg.get("n_folds", 5)), pool=cfg.get("pool"),
                             batch_size=int(cfg.get("batch_size", 64)), seed=int(cfg.get("seed", 0)))
+    metrics = list(FIGURE_METRICS[:2])
+    if _add_criterion_c(rows, networks, images, list(cfg["layers"]), cfg):
+        metrics.append(FIGURE_METRICS[2])
     out = Path(cfg["out_dir"])
     csv_path = write_csv(out / "selection.csv", rows)
-    png = selection_figure(rows, out / "selection.png")
-    best = {m: best_pair(rows, m) for m in ("cka", "r_median")}
-    log.info("selection: best (eps, layer) by CKA %s, by predictivity %s", best["cka"], best["r_median"])
+    png = selection_figure(rows, out / "selection.png", metrics)
+    best = {m: best_pair(rows, m) for m, _ in metrics}
+    log.info("selection: best (eps, layer) %s", best)
     return {"rows": rows, "best": best, "csv": csv_path, "png": png}
