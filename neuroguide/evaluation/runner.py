@@ -212,6 +212,22 @@ def _cka_models(models, stim, out, p):
     return cka.evaluate_models(models, stim.images, out, **p)
 
 
+@per_model("subspace")
+def _subspace(model, stim, out, p):
+    """The spectrum of J^T J at the first ``n_images`` stimuli (McNeal & Murty's perturbation subspaces)."""
+    from neuroguide.evaluation import subspace
+
+    return subspace.evaluate(model, stim.images, out, **p)
+
+
+@multi_model("subspace")
+def _subspace_models(models, stim, out, p):
+    """Model x model similarity of perturbation subspaces on the stimuli of the first model."""
+    from neuroguide.evaluation import subspace
+
+    return subspace.evaluate_models(models, stim.images, out, **p)
+
+
 # --------------------------------------------------------------------------- modes
 def _device(cfg) -> torch.device:
     d = str(cfg.get("device", "auto"))
