@@ -14,7 +14,7 @@ Time: both sides in this process on the same model and image, interleaved repeat
 is shared); the eigenvalues of the two sides and their subspaces are compared.
 
 Peak memory: each side once more in a fresh child process (``--child``), which builds the same model and image,
-warms both methods up on a 20-output model, resets the kernel's peak-RSS counter (``/proc/self/clear_refs``),
+warms both methods up on a 20-output model and 16 px images, resets the kernel's peak-RSS counter (``/proc/self/clear_refs``),
 records ``VmRSS`` and runs the method once; the number is the growth of the peak resident set (``VmHWM`` after the
 call minus ``VmRSS`` before it): every byte the call needed at its peak, torch's CPU allocator included
 (``tracemalloc`` does not see it), the model's own weights excluded.
@@ -107,7 +107,9 @@ def warm_up(size: int, args) -> None:
 def child(method: str, size: int, k_out: int, args) -> None:
     """Run one method once in this fresh process; print the peak RSS growth (MB) as JSON."""
     model, x = region_model(k_out, args.width), image(size)
-    warm_up(size, args)  # lazy initialisations (as in the parent) before the baseline
+    # lazy initialisations before the baseline, on 16 px images: at the measured size the warm-up's freed buffers
+    # would stay in the process (malloc keeps them) and hide the measured call's own peak
+    warm_up(16, args)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     before = status_kb("VmRSS")
     if method == "matrix_free":

@@ -119,6 +119,10 @@ def test_bad_input_is_named():
         perturbation_subspaces(tiny_cnn(), images, k=2, method="svd", progress=False)
     with pytest.raises(ValueError, match=r"eval.subspace.k=0: expected a whole number >= 1"):
         perturbation_subspaces(tiny_cnn(), images, k=0, progress=False)
+    classifier = tiny_cnn()
+    classifier.neuroguide_info = {"model_kind": "guidance"}  # a guided classifier without a neural head
+    with pytest.raises(ValueError, match=r"no region response.*eval.subspace.layer=<layer>"):
+        perturbation_subspaces(classifier, images, k=2, progress=False)
     nan_model = tiny_cnn()
     with torch.no_grad():
         nan_model[-1].bias[3] = float("nan")
