@@ -119,6 +119,10 @@ def test_bad_input_is_named():
         perturbation_subspaces(tiny_cnn(), images, k=2, method="svd", progress=False)
     with pytest.raises(ValueError, match=r"eval.subspace.k=0: expected a whole number >= 1"):
         perturbation_subspaces(tiny_cnn(), images, k=0, progress=False)
+    for method in ("eigsh", "lobpcg"):  # a budget too small for the tolerance: reported, not returned half-converged
+        with pytest.raises(RuntimeError, match=rf"{method} did not converge.*eval.subspace.max_iter=1"):
+            perturbation_subspaces(linear_model(torch.randn(150, D, generator=torch.Generator().manual_seed(5))), images,
+                                   k=3, method=method, max_iter=1, tol=1e-10, progress=False)
     classifier = tiny_cnn()
     classifier.neuroguide_info = {"model_kind": "guidance"}  # a guided classifier without a neural head
     with pytest.raises(ValueError, match=r"no region response.*eval.subspace.layer=<layer>"):

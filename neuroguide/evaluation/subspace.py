@@ -11,11 +11,12 @@ The top k of them, stacked as the columns of ``P`` (D x k, orthonormal), are the
 subspace* at ``x``; the eigenvalues are the squared response changes along them (the spectrum).
 
 The eigenpairs are found **matrix-free**: ``J^T J`` (D x D) and ``J`` (K x D) are never formed. Each product
-``v -> J^T (J v)`` is one forward-mode JVP (``J v``, ``torch.autograd.forward_ad``) and one reverse-mode
-VJP (``J^T u``, ``torch.func.vjp``, the forward pass kept once per image) of the model, and the solver needs only products: ARPACK's Lanczos method
-(``scipy.sparse.linalg.eigsh`` on a ``LinearOperator``, ``method="eigsh"``, the default) or LOBPCG
-(``torch.lobpcg``, ``method="lobpcg"``, block products batched with ``torch.func.vmap``). J^T J has rank <= K,
-so k may not exceed K (nor reach D).
+``v -> J^T (J v)`` is one forward-mode JVP (``J v``, ``torch.autograd.forward_ad``) and one reverse-mode VJP
+(``J^T u``, ``torch.func.vjp``, whose forward pass is kept once per image) of the model, and the solvers need
+only products: ARPACK's Lanczos method (``scipy.sparse.linalg.eigsh`` on a ``LinearOperator``,
+``method="eigsh"``, the default) or LOBPCG (``torch.lobpcg``, ``method="lobpcg"``, block products batched).
+Memory is one forward graph, whatever K; time is ~25-35 products for k = 10 (benchmarks/subspace.py). J^T J has
+rank <= K, so k may not exceed K (nor reach D).
 
 Two subspaces ``P_i, P_j`` (D x k, orthonormal) are compared by the mean squared cosine of their k principal
 angles, ``sim(P_i, P_j) = ||P_i^T P_j||_F^2 / k`` (1: the same subspace; 0: orthogonal). Two independent
@@ -74,8 +75,8 @@ class GramOperator:
 
     def _jvp(self, T: torch.Tensor) -> torch.Tensor:
         """(m, 3, S, S) tangents -> (m, K) ``J t`` for each row: forward-mode AD on m copies of the image
-        (``torch.autograd.forward_ad``, the engine under ``torch.func.jvp``, which adds ~3x overhead here; the
-        model is in eval mode, so the rows are independent)."""
+        (``torch.autograd.forward_ad``, the engine under ``torch.func.jvp``, which was 1.3-3x slower on a ResNet
+        here; the model is in eval mode, so the rows are independent)."""
         X = self.x.expand(T.shape[0], *self.input_shape).contiguous()
         with fwAD.dual_level():
             tangent = fwAD.unpack_dual(self.forward(fwAD.make_dual(X, T))).tangent
@@ -167,7 +168,6 @@ class _OperatorMode(TorchFunctionMode):
         if any(a is self.A for a in args) and getattr(func, "__name__", "") != "__get__":  # attribute reads pass
             raise RuntimeError(f"torch.lobpcg used the matrix-free operator in {func}, which only matmul supports")
         return func(*args, **kwargs)
-
 
 
 def lobpcg_top(op: GramOperator, k: int, tol: float, max_iter: int | None, X0: torch.Tensor,
