@@ -80,6 +80,25 @@ def test_linear_model_subspace_is_the_top_right_singular_vectors():
     assert float(subspace_similarity(torch.from_numpy(Vt[k:k + 1].T.copy()), res.eigenvectors[0])) < 1e-6
 
 
+@pytest.mark.parametrize("method", ["eigsh", "lobpcg"])
+def test_the_jacobian_is_never_formed(method):
+    """K = 150 outputs: the explicit Jacobian needs 150 VJPs (or a forward pass of 150 tangents); the solvers
+    see the model only through products, in batches of at most batch_size images. ARPACK needs fewer than K
+    products; torch.lobpcg needs more (each iteration multiplies the whole block [X, W, P] again)."""
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(150, D, generator=g) * torch.logspace(0, -2, 150)[:, None]  # a decaying spectrum
+    model = linear_model(W)
+    batches = []
+    model.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    res = perturbation_subspaces(model, torch.rand(1, 3, S, S, generator=g), k=3, method=method, batch_size=4,
+                                 progress=False)
+    assert max(batches) <= 4, batches
+    if method == "eigsh":
+        assert res.n_products[0] < 150, res.n_products
+    _, s, _ = np.linalg.svd(W.double().numpy())
+    np.testing.assert_allclose(res.eigenvalues[0], s[:3] ** 2, rtol=1e-4)
+
+
 def test_similarity_is_one_for_a_model_with_itself_and_near_k_over_d_for_unrelated_models():
     images = torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(3))
     k = 4
