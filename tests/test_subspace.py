@@ -214,3 +214,26 @@ def test_evaluate_models_mode_writes_the_similarity_matrix(guided_ckpts):
         _evaluate(tmp, "e_sizes", f"models=[{a},{c}]", "eval=[subspace]", "eval.subspace.n_images=1")
     with pytest.raises(EvaluationFailed, match=r"eval.subspace.k=9 exceeds the response dimension K=8"):
         _evaluate(tmp, "e_k", f"ckpt={a}", "eval=[subspace]", "eval.subspace.k=9", "eval.subspace.n_images=1")
+
+
+def test_evaluate_sweep_mode_per_run_spectrum_and_sweep_similarity(guided_ckpts):
+    """sweep_dir=: each run's spectrum in its eval_metrics.json, the similarity matrix over the runs. (The sweep
+    report needs train.py's run folders, which these hand-saved checkpoints are not: its failure is expected.)"""
+    import shutil
+
+    from neuroguide.evaluation.runner import EvaluationFailed
+
+    tmp, (a, b, _) = guided_ckpts
+    sweep = tmp / "sweep"
+    for p in (a, b):
+        (sweep / p.parent.name).mkdir(parents=True)
+        shutil.copy(p, sweep / p.parent.name / "model.ckpt")
+    with pytest.raises(EvaluationFailed) as info:
+        _evaluate(tmp, "e_sweep", f"sweep_dir={sweep}", "eval=[subspace]", "eval.subspace.k=2",
+                  "eval.subspace.n_images=1")
+    assert list(info.value.failures) == ["eval/report/failed"]
+    m = json.loads((tmp / "e_sweep" / "metrics.json").read_text())
+    run_a = json.loads((sweep / "a" / "eval_metrics.json").read_text())
+    assert run_a["eval/subspace/eigenvalue_1"] == pytest.approx(m["eval/subspace/a/eigenvalue_1"], rel=1e-4)
+    assert m["eval/subspace/a/a/similarity"] == pytest.approx(1.0, abs=1e-5) and 0 <= m["eval/subspace/a/b/similarity"] < 1
+    assert (tmp / "e_sweep" / "subspace" / "subspace_similarity.png").exists()
