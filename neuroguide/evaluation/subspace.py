@@ -302,8 +302,8 @@ def _spectrum_panel(subspaces: dict[str, Subspaces]) -> dict:
     for name, s in subspaces.items():
         mean = s.eigenvalues.mean(0)
         curves.append({"x": np.arange(1, s.k + 1), "y": mean, "yerr": s.eigenvalues.std(0), "label": name})
-    return {"title": "spectrum of J^T J (mean over images, band: sd)", "xlabel": "eigenvalue index i",
-            "ylabel": "eigenvalue (response change^2 per unit L2 perturbation^2)", "curves": curves, "integer_x": True}
+    return {"title": "spectrum of J^T J\n(mean over images, band: sd)", "xlabel": "eigenvalue index i",
+            "ylabel": "eigenvalue (squared response change)", "curves": curves, "integer_x": True}
 
 
 def _spectrum_metrics(s: Subspaces, prefix: str) -> dict:
@@ -373,9 +373,9 @@ def evaluate_models(models: Mapping[str, nn.Module], images: torch.Tensor, out_d
                                                 for i, a in enumerate(names)))
     out_dir = Path(out_dir)
     write_csv(out_dir / "subspace_similarity.csv", rows)
-    heatmap_figure([("perturbation subspace similarity", mean)], names, names, out_dir / "subspace_similarity.png",
-                   xlabel="", ylabel="", cbar_label="||P_a^T P_b||_F^2 / k", vmin=0.0, vmax=1.0,
-                   title=f"k={first.k}, mean over {len(images)} images; random baseline k/D = {base:.2g}")
+    heatmap_figure([(f"subspace similarity, k={first.k}, {len(images)} images\nrandom baseline k/D = {base:.2g}", mean)],
+                   names, names, out_dir / "subspace_similarity.png", xlabel="", ylabel="",
+                   cbar_label="||P_a^T P_b||_F^2 / k", vmin=0.0, vmax=1.0)
     curve_figure([_spectrum_panel(subs)], out_dir / "subspace_spectrum.png", logy=True)
     return metrics
 
