@@ -157,3 +157,19 @@ def _population(model, stim, out, p):
         log.info("population: %s has no class labels: population sensitivity only, the decoder part is skipped",
                  stim.source)
     return population.evaluate(model, pool.images, out, labels=pool.labels, **p)
+
+
+@per_model("subspace")
+def _subspace(model, stim, out, p):
+    """The spectrum of J^T J at the first ``n_images`` stimuli (McNeal & Murty's perturbation subspaces)."""
+    from neuroguide.evaluation import subspace
+
+    return subspace.evaluate(model, stim.images, out, **p)
+
+
+@multi_model("subspace")
+def _subspace_models(models, stim, out, p):
+    """Model x model similarity of perturbation subspaces on the stimuli of the first model."""
+    from neuroguide.evaluation import subspace
+
+    return subspace.evaluate_models(models, stim.images, out, **p)

@@ -61,8 +61,9 @@ def declared_input_size(model: nn.Module) -> int | None:
 
 
 def check_input_sizes(models: Mapping[str, nn.Module], images: torch.Tensor,
-                      input_sizes: Mapping[str, int] | None = None) -> None:
-    """One input size for all models of a transfer matrix, equal to the images' size; else ValueError."""
+                      input_sizes: Mapping[str, int] | None = None, analysis: str = "transfer") -> None:
+    """One input size for all models compared by ``analysis`` (a transfer matrix, perturbation subspaces),
+    equal to the images' size; else ValueError."""
     sizes = {}
     for name, m in models.items():
         s = (input_sizes or {}).get(name, declared_input_size(m))
@@ -70,7 +71,7 @@ def check_input_sizes(models: Mapping[str, nn.Module], images: torch.Tensor,
             sizes[name] = int(s)
     if len(set(sizes.values())) > 1:
         listing = ", ".join(f"{n!r}: {s} px" for n, s in sizes.items())
-        raise ValueError(f"transfer needs models with one input size, but they differ ({listing}). A pixel-space "
+        raise ValueError(f"{analysis} needs models with one input size, but they differ ({listing}). A pixel-space "
                          "perturbation made at one size does not apply at another: evaluate models of one input size "
                          "together, or wrap a model with a resize to the common size and pass input_sizes={...}")
     h = images.shape[-1]
