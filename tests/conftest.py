@@ -52,3 +52,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- evaluate.py on saved models
+@pytest.fixture(scope="session")
+def guided_ckpts(tmp_path_factory):
+    """Two untrained guided classifiers with a neural head of 8 outputs (16 px), and a third with another input
+    size, saved with a run config pointing at a small synthetic ImageNet tree; no training needed."""
+    import torch
+
+    from neuroguide.data.synthetic.imagenet import write_synthetic_imagenet
+    from neuroguide.models.checkpoints import save_model_file
+    from neuroguide.models.registry import build_model
+
+    tmp = tmp_path_factory.mktemp("guided_ckpts")
+    paths = []
+    for name, seed, size in (("a", 0, 16), ("b", 1, 16), ("c", 2, 24)):
+        root = write_synthetic_imagenet(tmp / f"imagenet{size}", n_classes=2, n_train=4, n_val=4, image_size=size)
+        mc = {"num_classes": 2, "n_neural": 8, "branch": "layer4", "head_pool": 1, "arch": "resnet18",
+              "predictor": {"arch": "resnet18", "n_outputs": 8}, "predictor_image_size": size}
+        torch.manual_seed(seed)
+        model = build_model("guidance", **mc)
+        rc = {"data": {"classification": "imagenet_subset", "classification_root": str(root),
+                       "classification_class_list": str(root / "classes.txt"), "image_size": size}}
+        facts = {"region": "TO", "alpha": 0.5, "at_eps": 0.0, "image_size": size}
+        paths.append(save_model_file(tmp / name / "model.ckpt", "guidance", mc, model.state_dict(), rc, facts=facts))
+    return tmp, paths
+
+
+def evaluate_in(tmp, out, *overrides):
+    """``evaluate.py`` with these overrides, its output folder ``tmp/out``: (metrics, output folder)."""
+    from neuroguide.config import compose_config
+    from neuroguide.evaluation.runner import run
+
+    cfg = compose_config("evaluate", [f"paths.log_dir={tmp}/outputs", "device=cpu", *overrides], output_dir=tmp / out)
+    return run(cfg), tmp / out

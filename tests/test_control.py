@@ -301,3 +301,31 @@ def test_evaluate_py_on_a_trained_predictor_the_change_grows_with_eps(tmp_path):
             curve = [m[f"eval/control/{norm}_{t}/{d}/change_sd"] for t in tags]
             assert curve[0] > 0 and all(b > a for a, b in zip(curve, curve[1:])), (norm, d, curve)
     assert (tmp_path / "eval" / "control" / "control_images_l2.png").exists()
+
+
+def test_category_flip_over_sites_counts_a_site_that_never_flips(one_thread, tmp_path):
+    """Across sites, flip_eps is the median with a site that never flips counted as beyond every eps: with one of two
+    sites flipping inside the grid it is NaN (the mean over the flipping sites alone would report the easy one)."""
+    images, labels, _, _ = planted_categories()
+    g = torch.Generator().manual_seed(0)
+    templates = torch.randn(3, 3, 16, 16, generator=g).clamp(-3, 3)
+    lin = nn.Linear(768, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.stack([templates[0].flatten(), templates[2].flatten()]) / 27.7)
+    sites = nn.Sequential(nn.Flatten(), lin)
+    wide = category_flip.evaluate(sites, images, labels, tmp_path / "wide", per_unit=True,
+                                  eps_list=[0.25 * i for i in range(1, 41)], n_images=2, progress=False)
+    f = sorted(wide[f"eval/control/category_flip/{s}/flip_eps"] for s in (0, 1))
+    assert all(math.isfinite(x) for x in f) and f[0] < f[1]
+    assert wide["eval/control/category_flip/flip_eps"] == pytest.approx(sum(f) / 2)  # median of two flipping sites
+    cut = (f[0] + f[1]) / 2  # a grid that ends between the two sites' flips
+    m = category_flip.evaluate(sites, images, labels, tmp_path / "cut", per_unit=True,
+                               eps_list=list(np.linspace(cut / 8, cut, 8)), n_images=2, progress=False)
+    assert m["eval/control/category_flip/flip_reached"] == 0.5
+    assert math.isnan(m["eval/control/category_flip/flip_eps"])
+
+
+def test_superstimulus_eps_can_be_written_k_over_255(one_thread):
+    starts = mid_images(2, shape=(3, 8, 8))
+    res = superstimuli.superstimulus(small_cnn(), starts, eps="8/255", norm="linf", steps=3, progress=False)
+    assert res.eps == pytest.approx(8 / 255) and float((res.images - res.starts).abs().max()) <= 8 / 255 + 1e-6

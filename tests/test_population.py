@@ -154,3 +154,13 @@ def test_evaluate_py_population_on_a_guided_classifier(tmp_path, one_thread):
         assert m[f"eval/population/{tag}/population_sensitivity"] >= m[f"eval/population/{tag}/max_unit_sensitivity"]
         assert 0 <= m[f"eval/population/{tag}/decoder_acc_decoder_attack"] <= 1
     assert (tmp_path / "ev" / "population" / "population.png").exists()
+
+
+def test_units_with_nan_responses_are_named_not_called_constant(one_thread):
+    torch.manual_seed(0)
+    lin = nn.Linear(3 * 4 * 4, 5)
+    model = nn.Sequential(nn.Flatten(), lin)
+    with torch.no_grad():
+        lin.bias[2] = float("nan")
+    with pytest.raises(ValueError, match=r"units \[2\] of output give NaN or inf responses"):
+        population_measures(model, torch.rand(12, 3, 4, 4), [0.1], n_images=4, steps=2, progress=False)

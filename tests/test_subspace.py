@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import evaluate_in
 from neuroguide.evaluation.subspace import (perturbation_subspaces, random_baseline, similarity_matrix,
                                             subspace_similarity)
 
@@ -156,42 +157,11 @@ def test_bad_input_is_named():
 
 
 # ----------------------------------------------------------------------------- evaluate.py, models= mode
-@pytest.fixture(scope="module")
-def guided_ckpts(tmp_path_factory):
-    """Two untrained guided classifiers with a neural head of 8 outputs (16 px), and a third with another input
-    size, saved with a run config pointing at a small synthetic ImageNet tree; no training needed."""
-    from neuroguide.data.synthetic.imagenet import write_synthetic_imagenet
-    from neuroguide.models.checkpoints import save_model_file
-    from neuroguide.models.registry import build_model
-
-    tmp = tmp_path_factory.mktemp("subspace_runner")
-    paths = []
-    for name, seed, size in (("a", 0, 16), ("b", 1, 16), ("c", 2, 24)):
-        root = write_synthetic_imagenet(tmp / f"imagenet{size}", n_classes=2, n_train=4, n_val=4, image_size=size)
-        mc = {"num_classes": 2, "n_neural": 8, "branch": "layer4", "head_pool": 1, "arch": "resnet18",
-              "predictor": {"arch": "resnet18", "n_outputs": 8}, "predictor_image_size": size}
-        torch.manual_seed(seed)
-        model = build_model("guidance", **mc)
-        rc = {"data": {"classification": "imagenet_subset", "classification_root": str(root),
-                       "classification_class_list": str(root / "classes.txt"), "image_size": size}}
-        facts = {"region": "TO", "alpha": 0.5, "at_eps": 0.0, "image_size": size}
-        paths.append(save_model_file(tmp / name / "model.ckpt", "guidance", mc, model.state_dict(), rc, facts=facts))
-    return tmp, paths
-
-
-def _evaluate(tmp, out, *overrides):
-    from neuroguide.config import compose_config
-    from neuroguide.evaluation.runner import run
-
-    cfg = compose_config("evaluate", [f"paths.log_dir={tmp}/outputs", "device=cpu", *overrides], output_dir=tmp / out)
-    return run(cfg), tmp / out
-
-
 def test_evaluate_models_mode_writes_the_similarity_matrix(guided_ckpts):
     from neuroguide.evaluation.runner import EvaluationFailed
 
     tmp, (a, b, c) = guided_ckpts
-    m, out = _evaluate(tmp, "e_models", f"models=[{a},{b}]", "eval=[subspace]", "eval.subspace.k=3",
+    m, out = evaluate_in(tmp, "e_models", f"models=[{a},{b}]", "eval=[subspace]", "eval.subspace.k=3",
                        "eval.subspace.n_images=1")
     assert m["eval/subspace/random_baseline"] == pytest.approx(3 / (3 * 16 * 16))
     for x in ("a", "b"):
@@ -206,14 +176,14 @@ def test_evaluate_models_mode_writes_the_similarity_matrix(guided_ckpts):
     assert len(rows) == 4 and {r["random_baseline"] for r in rows} == {repr(3 / 768)}
     assert json.loads((out / "metrics.json").read_text()).keys() == m.keys()
     # one model (ckpt= mode): the spectrum, equal to the multi-model run's
-    m1, out1 = _evaluate(tmp, "e_one", f"ckpt={a}", "eval=[subspace]", "eval.subspace.k=3", "eval.subspace.n_images=1")
+    m1, out1 = evaluate_in(tmp, "e_one", f"ckpt={a}", "eval=[subspace]", "eval.subspace.k=3", "eval.subspace.n_images=1")
     assert m1["eval/subspace/eigenvalue_2"] == pytest.approx(m["eval/subspace/a/eigenvalue_2"], rel=1e-4)
     assert (out1 / "subspace" / "subspace_spectrum.png").exists()
     # models of another input size are refused with the sizes named; k > K names the key
     with pytest.raises(EvaluationFailed, match=r"subspace needs models with one input size.*'a': 16 px.*'c': 24 px"):
-        _evaluate(tmp, "e_sizes", f"models=[{a},{c}]", "eval=[subspace]", "eval.subspace.n_images=1")
+        evaluate_in(tmp, "e_sizes", f"models=[{a},{c}]", "eval=[subspace]", "eval.subspace.n_images=1")
     with pytest.raises(EvaluationFailed, match=r"eval.subspace.k=9 exceeds the response dimension K=8"):
-        _evaluate(tmp, "e_k", f"ckpt={a}", "eval=[subspace]", "eval.subspace.k=9", "eval.subspace.n_images=1")
+        evaluate_in(tmp, "e_k", f"ckpt={a}", "eval=[subspace]", "eval.subspace.k=9", "eval.subspace.n_images=1")
 
 
 def test_evaluate_sweep_mode_per_run_spectrum_and_sweep_similarity(guided_ckpts):
@@ -229,7 +199,7 @@ def test_evaluate_sweep_mode_per_run_spectrum_and_sweep_similarity(guided_ckpts)
         (sweep / p.parent.name).mkdir(parents=True)
         shutil.copy(p, sweep / p.parent.name / "model.ckpt")
     with pytest.raises(EvaluationFailed) as info:
-        _evaluate(tmp, "e_sweep", f"sweep_dir={sweep}", "eval=[subspace]", "eval.subspace.k=2",
+        evaluate_in(tmp, "e_sweep", f"sweep_dir={sweep}", "eval=[subspace]", "eval.subspace.k=2",
                   "eval.subspace.n_images=1")
     assert list(info.value.failures) == ["eval/report/failed"]
     m = json.loads((tmp / "e_sweep" / "metrics.json").read_text())
@@ -237,3 +207,21 @@ def test_evaluate_sweep_mode_per_run_spectrum_and_sweep_similarity(guided_ckpts)
     assert run_a["eval/subspace/eigenvalue_1"] == pytest.approx(m["eval/subspace/a/eigenvalue_1"], rel=1e-4)
     assert m["eval/subspace/a/a/similarity"] == pytest.approx(1.0, abs=1e-5) and 0 <= m["eval/subspace/a/b/similarity"] < 1
     assert (tmp / "e_sweep" / "subspace" / "subspace_similarity.png").exists()
+
+
+def test_rank_deficient_jacobian_warns_that_the_trailing_directions_are_arbitrary(caplog):
+    """r = W x with rank(W) = 2 and k = 3: the third eigenvalue of J^T J is 0 and its eigenvector any direction of a
+    null space, which would lower every similarity at random: the analysis says so."""
+    import logging
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 2, generator=g) @ torch.randn(2, D, generator=g)  # 6 outputs, rank 2
+    images = torch.rand(2, 3, S, S, generator=g)
+    with caplog.at_level(logging.WARNING, logger="neuroguide"):
+        sub = perturbation_subspaces(linear_model(W), images, k=3, progress=False)
+    assert sub.eigenvalues[:, 2].max() <= 1e-8 * sub.eigenvalues[:, 0].min() + 1e-6
+    assert "at 2 of 2 images the k-th eigenvalue" in caplog.text and "rank < k=3" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="neuroguide"):
+        perturbation_subspaces(linear_model(W), images, k=2, progress=False)
+    assert "rank < k" not in caplog.text

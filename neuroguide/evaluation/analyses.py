@@ -138,7 +138,7 @@ def _control(model, stim, out, p):
     return control_analysis.evaluate({"model": model}, stim, out, p)
 
 
-@multi_model("control")
+@multi_model("control", in_sweeps=False)
 def _control_models(models, stim, out, p):
     from neuroguide.evaluation import control_analysis
 

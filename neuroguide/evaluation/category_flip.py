@@ -37,6 +37,7 @@ from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.attacks.steps import get_step_class
 from neuroguide.evaluation.control import responses
 from neuroguide.models.features import device_of
+from neuroguide.evaluation.responses import spread
 from neuroguide.evaluation.plots import check_eps_list, curve_figure, write_csv
 
 log = logging.getLogger("neuroguide")
@@ -197,7 +198,7 @@ def category_flip(forward: nn.Module, images: torch.Tensor, labels: torch.Tensor
         perturbed[e] = _scalar(responses(forward, torch.cat(adv), batch_size), site).numpy()
     return FlipResult(site="mean" if site is None else str(int(site)), norm=norm, eps=eps_list, category_means=means,
                       preferred=pref, non_preferred=nonpref, clean=r[idx].numpy().astype(float), perturbed=perturbed,
-                      best_natural=float(r.max()), sd=float(r.std()) if len(r) > 1 else 0.0)
+                      best_natural=float(r.max()), sd=spread(r))
 
 
 def evaluate(forward: nn.Module, images: torch.Tensor, labels: torch.Tensor, out_dir: str | os.PathLike, *,
@@ -206,7 +207,8 @@ def evaluate(forward: nn.Module, images: torch.Tensor, labels: torch.Tensor, out
     """:func:`category_flip` on the mean response (one site, ``mean``) or, with ``per_unit``, on each column of the
     response as its own site (named by ``unit_names``, e.g. the unit indices; default the column numbers), written to
     ``category_flip.csv`` and ``category_flip.png``. Keys ``{prefix}/<site>/<name>`` per site and, over sites,
-    ``{prefix}/flip_eps`` (mean over the sites that flipped), ``flip_eps_sd``, ``flip_reached`` (fraction of sites),
+    ``{prefix}/flip_eps`` (median over sites, a site that never flips counting as beyond every eps: NaN when half or
+    more never flip), ``flip_eps_sd`` (over the sites that flipped), ``flip_reached`` (fraction of sites),
     ``relative_to_best_sd`` (at the largest eps), ``super_reached``, ``n_sites``."""
     gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     if per_unit:
@@ -231,7 +233,10 @@ def evaluate(forward: nn.Module, images: torch.Tensor, labels: torch.Tensor, out
                         res.site, res.non_preferred, res.preferred, res.preferred_mean, res.norm, res.eps[-1])
     flips = np.array([r.flip_eps for r in results])
     ok = np.isfinite(flips)
-    metrics[f"{prefix}/flip_eps"] = float(flips[ok].mean()) if ok.any() else math.nan
+    # median over sites, a site that never flips counting as beyond every eps (as per image): the mean over the sites
+    # that flipped would be biased low whenever some do not
+    med = float(np.median(np.where(ok, flips, np.inf))) if len(flips) else math.nan
+    metrics[f"{prefix}/flip_eps"] = med if math.isfinite(med) else math.nan
     metrics[f"{prefix}/flip_eps_sd"] = float(flips[ok].std()) if ok.sum() > 1 else math.nan
     metrics[f"{prefix}/flip_reached"] = float(ok.mean())
     metrics[f"{prefix}/relative_to_best_sd"] = float(np.mean([r.relative_to_best_sd[-1] for r in results]))

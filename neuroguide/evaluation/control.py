@@ -40,8 +40,9 @@ from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.attacks.steps import get_step_class
 from neuroguide.evaluation.plots import (amplified, check_eps_list, curve_figure, eps_label, eps_tag,
                                          image_grid_figure, write_csv)
-from neuroguide.evaluation.responses import response_function
-from neuroguide.models.features import device_of, evaluation_mode
+from neuroguide.evaluation.responses import response_function, spread
+from neuroguide.evaluation.transfer import _safe
+from neuroguide.models.features import OUTPUT, activations, device_of
 
 log = logging.getLogger("neuroguide")
 
@@ -115,15 +116,10 @@ class MeanOf(nn.Module):
         return self.inner(x).flatten(1).mean(dim=1, keepdim=True)
 
 
-@torch.no_grad()
 def responses(forward: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """(N, K) float32 CPU responses of ``forward`` to ``images`` (N, 3, H, W), in eval mode."""
-    device = device_of(forward)
-    out = []
-    with evaluation_mode(forward):
-        for i in range(0, len(images), batch_size):
-            out.append(forward(images[i:i + batch_size].to(device).float()).flatten(1).float().cpu())
-    return torch.cat(out)
+    """(N, K) float32 CPU responses of ``forward`` to ``images`` (N, 3, H, W), in eval mode (the one activation
+    extractor, :func:`neuroguide.models.features.activations`)."""
+    return activations(forward, images, [OUTPUT], batch_size=batch_size)[OUTPUT]
 
 
 # ----------------------------------------------------------------------------- the attack
@@ -225,7 +221,7 @@ def control_curve(forward: nn.Module, images: torch.Tensor, *, norm: str, eps_li
     nat = responses(forward, sd_images, batch_size)
     sd_cols = nat.std(0) if len(nat) > 1 else torch.zeros(nat.shape[1])
     m_nat = nat.mean(1)
-    sd = float(m_nat.std()) if len(m_nat) > 1 else 0.0
+    sd = spread(m_nat)
     if not sd > 0:
         log.warning("control: the mean response has no spread over the %d natural images (sd %g): change_sd is NaN",
                     len(m_nat), sd)
@@ -336,10 +332,6 @@ def write_outputs(results_by_model: Mapping[str, Sequence[ControlResult]], out_d
         for r in rs:
             stem = f"control_images_{r.norm}" if single else f"control_images_{_safe(m)}_{r.norm}"
             image_grid(r, out_dir / f"{stem}.png", title="" if single else f"{m}: ")
-
-
-def _safe(name: str) -> str:
-    return str(name).replace("/", "_")
 
 
 def run_control(model: nn.Module, images: torch.Tensor, sd_images: torch.Tensor, *, layer="auto", units=None,

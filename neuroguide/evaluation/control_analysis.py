@@ -24,6 +24,7 @@ from torch import nn
 from neuroguide.evaluation import category_flip, control, superstimuli
 from neuroguide.evaluation.responses import response_function
 from neuroguide.evaluation.stimuli import Stimuli
+from neuroguide.evaluation.transfer import check_input_sizes
 
 log = logging.getLogger("neuroguide")
 
@@ -78,6 +79,8 @@ def evaluate(models: Mapping[str, nn.Module], stim: Stimuli, out: str | Path, pa
     log.info("control: %d perturbed images, sd over %d held-out natural images (%s)", len(images), len(sd_images),
              stim.source)
     single = len(models) == 1
+    if not single:  # every model is attacked on the first one's images: L2 eps means the same only at one size
+        check_input_sizes(models, images, analysis="control")
     results, metrics = {}, {}
     for name, model in models.items():
         prefix = "eval/control" if single else f"{name}/eval/control"

@@ -36,7 +36,7 @@ from neuroguide.evaluation.decoder import LinearDecoder, fit_decoder
 from neuroguide.evaluation.plots import check_eps_list, curve_figure, eps_tag, write_csv
 from neuroguide.evaluation.responses import response_function
 from neuroguide.evaluation.sensitivity import SensitivityResult, unit_sensitivity
-from neuroguide.models.features import device_of, evaluation_mode
+from neuroguide.models.features import OUTPUT, activations, device_of, evaluation_mode
 
 log = logging.getLogger("neuroguide")
 KEY = "eval.population.layer"
@@ -94,9 +94,9 @@ class PopulationResult:
 
 
 @torch.no_grad()
-def _responses(forward: nn.Module, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    return torch.cat([forward(images[i:i + batch_size].to(device).float()).float().cpu()
-                      for i in range(0, len(images), batch_size)])
+def _responses(forward: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N, K) float32 CPU responses (the one activation extractor)."""
+    return activations(forward, images, [OUTPUT], batch_size=batch_size)[OUTPUT]
 
 
 def attacked_responses(forward: nn.Module, victim: nn.Module, images: torch.Tensor, eps_vals: Sequence[float],
@@ -191,9 +191,15 @@ def population_measures(model: nn.Module, images: torch.Tensor, eps_list: Sequen
     full, name = response_function(model, layer, units, key=KEY)
     layer_name = None if name == "output" else name
     with evaluation_mode(model):
-        clean_all = _responses(full, images, batch_size, device)  # (M, K0)
+        clean_all = _responses(full, images, batch_size)  # (M, K0)
     cols = torch.as_tensor(units if units is not None else range(clean_all.shape[1])).long()
     sigma_all = clean_all.double().std(0).float()
+    finite = torch.isfinite(clean_all).all(0)
+    if not bool(finite.all()):
+        bad = cols[~finite].tolist()
+        raise ValueError(f"population: units {bad[:10]}{'...' if len(bad) > 10 else ''} of {name} give NaN or inf "
+                         f"responses on the clean images ({len(bad)} of {len(cols)} units): the model's output is broken "
+                         f"for them; pick other columns with eval.population.units or check the checkpoint")
     keep = sigma_all > 0
     if not bool(keep.any()):
         raise ValueError(f"population: every unit of {name} has zero std over the {len(images)} clean images")
@@ -236,7 +242,11 @@ def population_measures(model: nn.Module, images: torch.Tensor, eps_list: Sequen
         log.info("population: the stimuli have no class labels: the decoder (behavioural) part is skipped")
         return res
 
-    decoder = fit_decoder(clean_all[fit_idx], labels[fit_idx], clean_all.mean(0), sigma, c=decoder_c).to(device)
+    # the decoder's z-scoring from its own fit images only: nothing of the attacked images reaches the decoder
+    fit = clean_all[fit_idx]
+    fit_sd = fit.double().std(0).float() if len(fit) > 1 else sigma
+    fit_sd = torch.where(fit_sd > 0, fit_sd, sigma)
+    decoder = fit_decoder(fit, labels[fit_idx], fit.mean(0), fit_sd, c=decoder_c).to(device)
     y = labels[attack_idx]
     readout = nn.Sequential(forward, decoder)
     targets = decoder.targets(y)

@@ -61,9 +61,19 @@ def per_model(name: str, needs_labels: bool = False):
     return deco
 
 
-def multi_model(name: str):
+# multi-model analyses that add nothing in sweep_dir= mode beyond the per-run results (each run's own, on its own
+# stimuli): sweep mode runs only their per-model part, whose keys the multi-model part would otherwise overwrite
+PER_RUN_IN_SWEEPS: set[str] = set()
+
+
+def multi_model(name: str, in_sweeps: bool = True):
+    """Register a multi-model analysis; ``in_sweeps=False``: in ``sweep_dir=`` mode only its per-model part runs
+    (e.g. control, whose multi-model part only draws every model's curve in one figure)."""
+
     def deco(fn):
         MULTI_MODEL[name] = fn
+        if not in_sweeps:
+            PER_RUN_IN_SWEEPS.add(name)
         return fn
 
     return deco

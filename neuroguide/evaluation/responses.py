@@ -37,6 +37,17 @@ class Columns(nn.Module):
         return y[:, self.units.to(y.device)]
 
 
+def spread(m: torch.Tensor) -> float:
+    """The std (N - 1) of a response ``m`` (N,) over natural images: the unit in which control, effect-matched
+    transfer, the category flip and super-stimuli report changes. NaN when undefined (fewer than 2 images, non-finite
+    values) or 0 (a constant response), so that a change divided by it is NaN, never inf or silently 0."""
+    m = torch.as_tensor(m).double().flatten()
+    if m.numel() < 2 or not bool(torch.isfinite(m).all()):
+        return float("nan")
+    sd = float(m.std())
+    return sd if sd > 0 else float("nan")
+
+
 def region_layer(model: nn.Module, key: str = "eval.<analysis>.layer") -> str | None:
     """The layer holding ``model``'s region response (None: its output); a ``ValueError`` naming ``key`` when it
     has none (a classifier without a neural head)."""

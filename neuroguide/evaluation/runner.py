@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from neuroguide.config import CONF_DIR, output_dir
 import neuroguide.evaluation.analyses  # noqa: F401  (registers every analysis)
 from neuroguide.evaluation.registry import (  # noqa: F401  (per_model, multi_model, FAILED: the public names)
-    FAILED, MULTI_MODEL, PER_MODEL, _recorded, failures, multi_model, per_model)
+    FAILED, MULTI_MODEL, PER_MODEL, PER_RUN_IN_SWEEPS, _recorded, failures, multi_model, per_model)
 from neuroguide.evaluation.stimuli import model_stimuli
 from neuroguide.logging_setup import log_outputs
 from neuroguide.models.checkpoints import load_model
@@ -231,9 +231,16 @@ def evaluate_sweep(sweep_dir: Path, analyses: Mapping[str, dict], out: Path, cfg
         res = evaluate_model(run_dir / "model.ckpt", per, run_dir / "eval", cfg)  # failures recorded, not raised
         write_json(run_dir / "eval_metrics.json", res)
         metrics.update({f"{run_dir.relative_to(sweep_dir)}/{k}": v for k, v in res.items()})
-    multi = {k: v for k, v in analyses.items() if k in MULTI_MODEL}
+    multi = {k: v for k, v in analyses.items() if k in MULTI_MODEL and not (k in PER_MODEL and k in PER_RUN_IN_SWEEPS)}
     if multi:
-        metrics.update(evaluate_models([str(r / "model.ckpt") for r in runs], multi, out, cfg))
+        compared = evaluate_models([str(r / "model.ckpt") for r in runs], multi, out, cfg)
+        with _recorded(metrics, "sweep_models", f"the runs below {sweep_dir}"):
+            clash = sorted(k for k in compared if k in metrics and compared[k] != metrics[k])
+            if clash:  # a registration bug: never let one result silently replace another
+                raise KeyError(f"the multi-model analyses {sorted(multi)} would overwrite {len(clash)} per-run results "
+                               f"(e.g. {clash[:3]}); kept the per-run ones. Register the analysis with "
+                               "@multi_model(name, in_sweeps=False) or key its results by model")
+        metrics.update({k: v for k, v in compared.items() if k not in metrics})
     with _recorded(metrics, "report", str(sweep_dir)):
         report(sweep_dir, out)
         robustness_by_region(sweep_dir, out)

@@ -30,7 +30,7 @@ from neuroguide.models.features import LayerOutput, device_of, evaluation_mode
 
 log = logging.getLogger("neuroguide")
 Brain = Callable[[torch.Tensor], torch.Tensor]
-KEY = "selection.brain"
+KEY = "eval.selection.brain"
 
 
 def make_brain(spec, repeats: int | None = None, key: str = KEY) -> Brain:
@@ -119,7 +119,7 @@ def layer_perturbations(networks: Mapping[float, tuple[nn.Module, nn.Module]], i
     if not layers:
         raise ValueError("selection.layers is empty: name the candidate layers")
     if not float(eps) > 0:
-        raise ValueError(f"selection.brain_eps={eps!r}: the perturbation budget must be > 0")
+        raise ValueError(f"eval.selection.brain_eps={eps!r}: the perturbation budget must be > 0")
     images = images.detach().float().cpu()
     gen = torch.Generator().manual_seed(seed)
     out = {}

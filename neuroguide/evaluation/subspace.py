@@ -37,10 +37,12 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from neuroguide.evaluation.responses import response_function
+from neuroguide.evaluation.transfer import _safe
 from neuroguide.models.features import device_of, evaluation_mode
 
 METHODS = ("eigsh", "lobpcg")
 log = logging.getLogger("neuroguide")
+RANK_TOL = 1e-8  # an eigenvalue at most this fraction of the largest counts as zero (rank(J) < k)
 
 
 class GramOperator:
@@ -261,6 +263,13 @@ def perturbation_subspaces(model: nn.Module, images: torch.Tensor, *, k: int = 1
             counts.append(op.n_products)
     if not vals:
         raise ValueError("images is empty: give at least one image")
+    lam = np.stack(vals)
+    low = lam[:, -1] <= RANK_TOL * np.maximum(lam[:, 0], np.finfo(float).tiny)
+    if low.any():  # rank(J) < k (e.g. dead output units): the trailing eigenvectors are any basis of a null space
+        log.warning("subspace (%s): at %d of %d images the k-th eigenvalue of J^T J is <= %g x the first: J has rank "
+                    "< k=%d there, so the trailing eigenvectors are arbitrary directions and lower every similarity at "
+                    "random. Use a smaller %s.k (or more response units)", name, int(low.sum()), len(lam), RANK_TOL,
+                    lam.shape[1], key)
     return Subspaces(np.stack(vals), torch.stack(vecs), np.asarray(counts), op.K, tuple(images.shape[1:]), name, method)
 
 
@@ -291,10 +300,6 @@ def similarity_matrix(subspaces: dict[str, Subspaces]) -> tuple[np.ndarray, np.n
             s = subspace_similarity(subspaces[a].eigenvectors, subspaces[b].eigenvectors).numpy()
             mean[i, j], sd[i, j] = s.mean(), s.std()
     return mean, sd
-
-
-def _safe(name: str) -> str:
-    return str(name).replace("/", "_")
 
 
 def _spectrum_panel(subspaces: dict[str, Subspaces]) -> dict:

@@ -27,9 +27,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
+from neuroguide.attacks.eps import parse_eps_for
 from neuroguide.evaluation.control import responses
-from neuroguide.models.features import device_of
 from neuroguide.evaluation.plots import amplified, curve_figure, image_grid_figure, write_csv
+from neuroguide.evaluation.responses import spread
+from neuroguide.models.features import device_of
 
 KEY = "eval.control.superstimulus"
 STARTS = ("noise", "images")
@@ -148,7 +150,9 @@ def superstimulus(forward: nn.Module, starts: torch.Tensor, *, eps: float | None
     diameter = math.sqrt(starts[0].numel())
     if eps is None:
         eps, norm = diameter, "l2"
-    elif not (float(eps) > 0 and math.isfinite(float(eps))):
+    else:
+        eps = parse_eps_for(eps, norm, f"{KEY}.eps")  # a number or k/255
+    if not (float(eps) > 0 and math.isfinite(float(eps))):
         raise ValueError(f"{KEY}.eps must be a number > 0 or null (no limit), got {eps!r}")
     device = device_of(forward)
 
@@ -180,7 +184,7 @@ def evaluate(forward: nn.Module, natural_images: torch.Tensor, out_dir: str | os
     res = superstimulus(forward, starts, eps=eps, norm=norm, steps=steps, step_size=step_size, jitter=jitter,
                         blur_sigma=blur_sigma, generator=gen, victim=victim, progress=progress)
     nat = responses(forward, natural_images, batch_size).mean(1)
-    best, sd = float(nat.max()), float(nat.std()) if len(nat) > 1 else 0.0
+    best, sd = float(nat.max()), spread(nat)
     out_dir = Path(out_dir)
     T, S = res.trajectory.shape
     write_csv(out_dir / "superstimulus_trajectory.csv",
