@@ -35,6 +35,7 @@ def depth_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow  # trains for more than ~20 s: in the full suite, not the quick one
 @pytest.mark.parametrize("region,planted", [("V1", "layer1"), ("FFA", "layer4")])
 def test_per_layer_score_peaks_at_the_planted_depth(depth_runs, region, planted):
     m, out = depth_runs[(region, "false")]

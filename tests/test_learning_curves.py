@@ -13,6 +13,7 @@ from neuroguide.learning_curves import learning_curves, write_learning_curves
 from neuroguide.train import run
 
 
+@pytest.mark.slow  # trains for more than ~20 s: in the full suite, not the quick one
 def test_learning_curves_of_a_run_plot_its_metrics_csv(compose_train, tmp_path):
     cfg = compose_train("task=predictor", "region=V1", "task.max_epochs=3", "+trainer.limit_train_batches=2")
     metrics = run(cfg)

@@ -30,6 +30,7 @@ def test_predictor_fast_dev_run_writes_outputs_and_exports(compose_train, tmp_pa
     torch.testing.assert_close(model(x), same(x))
 
 
+@pytest.mark.slow  # trains for more than ~20 s: in the full suite, not the quick one
 def test_predictor_beats_shuffled_control(compose_train):
     """A few epochs on the planted synthetic data: real pairing >> shuffled pairing (median test r)."""
     common = ["task=predictor", "region=TO", "task.max_epochs=4", "task.batch_size=32", "callbacks=none"]
@@ -52,6 +53,7 @@ def test_bad_config_values(compose_train):
         run(compose_train("task=predictor", "subject=11"))
 
 
+@pytest.mark.slow  # trains for more than ~20 s: in the full suite, not the quick one
 def test_pca_predictor_scored_against_measured_voxels_with_best_checkpoint(compose_train, tmp_path):
     """data.pca=true: test/r_median is the per-voxel r between the exported model's back-projected
     predictions and the measured test voxels (not a PCA reconstruction), and the exported model is the
