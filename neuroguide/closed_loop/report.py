@@ -42,6 +42,12 @@ def _noise_var_of_mean(resp: np.ndarray) -> np.ndarray:
         return np.where(n > 1, ss / np.maximum(n - 1, 1) / np.maximum(n, 1), np.nan)
 
 
+def _mean(v: np.ndarray) -> float:
+    """NaN-ignoring mean; NaN (no warning) when nothing is finite."""
+    v = np.asarray(v, float)
+    return float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+
+
 def day_rows(day: int, stimuli: dict, resp: np.ndarray, sigma: np.ndarray, site_ids: list[str],
              rates: np.ndarray | None = None) -> list[dict]:
     """One row per (site, eps) of day ``day``: the lower bound and the controls (see the module docstring).
@@ -65,7 +71,7 @@ def day_rows(day: int, stimuli: dict, resp: np.ndarray, sigma: np.ndarray, site_
                                                   torch.from_numpy(mean[a, k:k + 1]))[0]) if len(a) else math.nan
             dr = mean[src[a], k] - mean[a, k]
             row.update(lower_bound=lb, lower_bound_norm=lb / sigma[k],
-                       naive_norm=float(np.nanmean(np.abs(dr))) / sigma[k] if len(a) else math.nan,
+                       naive_norm=_mean(np.abs(dr)) / sigma[k],
                        predicted_change=float(np.mean(np.abs(pred[a, k] - pred[src[a], k]))) if len(a) else math.nan,
                        norm_shown=float(np.mean(stimuli["norm"][a])) if len(a) else math.nan)
             if rates is not None and len(a):  # what the attacks did to the noise-free brain

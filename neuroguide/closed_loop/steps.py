@@ -111,7 +111,8 @@ class Loop:
         c_eps = torch.tensor(eps).repeat_interleave(n)
         gauss = stim.gaussian_control(clean[c_src], c_eps, self._generator(t, 22))
         interp = stim.interpolation_control(clean[c_src], others[c_src], c_eps)
-        images = torch.cat([clean, att["x_adv"], gauss, interp])
+        shown = stim.to_uint8(torch.cat([clean, att["x_adv"], gauss, interp]))  # what the brain sees, 8-bit
+        images = stim.from_uint8(shown)
         m_att, m_c = len(a_src), len(c_src)
         kind = ["clean"] * n + ["attack"] * m_att + ["gaussian"] * m_c + ["interpolation"] * m_c
         prefix = {"clean": None, "attack": "atk", "gaussian": "gau", "interpolation": "int"}
@@ -127,7 +128,7 @@ class Loop:
                 "norm": np.concatenate([np.zeros(n), stim.l2(images[n:] - clean[torch.cat(
                     [a_src, c_src, c_src])]).numpy()]).astype(np.float32)}
         pred = stim.predict(model, images).numpy()
-        return stim.write_stimuli(folder / STIMULI, stim.to_uint8(images), ids, meta, pred, self.site_ids,
+        return stim.write_stimuli(folder / STIMULI, shown, ids, meta, pred, self.site_ids,
                                   {"day": t, "model": str(folder / MODEL)})
 
     def record(self, t: int) -> Path:
