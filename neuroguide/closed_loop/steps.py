@@ -41,6 +41,9 @@ class Loop:
         self.loop, self.out = dict(loop), Path(out_dir)
         self.device, self.progress, self.robust_weights = device, bool(progress), dict(robust_weights or {})
         self.allow_empty_sites = bool(allow_empty_sites)
+        for tmp in self.out.glob("**/.*.tmp*") if self.out.is_dir() else []:  # left by a killed run (one writer
+            if tmp.is_file():                                                 # per out_dir): never complete
+                tmp.unlink()
         self.brain = brain_from_config(dict(loop["brain"])).to(device) if loop.get("brain") else None
         if self.brain is not None:
             if int(self.brain.config["image_size"]) != int(loop["image_size"]):
