@@ -262,3 +262,20 @@ def test_simulate_killed_mid_day_continues_and_ends_like_an_uninterrupted_run(tm
         for k in ra:
             np.testing.assert_allclose(rb[k], ra[k], rtol=1e-4, atol=1e-6, err_msg=k)
     assert not [p for p in out.rglob(".*") if ".tmp" in p.name]
+
+
+def test_steps_name_what_is_missing(tmp_path):
+    from neuroguide.closed_loop.run import run
+
+    with pytest.raises(ValueError, match=r"step='fit': expected one of \('propose', 'record', 'refit'"):
+        run(compose(tmp_path / "a", *TINY, "step=fit"))
+    with pytest.raises(ValueError, match=r"loop.sites is empty and loop.brain is null"):
+        run(compose(tmp_path / "a", *TINY, "loop.brain=null", "step=propose"))
+    with pytest.raises(ValueError, match=r"step=record needs a simulated brain"):
+        run(compose(tmp_path / "a", *TINY, "loop.brain=null", "loop.sites=[s1]", "loop.model.weights=null",
+                    "step=record", "day=0"))
+    with pytest.raises(FileNotFoundError, match=r"day_000/stimuli.h5 does not exist: run step=propose day=0 first"):
+        run(compose(tmp_path / "b", *TINY, "step=record", "day=0"))
+    with pytest.raises(FileNotFoundError, match=r"day_000/recordings.h5 does not exist: pass the day's recordings"):
+        run(compose(tmp_path / "c", *TINY, "step=propose", "day=0")) or \
+            run(compose(tmp_path / "c", *TINY, "step=refit", "day=0"))
