@@ -33,8 +33,16 @@ def run(cfg: DictConfig) -> dict | None:
     """Run ``cfg.step`` (see conf/closed_loop.yaml); returns the report's metrics for report / simulate."""
     if cfg.step not in STEPS:
         raise ValueError(f"step={cfg.step!r}: expected one of {STEPS}")
+    threads = torch.get_num_threads()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: DictConfig) -> dict | None:
     loop = make_loop(cfg)
     start = time.time()
     day = cfg.get("day")
