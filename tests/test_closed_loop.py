@@ -37,7 +37,8 @@ def compose(out: Path, *overrides: str):
 
 def summary(out: Path) -> list[dict]:
     with open(out / "report" / "summary.csv") as f:
-        return [{k: float(v) if v not in ("", "nan") else float("nan") for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: float(v) if v not in ("", "nan") else float("nan") for k, v in r.items()}
+                for r in csv.DictReader(f)]
 
 
 def at(rows: list[dict], day: int, eps: float) -> dict:
@@ -280,3 +281,9 @@ def test_steps_name_what_is_missing(tmp_path):
     run(compose(tmp_path / "c", *TINY, "step=propose", "day=0"))
     with pytest.raises(FileNotFoundError, match=r"day_000/recordings.h5 does not exist: pass the day's recordings"):
         run(compose(tmp_path / "c", *TINY, "step=refit", "day=0"))
+    # a propose that fails before writing anything leaves no configuration behind: the corrected command runs
+    with pytest.raises(FileNotFoundError, match=r"loop.model.weights=/no/such.pt does not exist"):
+        run(compose(tmp_path / "d", *TINY, "loop.model.weights=/no/such.pt", "step=propose", "day=0"))
+    assert not (tmp_path / "d" / "day_000" / "config.json").exists()
+    run(compose(tmp_path / "d", *TINY, "step=propose", "day=0"))
+    assert (tmp_path / "d" / "day_000" / "stimuli.h5").is_file()

@@ -42,13 +42,16 @@ def _flat(d, prefix: str = "") -> dict:
     return out
 
 
-def check_day_config(folder: Path, loop: dict) -> None:
-    """Create ``folder/config.json`` from ``loop``, or check that the folder was made with the same ``loop``:
-    a ValueError naming each differing key (``loop.<key>``: stored vs now) and the fix otherwise."""
+def check_day_config(folder: Path, loop: dict, create: bool = False) -> None:
+    """Check that ``folder`` was made with the same ``loop`` (a ValueError naming each differing key,
+    ``loop.<key>``: stored vs now, and the fix otherwise); with ``create``, write ``folder/config.json`` first if
+    it is missing (a step does so just before it writes the day's first output, so a step that fails early
+    leaves nothing that would hold a later, corrected command to the failed one's configuration)."""
     path = folder / CONFIG
     now = json.loads(json.dumps(loop))
     if not path.is_file():
-        write_json(path, now)
+        if create:
+            write_json(path, now)
         return
     stored = read_json(path)
     if stored == now:

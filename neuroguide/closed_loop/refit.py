@@ -48,7 +48,10 @@ def initial_model(loop: dict, site_ids: list[str], robust_weights: dict | None =
                              f"{brain.config['arch']}/{brain.config['layer']}; got {m['backbone']}/{m['layer']}")
         model.backbone.load_state_dict(brain.trunk.state_dict())
     else:
-        path = robust_weights_path(m.get("at_eps"), robust_weights, m.get("weights"))
+        try:
+            path = robust_weights_path(m.get("at_eps"), robust_weights, m.get("weights"))
+        except FileNotFoundError as e:  # name the closed loop's keys, not train.py's
+            raise FileNotFoundError(str(e).replace("backbone.", "loop.model.")) from None
         if path is not None:
             load_robust_weights(model.backbone.root, path)
     return model.eval(), config

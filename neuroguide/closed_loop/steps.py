@@ -58,8 +58,14 @@ class Loop:
 
     # ------------------------------------------------------------------ helpers
     def day(self, t: int) -> Path:
+        """Day t's folder, after checking it was made with this experiment's configuration."""
         folder = layout.day_dir(self.out, t)
         layout.check_day_config(folder, self.loop)
+        return folder
+
+    def claim(self, folder: Path) -> Path:
+        """Record the configuration in ``folder`` (just before the day's first output is written)."""
+        layout.check_day_config(folder, self.loop, create=True)
         return folder
 
     def recorded_days(self) -> list[int]:
@@ -94,7 +100,8 @@ class Loop:
                 raise FileNotFoundError(f"{folder / MODEL} does not exist: day {t}'s attacks are made by the model "
                                         f"refitted after day {t - 1}; run step=refit day={t - 1} first")
             model, config = initial_model(self.loop, self.site_ids, self.robust_weights, self.brain)
-            save_day_model(folder / MODEL, model, config, {"day": 0, "site_ids": self.site_ids, "fitted_days": 0})
+            save_day_model(self.claim(folder) / MODEL, model, config,
+                           {"day": 0, "site_ids": self.site_ids, "fitted_days": 0})
         model = load_day_model(folder / MODEL, self.device)
         clean_u8, clean_ids, others_u8 = layout.day_images(self.loop, t)
         clean, others = stim.from_uint8(clean_u8), stim.from_uint8(others_u8)
@@ -131,7 +138,7 @@ class Loop:
                 "norm": np.concatenate([np.zeros(n), stim.l2(images[n:] - clean[torch.cat(
                     [a_src, c_src, c_src])]).numpy()]).astype(np.float32)}
         pred = stim.predict(model, images).numpy()
-        return stim.write_stimuli(folder / STIMULI, shown, ids, meta, pred, self.site_ids,
+        return stim.write_stimuli(self.claim(folder) / STIMULI, shown, ids, meta, pred, self.site_ids,
                                   {"day": t, "model": str(folder / MODEL)})
 
     def record(self, t: int) -> Path:
@@ -147,8 +154,8 @@ class Loop:
         s = stim.read_stimuli(folder / STIMULI)
         x = stim.from_uint8(s["images"])
         resp = self.brain.record(x, int(self.loop["repeats"]), generator=self._generator(t, 31))
-        return write_recordings(folder / RECORDINGS, s["images"], s["image_ids"], self.site_ids, resp.numpy(),
-                                rates=self.brain.rates(x).numpy(), attrs={"day": t, "simulated": True})
+        return write_recordings(self.claim(folder) / RECORDINGS, s["images"], s["image_ids"], self.site_ids,
+                                resp.numpy(), rates=self.brain.rates(x).numpy(), attrs={"day": t, "simulated": True})
 
     def store_recordings(self, t: int, path: str | Path) -> Path:
         """Check a lab's recordings of day t against the proposals and keep a copy as ``day_t/recordings.h5``."""
@@ -157,7 +164,7 @@ class Loop:
             raise FileNotFoundError(f"{folder / STIMULI} does not exist: propose day {t}'s stimuli before refitting")
         s = stim.read_stimuli(folder / STIMULI)
         resp = aligned_responses(path, s, self.site_ids, self.allow_empty_sites)
-        return write_recordings(folder / RECORDINGS, s["images"], s["image_ids"], self.site_ids, resp,
+        return write_recordings(self.claim(folder) / RECORDINGS, s["images"], s["image_ids"], self.site_ids, resp,
                                 attrs={"day": t, "source_file": str(path)})
 
     def refit(self, t: int, recordings: str | Path | None = None) -> Path:
@@ -182,7 +189,7 @@ class Loop:
                              backbone_lr=r["backbone_lr"], l1_spatial=r["l1_spatial"], l1_features=r["l1_features"],
                              seed=derive_seed(int(self.loop["seed"]), t), first=info["facts"].get("fitted_days") == 0,
                              progress=self.progress)
-        return save_day_model(target, model, info["model_config"],
+        return save_day_model(self.claim(target.parent) / MODEL, model, info["model_config"],
                               {"day": t + 1, "site_ids": self.site_ids, "fitted_days": t + 1,
                                "final_loss": losses[-1] if losses else None})
 
