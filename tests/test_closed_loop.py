@@ -257,7 +257,9 @@ def test_simulate_killed_mid_day_continues_and_ends_like_an_uninterrupted_run(tm
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "day_001" / "stimuli.h5").exists() and not (out / "report").exists()  # killed mid-day
+    done = {p: p.stat().st_mtime_ns for p in (out / "day_000" / "stimuli.h5", out / "day_001" / "model.pt")}
     subprocess.run(command(out), check=True, env=env, cwd=ROOT, capture_output=True)
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # continued: finished steps were not run again
     a, b = summary(tmp_path / "whole"), summary(out)
     assert [(r["day"], r["eps"]) for r in a] == [(r["day"], r["eps"]) for r in b]
     for ra, rb in zip(a, b):
