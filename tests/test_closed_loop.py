@@ -289,3 +289,12 @@ def test_steps_name_what_is_missing(tmp_path):
     assert not (tmp_path / "d" / "day_000" / "config.json").exists()
     run(compose(tmp_path / "d", *TINY, "step=propose", "day=0"))
     assert (tmp_path / "d" / "day_000" / "stimuli.h5").is_file()
+
+
+def test_eps_that_are_not_binary_fractions_keep_their_names(tmp_path):
+    from neuroguide.closed_loop.run import run
+
+    metrics = run(compose(tmp_path / "e", *TINY, "loop.eps=[0.1,0.3]", "step=simulate", "days=1"))
+    for e in ("0.1", "0.3"):
+        assert np.isfinite(metrics[f"closed_loop/day_0/l2_{e}/truth_norm"])
+        assert f"closed_loop/day_0/l2_{e}/lower_bound_norm" in metrics

@@ -120,7 +120,8 @@ def summarize(rows: list[dict], truth: dict | None) -> list[dict]:
 
 def truth_at(truth: dict, eps: float) -> float:
     """The brain's mean white-box sensitivity at ``eps``, normalized by the report's sigma."""
-    return float(np.nanmean(truth["s"][truth["eps"].index(eps)] / np.asarray(truth["sigma_report"])))
+    e = int(np.argmin(np.abs(np.asarray(truth["eps"]) - eps)))
+    return float(np.nanmean(np.asarray(truth["s"][e]) / np.asarray(truth["sigma_report"])))
 
 
 def write_report(out: Path, rows: list[dict], summary: list[dict], truth: dict | None) -> dict:

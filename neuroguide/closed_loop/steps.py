@@ -111,16 +111,16 @@ class Loop:
         src = torch.tensor([(k * per_site + j) % n for k in range(sites) for j in range(per_site)])
         site = torch.arange(sites).repeat_interleave(per_site)
         a_src, a_site = src.repeat(len(eps)), site.repeat(len(eps))
-        a_eps = torch.tensor(eps).repeat_interleave(len(src))
+        a_eps = torch.tensor(eps, dtype=torch.float64).repeat_interleave(len(src))
         a = self.loop["attack"]
         log.info("day %d: attacking %d sites x %d images x %d eps (both directions, %d steps)", t, sites, per_site,
                  len(eps), a["steps"])
         att = stim.attack_sites(model, clean[a_src], a_site, a_eps, steps=a["steps"], step_factor=a["step_factor"],
                                 target=a["target"], batch_size=a["batch_size"], generator=self._generator(t, 21))
         c_src = torch.arange(n).repeat(len(eps))
-        c_eps = torch.tensor(eps).repeat_interleave(n)
-        gauss = stim.gaussian_control(clean[c_src], c_eps, self._generator(t, 22))
-        interp = stim.interpolation_control(clean[c_src], others[c_src], c_eps)
+        c_eps = torch.tensor(eps, dtype=torch.float64).repeat_interleave(n)
+        gauss = stim.gaussian_control(clean[c_src], c_eps.float(), self._generator(t, 22))
+        interp = stim.interpolation_control(clean[c_src], others[c_src], c_eps.float())
         shown = stim.to_uint8(torch.cat([clean, att["x_adv"], gauss, interp]))  # what the brain sees, 8-bit
         images = stim.from_uint8(shown)
         m_att, m_c = len(a_src), len(c_src)
@@ -131,7 +131,8 @@ class Loop:
         zeros_c = np.zeros(m_c)
         meta = {"kind": np.array(kind),
                 "site": np.concatenate([-np.ones(n), a_site.numpy(), -np.ones(2 * m_c)]).astype(np.int32),
-                "eps": np.concatenate([np.zeros(n), a_eps.numpy(), c_eps.numpy(), c_eps.numpy()]).astype(np.float32),
+                "eps": np.concatenate([np.zeros(n), a_eps.double().numpy(), c_eps.double().numpy(),
+                                       c_eps.double().numpy()]),
                 "direction": np.concatenate([np.zeros(n), att["direction"].numpy(), zeros_c, zeros_c]).astype(np.int8),
                 "source": np.array(list(clean_ids) + [clean_ids[i] for i in a_src.tolist()]
                                    + [clean_ids[i] for i in c_src.tolist()] * 2),
@@ -208,7 +209,7 @@ class Loop:
             res = unit_sensitivity(self.brain, x, None, [float(e) for e in self.loop["eps"]], sigma_images=xs,
                                    steps=int(tcfg["steps"]), restarts=int(tcfg["restarts"]), schedule="guo",
                                    generator=self._generator(43), progress=self.progress)
-        out = {"eps": res.eps.tolist(), "s": res.s.tolist(), "s_norm_noise_free": res.s_norm.tolist(),
+        out = {"eps": [float(e) for e in self.loop["eps"]], "s": res.s.tolist(), "s_norm_noise_free": res.s_norm.tolist(),
                "sigma_noise_free": res.sigma.tolist(), "n_images": int(tcfg["n_images"])}
         write_json(path, out)
         return out
