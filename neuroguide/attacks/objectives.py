@@ -160,3 +160,24 @@ class ResponseChange(Objective):
                 raise ValueError(f"ResponseChange scale has {self.scale.numel()} values for {diff.shape[1]} units")
             diff = diff / self.scale.to(outputs.device)
         return (diff ** 2).mean(dim=1)
+
+
+class UnitMSEToTarget(Objective):
+    """One unit driven towards a target value: ``-(h_i(x) - t)^2`` per row (Guo et al. sec. 3.1 attack
+    the IT model's site ``i`` with ``MSE(r_i(x + d), +1000)`` or ``MSE(r_i(x + d), -1000)``).
+
+    Args:
+        index: the unit, an int or a (N,) LongTensor (one unit per input row).
+        target: a float or a (N,) tensor (one target per input row).
+    """
+
+    def __init__(self, index: int | torch.Tensor, target: float | torch.Tensor):
+        self.index = torch.as_tensor(index).long()
+        self.target = torch.as_tensor(target).float()
+
+    def __call__(self, outputs, rows):
+        outputs = _check_2d(outputs)
+        idx = _take(self.index, rows, outputs)
+        h = outputs[:, int(idx)] if not isinstance(idx, torch.Tensor) or idx.ndim == 0 else \
+            outputs.gather(1, idx[:, None])[:, 0]
+        return -(h - _take(self.target, rows, outputs)) ** 2

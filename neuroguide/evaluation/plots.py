@@ -80,7 +80,7 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[s
 
 def _cell(v):
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else repr(v)
+        return "nan" if math.isnan(v) else repr(float(v))  # numpy 2 writes np.float64 as "np.float64(...)"
     return v
 
 

@@ -1,11 +1,12 @@
-"""A small, seeded IT recordings file in the real format, made by a known "teacher".
+"""A small, seeded IT recordings file in the real format, recorded from a known simulated brain.
 
-The teacher is a randomly initialised torchvision ResNet (``teacher_arch``, seeded) cut at
-``teacher_layer``, with its own factorized readout (Klindt et al.: a Gaussian spatial bump per site
-times sparse channel weights). Its noise-free drive, rescaled per site to a baseline and gain in
-spikes/s, is the true response; each of ``n_repeats`` presentations adds Gaussian noise with sd
-``noise_ratio`` x gain (jittered per site), and a fraction ``missing_fraction`` of the repeats is
-NaN (never all repeats of an image and site). So the best possible model is known: the teacher.
+The "teacher" is a :class:`neuroguide.closed_loop.brain.SimulatedBrain` (one teacher for the IT task's
+data and the closed loop): a randomly initialised torchvision ResNet (``teacher_arch``, seeded) cut at
+``teacher_layer``, with a factorized readout per site (a Gaussian spatial bump times sparse channel
+weights), each site's standardized drive on its own baseline and gain in spikes/s. Each of
+``n_repeats`` presentations adds Gaussian noise with sd ``noise_ratio`` x gain (jittered per site),
+and a fraction ``missing_fraction`` of the repeats is NaN (never all repeats of an image and site).
+So the best possible model is known: the teacher.
 
 Written files (in ``root``):
 
@@ -13,7 +14,8 @@ Written files (in ``root``):
   ``site_ids``, ``image_ids``, attributes ``time_window_ms``, ``response_unit`` and
   ``synthetic_params``; group ``ground_truth`` with ``drive`` (N, sites) (noise-free rates),
   ``spatial`` (sites, h, w), ``features`` (sites, C), ``noise_sd`` (sites,) and attributes
-  ``teacher_arch``, ``teacher_layer``, ``teacher_weights`` (file name).
+  ``teacher_arch``, ``teacher_layer``, ``teacher_weights`` (file name) and ``brain_config`` (JSON:
+  ``neuroguide.closed_loop.brain.brain_from_config(json.loads(...))`` rebuilds the teacher).
 - ``teacher_<arch>.pt``: the teacher network's weights in the MadryLab robust-checkpoint format
   (``{"model": {"module.model.*", "module.attacker.model.*", normalizer buffers}, "epoch": 0}``), so
   a student backbone can load the teacher's trunk through the robust-weights loader.
@@ -22,22 +24,22 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
+from neuroguide.closed_loop.brain import SimulatedBrain
 from neuroguide.data.synthetic.nsd import render_images
-from neuroguide.models.backbones import Backbone
 from neuroguide.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from neuroguide.utils.io import atomic_path
+from neuroguide.utils.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
 FILE = "it.h5"
-WRITER_VERSION = 1  # part of the parameters: a changed writer rewrites existing files
+WRITER_VERSION = 2  # part of the parameters: a changed writer rewrites existing files
 
 
 def madrylab_checkpoint(state_dict: dict[str, torch.Tensor], epoch: int = 0) -> dict:
@@ -52,27 +54,6 @@ def madrylab_checkpoint(state_dict: dict[str, torch.Tensor], epoch: int = 0) -> 
     for prefix in ("module.normalizer.", "module.attacker.normalize."):
         sd[prefix + "new_mean"], sd[prefix + "new_std"] = mean.clone(), std.clone()
     return {"model": sd, "epoch": int(epoch)}
-
-
-def teacher_seed(seed: int) -> int:
-    """The torch seed of the teacher's weights, far from the small seeds runs use."""
-    return zlib.crc32(f"neuroguide-it-teacher-{int(seed)}".encode())
-
-
-def teacher_readout(shape: tuple[int, int, int], n_sites: int, rng: np.random.Generator,
-                    active_channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """(spatial (n, h, w) Gaussian bumps, features (n, C) sparse normal weights) of the teacher."""
-    c, h, w = shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    spatial = np.empty((n_sites, h, w))
-    features = np.zeros((n_sites, c))
-    for n in range(n_sites):
-        cy, cx = rng.uniform(0, h - 1), rng.uniform(0, w - 1)
-        sd = rng.uniform(0.5, 1.0) * max(1.0, min(h, w) / 4)
-        spatial[n] = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sd**2))
-        idx = rng.choice(c, size=min(active_channels, c), replace=False)
-        features[n, idx] = rng.normal(size=len(idx))
-    return spatial.astype(np.float32), features.astype(np.float32)
 
 
 def write_synthetic_it(root: str | Path, seed: int = 0, n_images: int = 300, n_sites: int = 12, n_repeats: int = 4,
@@ -100,24 +81,15 @@ def write_synthetic_it(root: str | Path, seed: int = 0, n_images: int = 300, n_s
     log.info("writing the synthetic IT recordings to %s (first use)", path)
     rng = np.random.default_rng(seed)
     images = render_images(int(n_images), int(image_size), rng)
-
-    with torch.random.fork_rng(devices=[]):  # seeded teacher without touching the caller's RNG
-        # a seed no run uses: a "random" backbone of a run seeded with 0, 1, ... is not the teacher
-        torch.manual_seed(teacher_seed(seed))
-        teacher = Backbone(teacher_arch, teacher_layer).eval()
-    with torch.no_grad():
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-        feats = torch.cat([teacher(x[i:i + 64]) for i in range(0, len(x), 64)]).double().numpy()
-    spatial, features = teacher_readout(feats.shape[1:], int(n_sites), rng, int(active_channels))
-    drive = np.einsum("bchw,nhw,nc->bn", feats, spatial.astype(np.float64), features.astype(np.float64))
-    z = (drive - drive.mean(0)) / np.maximum(drive.std(0), 1e-12)
-    baseline, gain = rng.uniform(20, 80, n_sites), rng.uniform(10, 30, n_sites)
-    rates = baseline + gain * z  # (N, sites) noise-free responses, spikes/s
-    noise_sd = gain * noise_ratio * rng.uniform(0.7, 1.3, n_sites)
-    responses = rates[..., None] + noise_sd[None, :, None] * rng.normal(size=(n_images, n_sites, n_repeats))
-    missing = rng.random(responses.shape) < missing_fraction
-    missing[missing.all(2), 0] = False  # keep at least one repeat of every (image, site)
-    responses[missing] = np.nan
+    brain = SimulatedBrain(seed=seed, arch=teacher_arch, layer=teacher_layer, n_sites=n_sites,
+                           image_size=image_size, active_channels=active_channels, noise_ratio=noise_ratio)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    rates = brain.rates(x).numpy()  # (N, sites) noise-free responses, spikes/s
+    noise = torch.Generator().manual_seed(derive_seed(int(seed), 3))
+    responses = brain.record(x, int(n_repeats), generator=noise, missing_fraction=float(missing_fraction)).numpy()
+    teacher = brain.trunk
+    spatial, features = brain.readout.spatial.numpy(), brain.readout.features.numpy()
+    noise_sd = brain.noise_sd.numpy()
 
     with atomic_path(weights) as tmp:
         torch.save(madrylab_checkpoint(teacher.root.state_dict()), tmp)
@@ -136,5 +108,5 @@ def write_synthetic_it(root: str | Path, seed: int = 0, n_images: int = 300, n_s
             g.create_dataset("features", data=features)
             g.create_dataset("noise_sd", data=noise_sd.astype(np.float32))
             g.attrs.update({"teacher_arch": teacher_arch, "teacher_layer": teacher_layer,
-                            "teacher_weights": weights.name})
+                            "teacher_weights": weights.name, "brain_config": json.dumps(brain.config)})
     return path
