@@ -215,8 +215,8 @@ def test_criterion_c_bad_input_is_named(one_thread):
 
 
 def test_selection_with_a_simulated_brain_adds_criterion_c(tmp_path, one_thread):
-    """`evaluate.py eval=[selection]` with ``eval.selection.brain`` given as a Hydra ``_target_``: a brain read out
-    from layer2.1 of the synthetic IT teacher (the eps=2 checkpoint). Criterion C is a column beside CKA and
+    """`evaluate.py eval=[selection]` with ``eval.selection.brain`` given as a Hydra ``_target_``: the project's
+    ``SimulatedBrain`` that is the synthetic IT data's teacher (its trunk is the eps=2 checkpoint), read out at layer2.1. Criterion C is a column beside CKA and
     predictivity, in metrics.json, the CSV and the figure, and picks the teacher's planted layer."""
     import json
 
@@ -237,7 +237,10 @@ def test_selection_with_a_simulated_brain_adds_criterion_c(tmp_path, one_thread)
         f"+paths.robust_weights.0={other}", f"+paths.robust_weights.2={teacher}", "eval.selection.image_size=32",
         "eval.selection.n_folds=2", "eval.selection.brain_eps=0.5", "eval.selection.brain_steps=8",
         "eval.selection.brain_n_images=12",
-        f"eval.selection.brain={{_target_:test_selection.ReadoutBrain,network:'{teacher}',layer:layer2.1,image_size:32}}"],
+        # the project's simulated brain with the IT data's seed: the very brain that recorded it.py (its trunk is the
+        # teacher checkpoint, read out at layer2.1), here with more sites than the file has
+        "eval.selection.brain={_target_:neuroguide.closed_loop.brain.SimulatedBrain,seed:0,arch:resnet18,"
+        "layer:layer2.1,n_sites:64,image_size:32}"],
         output_dir=tmp_path / "out")
     m = run_eval(cfg)
     rows = [{"at_eps": e, "layer": L, "brain_change": m[f"eval/selection/{e}/{L}/brain_change"]}
