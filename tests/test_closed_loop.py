@@ -1,6 +1,7 @@
 """Guo et al.'s closed loop on the simulated brain: stimuli, the lab's three steps, simulate, resume, bad input."""
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import signal
@@ -298,3 +299,28 @@ def test_eps_that_are_not_binary_fractions_keep_their_names(tmp_path):
     for e in ("0.1", "0.3"):
         assert np.isfinite(metrics[f"closed_loop/day_0/l2_{e}/truth_norm"])
         assert f"closed_loop/day_0/l2_{e}/lower_bound_norm" in metrics
+
+
+def test_weight_noise_makes_a_related_network_not_the_brain():
+    """loop.model.weight_noise: each conv/linear weight gets seeded noise of that fraction of its own std; 0 keeps the
+    brain's trunk exactly; BatchNorm parameters and statistics are untouched; a negative value is refused."""
+    from neuroguide.closed_loop.refit import perturb_weights
+
+    brain = SimulatedBrain(seed=0, n_sites=2, image_size=16, n_calibration=16)
+    trunk = brain.trunk
+    same = copy.deepcopy(trunk)
+    perturb_weights(same, 0.0, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(trunk.state_dict().values(), same.state_dict().values()))
+    noisy = copy.deepcopy(trunk)
+    perturb_weights(noisy, 0.1, seed=1)
+    for (name, a), b in zip(trunk.named_parameters(), noisy.parameters()):
+        if a.ndim >= 2:
+            ratio = float((b - a).std() / a.std())
+            assert 0.08 < ratio < 0.12, (name, ratio)  # 0.1 of the tensor's std, up to sampling
+        else:
+            assert torch.equal(a, b), name  # BatchNorm weights and biases kept
+    again = copy.deepcopy(trunk)
+    perturb_weights(again, 0.1, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(noisy.state_dict().values(), again.state_dict().values()))  # seeded
+    with pytest.raises(ValueError, match="weight_noise must be >= 0"):
+        perturb_weights(copy.deepcopy(trunk), -0.1, seed=1)

@@ -47,6 +47,7 @@ def initial_model(loop: dict, site_ids: list[str], robust_weights: dict | None =
             raise ValueError(f"loop.model.weights=brain needs loop.model.backbone/layer = the brain's "
                              f"{brain.config['arch']}/{brain.config['layer']}; got {m['backbone']}/{m['layer']}")
         model.backbone.load_state_dict(brain.trunk.state_dict())
+        perturb_weights(model.backbone, float(m.get("weight_noise") or 0.0), derive_seed(int(loop["seed"]), 0, 23))
     else:
         try:
             path = robust_weights_path(m.get("at_eps"), robust_weights, m.get("weights"))
@@ -55,6 +56,21 @@ def initial_model(loop: dict, site_ids: list[str], robust_weights: dict | None =
         if path is not None:
             load_robust_weights(model.backbone.root, path)
     return model.eval(), config
+
+
+def perturb_weights(net: nn.Module, relative_sd: float, seed: int) -> None:
+    """Add seeded Gaussian noise of ``relative_sd`` x each weight tensor's own std to every conv / linear weight of
+    ``net`` (in place; BatchNorm statistics kept): a network related to the brain's but not the brain's, as a trained
+    backbone is related to the ventral stream. 0 leaves ``net`` unchanged."""
+    if relative_sd < 0:
+        raise ValueError(f"loop.model.weight_noise must be >= 0 (a fraction of each weight tensor's std), got {relative_sd}")
+    if relative_sd == 0:
+        return
+    g = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.ndim >= 2:  # conv and linear weights
+                p.add_(torch.randn(p.shape, generator=g).to(p) * float(p.std()) * relative_sd)
 
 
 def save_day_model(path: str | os.PathLike, model: ITEncodingModel, config: dict, facts: dict) -> Path:
