@@ -28,6 +28,8 @@ from torch import nn
 
 from neuroguide.attacks import pgd_attack
 from neuroguide.attacks.objectives import UnitMSEToTarget
+from neuroguide.data.hdf5_images import from_uint8, to_uint8  # noqa: F401  (stim.to_uint8: the stored layout)
+from neuroguide.models.features import OUTPUT, activations
 from neuroguide.utils.io import atomic_path
 
 KINDS = ("clean", "attack", "gaussian", "interpolation")
@@ -37,16 +39,6 @@ META = ("kind", "site", "eps", "direction", "source", "norm")
 def l2(d: torch.Tensor) -> torch.Tensor:
     """(B, ...) -> (B,) L2 norm of each row."""
     return d.flatten(1).norm(dim=1)
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(B, 3, S, S) in [0, 1] -> (B, S, S, 3) uint8 (the stored layout)."""
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def from_uint8(images: np.ndarray) -> torch.Tensor:
-    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
 
 
 def quantize_within_ball(x0: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, iters: int = 20) -> torch.Tensor:
@@ -68,11 +60,9 @@ def quantize_within_ball(x0: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, i
     return (x0 + step(s)).clamp(0, 1)
 
 
-@torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """(N, sites) model responses of ``x`` (N, 3, S, S), on the model's device, returned on the CPU."""
-    dev = next(model.parameters()).device
-    return torch.cat([model(x[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(x), batch_size)])
+    """(N, sites) float32 CPU model responses of ``x`` (N, 3, S, S) (the one activation extractor)."""
+    return activations(model, x, [OUTPUT], batch_size=batch_size)[OUTPUT]
 
 
 def attack_sites(model: nn.Module, x: torch.Tensor, sites: torch.Tensor, eps: torch.Tensor, *, steps: int = 100,

@@ -12,6 +12,16 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, S, S) in [0, 1] -> (B, S, S, 3) uint8, the stored layout (rounded to whole grey levels)."""
+    return (x.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+
+
 class HDF5Images(Dataset):
     """Item ``i``: row ``rows[i]`` of dataset ``key`` of the file as (3, S, S) float in [0, 1], resized
     (antialiased bilinear) to ``image_size`` when it differs.

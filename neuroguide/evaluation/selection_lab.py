@@ -26,14 +26,10 @@ import h5py
 import numpy as np
 import torch
 
+from neuroguide.data.hdf5_images import to_uint8
 from neuroguide.utils.io import atomic_path
 
 log = logging.getLogger("neuroguide")
-
-
-def _uint8(x: torch.Tensor) -> np.ndarray:
-    """(N, 3, S, S) in [0, 1] -> (N, S, S, 3) uint8."""
-    return (x.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def candidate_id(at_eps: float, layer: str, k: int) -> str:
@@ -49,11 +45,11 @@ def write_brain_stimuli(path: str | os.PathLike, images: torch.Tensor,
     layer_perturbations`'s ``{(at_eps, layer): (x_adv (N, 3, S, S), layer_change (N,))}``; ``budget``: the
     perturbation settings, stored as attributes (checked when the recordings are read)."""
     n = len(images)
-    clean8 = _uint8(images)
+    clean8 = to_uint8(images)
     blocks, ids, at_eps, layers, source, change, norms = [clean8], [f"clean/{k:05d}" for k in range(n)], \
         [math.nan] * n, [""] * n, list(range(n)), [math.nan] * n, []
     for (e, layer), (x_adv, lc) in perturbed.items():
-        adv8 = _uint8(x_adv)
+        adv8 = to_uint8(x_adv)
         norms.append(np.linalg.norm(((adv8.astype(np.float64) - clean8) / 255.0).reshape(n, -1), axis=1))
         blocks.append(adv8)
         ids += [candidate_id(e, layer, k) for k in range(n)]
