@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from neuroguide.evaluation import robustness
+from neuroguide.evaluation.analyses.robustness import core as robustness
 from neuroguide.evaluation.stimuli import model_stimuli
 from neuroguide.models.checkpoints import load_model
 

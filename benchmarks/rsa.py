@@ -1,4 +1,4 @@
-"""RSA: neuroguide.evaluation.rsa against rsatoolbox, same data, one process.
+"""RSA: neuroguide.evaluation.analyses.rsa.core against rsatoolbox, same data, one process.
 
 Part 1 (one pair): two stimulus sets of 2000 stimuli x 512 features (a "model" and a "region" whose
 patterns share a low-rank component). Each side computes both RDMs and compares them by Spearman,
@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from neuroguide.evaluation import rsa
+from neuroguide.evaluation.analyses.rsa import core as rsa
 
 COMPARISONS = ("spearman", "tau-a", "cosine")
 

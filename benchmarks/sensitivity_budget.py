@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neuroguide.evaluation.sensitivity import unit_sensitivity
+from neuroguide.evaluation.analyses.sensitivity.core import unit_sensitivity
 from neuroguide.models.features import LayerOutput
 from neuroguide.models.resnet import NormalizedResNet
 

@@ -4,7 +4,7 @@ Both sides compute the top k = 10 eigenpairs of ``J^T J`` (J the Jacobian of a K
 respect to one 64 px image, D = 3 x 64 x 64 = 12288) for a small ResNet-like CNN (timm ResNet, BasicBlock
 [2, 2, 2, 2], channels 32..256, normalization first) with a linear readout to K = 500 and to K = 2000 outputs:
 
-- matrix-free: :func:`neuroguide.evaluation.subspace.perturbation_subspaces` (ARPACK ``eigsh``; each product
+- matrix-free: :func:`neuroguide.evaluation.analyses.subspace.core.perturbation_subspaces` (ARPACK ``eigsh``; each product
   ``J^T J v`` is one JVP and one VJP; J is never formed);
 - explicit: the full Jacobian J (K x D) from batched VJPs (``torch.func.jacrev``, i.e. ``vmap`` over ``vjp``,
   ``--chunk`` cotangents per backward pass), then ARPACK on the stored J (``J^T (J v)``: two matrix-vector
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuroguide.evaluation.subspace import perturbation_subspaces, subspace_similarity
+from neuroguide.evaluation.analyses.subspace.core import perturbation_subspaces, subspace_similarity
 from neuroguide.models.normalize import Normalize
 
 K_EIG = 10

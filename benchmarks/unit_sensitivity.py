@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from neuroguide.evaluation.sensitivity import unit_sensitivity
+from neuroguide.evaluation.analyses.sensitivity.core import unit_sensitivity
 from neuroguide.models.features import LayerOutput
 from neuroguide.models.normalize import Normalize
 

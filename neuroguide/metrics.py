@@ -3,7 +3,7 @@
 Built on torchmetrics' ``pearson_corrcoef``. Every correlation of a model with measured or predicted
 responses (per voxel, site or unit: the predictor and IT scores, split-half reliability, neural
 alignment, layer selection) goes through :func:`pearson_r` so that NaN handling and shapes are the
-same everywhere. The one exception is RSA (:mod:`neuroguide.evaluation.rdm`): correlation distances
+same everywhere. The one exception is RSA (:mod:`neuroguide.evaluation.metrics.rdm`): correlation distances
 between all stimulus pairs and Spearman comparisons of RDMs are computed there in chunked matrix form
 (tested against rsatoolbox), since a per-pair call would be far too slow.
 """

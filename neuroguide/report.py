@@ -51,13 +51,21 @@ def _project_region_order() -> tuple[str, ...]:
 
 
 def factors_of(config: dict) -> dict:
-    """The sweep factors of one run from its resolved config."""
+    """The sweep factors of one run from its resolved config: task, shuffle, seed and subject always; the others
+    (region, alpha, at_eps, backbone) where the task's ``ModelKind.report_factors`` names them (alpha and at.eps
+    mean something for the guided classifier only), else None."""
     g = lambda *ks: _get(config, ks)  # noqa: E731
     task = g("task", "name")
-    guided = task == "guidance"  # alpha and at.eps mean something for the guided classifier only
-    return {"task": task, "region": g("region", "name"), "alpha": g("alpha") if guided else None,
-            "at_eps": g("at", "eps") if guided else None, "shuffle": g("predictor", "shuffle"), "seed": g("seed"),
-            "subject": g("subject"), "backbone": _backbone(config) if task in ("encoding", "it_encoding") else None}
+    try:
+        from neuroguide.tasks import model_kind
+
+        named = set(model_kind(task).report_factors)
+    except KeyError:  # a run of a task this version does not know: report what its config holds
+        named = {"region", "alpha", "at_eps", "backbone"}
+    values = {"region": g("region", "name"), "alpha": g("alpha"), "at_eps": g("at", "eps"),
+              "backbone": _backbone(config)}
+    return {"task": task, **{k: (v if k in named else None) for k, v in values.items()},
+            "shuffle": g("predictor", "shuffle"), "seed": g("seed"), "subject": g("subject")}
 
 
 def _backbone(config: dict) -> str | None:

@@ -46,10 +46,21 @@ FACTORS: tuple[tuple[str, str, str | None], ...] = (
     ("sweep_dir", "sweep", None),
     ("eval", "eval", None),
 )
-# named even when not overridden (the composed config's values)
-CORE = {"guidance": ("region", "alpha", "at.eps"), "predictor": ("region",),
-        "it_encoding": ("backbone", "backbone.at_eps", "backbone.layer"),
-        "encoding": ("region", "backbone", "backbone.layer")}
+
+
+def core_factors(task) -> tuple[str, ...]:
+    """The factors named even when not overridden (the composed config's values): the task's
+    ``ModelKind.name_factors`` (:mod:`neuroguide.tasks.kinds`); none for evaluate.py (no task)."""
+    if task is None:
+        return ()
+    from neuroguide.tasks import model_kind
+
+    try:
+        return model_kind(str(task)).name_factors
+    except KeyError:  # an unknown task: train.py refuses it with the list of tasks; here the name stays plain
+        return ()
+
+
 # config groups named by the option chosen on the command line (backbone=resnet50_l2_eps1: several options
 # share backbone.name resnet50), else by the config's value
 GROUPS = ("backbone",)
@@ -116,7 +127,7 @@ def run_name(overrides: Iterable[str], config: Any = None, exclude: Iterable[str
         return given.get(key)
 
     task = value("task", "task.name")
-    core = CORE.get(str(task), ())
+    core = core_factors(task)
     if config is not None and task is None and OmegaConf.select(config, "eval") is not None:  # evaluate.py
         evals = OmegaConf.select(config, "eval")
         given.setdefault("eval", list(evals.keys()) if OmegaConf.is_dict(evals) else evals)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning as L
-from neuroguide.evaluation.robustness import accuracy, adversarial_accuracy
+from neuroguide.evaluation.analyses.robustness.core import accuracy, adversarial_accuracy
 from neuroguide.tasks.guidance import GuidanceTask
 
 SIZE, N_NEURAL = 12, 4
@@ -150,7 +150,7 @@ def test_linf_eps_as_k_over_255_parse_and_snap_to_one_key():
 
 
 def test_k_over_255_in_configs_evaluation_and_at_eps(compose_train, tmp_path):
-    from neuroguide.evaluation.robustness import evaluate
+    from neuroguide.evaluation.analyses.robustness.core import evaluate
     from neuroguide.run_names import run_name
     from neuroguide.tasks.guidance import at_eps
 

@@ -62,7 +62,7 @@ def test_calibration_standardizes_the_drive_on_clean_images():
 def test_white_box_sensitivity_from_the_engine_matches_the_gradient_at_small_eps(brain, one_thread):
     """For a small eps away from the pixel bounds, max_{||d|| <= eps} |r(x + d) - r(x)| = eps ||grad r(x)||
     (first order); the engine's unit_sensitivity on the brain finds it (gradient by torch.autograd)."""
-    from neuroguide.evaluation.sensitivity import unit_sensitivity
+    from neuroguide.evaluation.analyses.sensitivity.core import unit_sensitivity
 
     x = 0.3 + 0.4 * torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     eps = 1e-3

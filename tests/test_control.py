@@ -1,4 +1,4 @@
-"""Targeted control, the category flip and super-stimuli (neuroguide.evaluation.control / category_flip /
+"""Targeted control, the category flip and super-stimuli (neuroguide.evaluation.analyses.control.region_control / category_flip /
 superstimuli / control_analysis), against closed forms of linear responses and planted units."""
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from neuroguide.config import CONF_DIR
-from neuroguide.evaluation import category_flip, control, superstimuli
+from neuroguide.evaluation.analyses.control import category_flip
+from neuroguide.evaluation.analyses.control import region_control as control
+from neuroguide.evaluation.analyses.control import superstimuli
 from neuroguide.evaluation.runner import MULTI_MODEL, PER_MODEL
 from neuroguide.evaluation.stimuli import Stimuli
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from neuroguide.attacks import objectives
-from neuroguide.evaluation.decoder import fit_decoder
-from neuroguide.evaluation.population import evaluate, population_measures
+from neuroguide.evaluation.metrics.decoder import fit_decoder
+from neuroguide.evaluation.analyses.population.core import evaluate, population_measures
 
 EPS = [0.02, 0.05, 0.1]
 BUDGET = dict(steps=128, schedule="guo", restarts=1, batch_size=256, progress=False)

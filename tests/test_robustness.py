@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from neuroguide.evaluation import robustness
+from neuroguide.evaluation.analyses.robustness import core as robustness
 
 SHAPE = (3, 4, 4)
 D = 48

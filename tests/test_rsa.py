@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from neuroguide.evaluation import rdm as rdm_mod
-from neuroguide.evaluation import rsa
+from neuroguide.evaluation.metrics import rdm as rdm_mod
+from neuroguide.evaluation.analyses.rsa import core as rsa
 from neuroguide.metrics import pearson_r
 
 rsatoolbox = pytest.importorskip("rsatoolbox")

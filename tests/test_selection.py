@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
-from neuroguide.evaluation.selection import (_folds, best_pair, linear_cka, ridge_cv_predictions, run_selection)
+from neuroguide.evaluation.analyses.selection.core import (_folds, best_pair, linear_cka, ridge_cv_predictions, run_selection)
 
 
 def _hsic_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -24,7 +24,7 @@ def _hsic_cka(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def test_linear_cka_used_for_selection_matches_its_definition():
-    """Selection uses neuroguide.evaluation.cka.linear_cka; checked here against the HSIC definition."""
+    """Selection uses neuroguide.evaluation.metrics.cka.linear_cka; checked here against the HSIC definition."""
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(40, 7)), rng.normal(size=(40, 3))
     y[:, 0] += x[:, 0]
@@ -164,7 +164,7 @@ def test_criterion_c_ranks_the_planted_layer_first(one_thread):
     """The brain reads out one layer of network A (256 random sites + softplus). Candidates: the four layers of A
     (AT eps 2) and of another random network B (eps 0). Perturbations made on the planted layer of A move the
     brain most: it ranks first, for each choice of planted layer."""
-    from neuroguide.evaluation.selection_transfer import layer_transfer_scores, rank
+    from neuroguide.evaluation.analyses.selection.brain_transfer import layer_transfer_scores, rank
 
     a, b = _small_cnn(0), _small_cnn(1)
     images = _smooth_images(24)
@@ -181,7 +181,7 @@ def test_criterion_c_ranks_the_planted_layer_first(one_thread):
 
 
 def test_criterion_c_bad_input_is_named(one_thread):
-    from neuroguide.evaluation.selection_transfer import layer_transfer_scores, make_brain
+    from neuroguide.evaluation.analyses.selection.brain_transfer import layer_transfer_scores, make_brain
 
     net, images = _small_cnn(0), _smooth_images(6)
     nets = {0.0: (net, net)}
@@ -223,7 +223,7 @@ def test_selection_with_a_simulated_brain_adds_criterion_c(tmp_path, one_thread)
     from neuroguide.config import compose_config
     from neuroguide.data.synthetic.it import madrylab_checkpoint, write_synthetic_it
     from neuroguide.evaluation.runner import run as run_eval
-    from neuroguide.evaluation.selection_transfer import rank
+    from neuroguide.evaluation.analyses.selection.brain_transfer import rank
     from neuroguide.models.backbones import build_network
 
     it = write_synthetic_it(tmp_path / "it", n_images=64, n_sites=4, image_size=32, teacher_layer="layer2.1")
@@ -285,8 +285,8 @@ def test_criterion_c_from_a_labs_recordings(tmp_path, one_thread):
     brain_recordings scores criterion C from the recordings, and the planted layer of the teacher ranks first.
     A recordings file missing stimuli, or stimuli made with another budget or other layers, are refused by name."""
     from neuroguide.data.synthetic.it import madrylab_checkpoint, write_synthetic_it
-    from neuroguide.evaluation.selection_lab import read_brain_recordings
-    from neuroguide.evaluation.selection_transfer import rank
+    from neuroguide.evaluation.analyses.selection.lab import read_brain_recordings
+    from neuroguide.evaluation.analyses.selection.brain_transfer import rank
     from neuroguide.models.backbones import build_network
 
     it = write_synthetic_it(tmp_path / "it", n_images=48, n_sites=4, image_size=32, teacher_layer="layer2.1")

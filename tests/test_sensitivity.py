@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from neuroguide.evaluation import sensitivity
-from neuroguide.evaluation.sensitivity import naive_sensitivity, sign_corrected_sensitivity, unit_sensitivity
+from neuroguide.evaluation.analyses.sensitivity import core as sensitivity
+from neuroguide.evaluation.analyses.sensitivity.core import naive_sensitivity, sign_corrected_sensitivity, unit_sensitivity
 
 
 # the older tests below take sigma_i over the attacked images (the fallback, which warns): keep their output quiet
@@ -266,7 +266,7 @@ def test_few_sigma_images_warn_with_the_numbers(tmp_path):
 
 
 def test_auto_layer_is_the_penultimate_features_of_classifiers_only():
-    from neuroguide.evaluation.sensitivity import auto_layer
+    from neuroguide.evaluation.analyses.sensitivity.core import auto_layer
 
     model = hidden_linear_model()
     assert auto_layer(model) is None  # no neuroguide_info: the output

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from neuroguide.evaluation import shape_bias as sb
-from neuroguide.evaluation.shape_bias import imagenet16
+from neuroguide.evaluation.analyses import shape_bias as sb
+from neuroguide.evaluation.analyses.shape_bias import imagenet16
 
 # HumanCategories.<category> wnid lists of bethgelab/model-vs-human, modelvshuman/helper/human_categories.py:
 # a second, independent part of that file (the indices table must be exactly the wnids in ImageNet-1k).

@@ -14,7 +14,7 @@ from torch import nn
 
 from neuroguide.data.synthetic import cue_conflict as cc
 from neuroguide.data.synthetic.imagenet import WNIDS
-from neuroguide.evaluation import shape_bias as sb
+from neuroguide.evaluation.analyses import shape_bias as sb
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # a shared 2-core CPU: one thread is several times faster
 

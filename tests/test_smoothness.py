@@ -10,7 +10,7 @@ from torch import nn
 
 pytest.importorskip("neuroguide.attacks")  # the attack engine (another piece); skip only if it is missing
 
-from neuroguide.evaluation import smoothness  # noqa: E402
+from neuroguide.evaluation.analyses.smoothness import core as smoothness  # noqa: E402
 
 SHAPE = (3, 4, 4)
 D = 48

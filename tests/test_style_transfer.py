@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from neuroguide.evaluation import shape_bias as sb
-from neuroguide.evaluation.shape_bias import style_transfer as st
+from neuroguide.evaluation.analyses import shape_bias as sb
+from neuroguide.evaluation.analyses.shape_bias import style_transfer as st
 
 
 @pytest.fixture(scope="module")

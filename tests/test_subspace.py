@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from conftest import evaluate_in
-from neuroguide.evaluation.subspace import (perturbation_subspaces, random_baseline, similarity_matrix,
+from neuroguide.evaluation.analyses.subspace.core import (perturbation_subspaces, random_baseline, similarity_matrix,
                                             subspace_similarity)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster on the shared CPU

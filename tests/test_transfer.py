@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from neuroguide.evaluation import transfer
+from neuroguide.evaluation.analyses.transfer import fixed_eps as transfer
 from neuroguide.attacks import objectives, pgd_attack
-from neuroguide.evaluation.transfer import perturbation_norms, random_control, random_like, transfer_matrix
+from neuroguide.evaluation.analyses.transfer.fixed_eps import perturbation_norms, random_control, random_like, transfer_matrix
 
 SHAPE = (3, 4, 4)
 D = 48

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from neuroguide.evaluation import transfer_effect
-from neuroguide.evaluation.transfer_effect import bisect_eps, effect_tag, effect_transfer_matrix
+from neuroguide.evaluation.analyses.transfer import effect_matched as transfer_effect
+from neuroguide.evaluation.analyses.transfer.effect_matched import bisect_eps, effect_tag, effect_transfer_matrix
 
 SHAPE = (3, 8, 8)
 D = 3 * 8 * 8

@@ -13,7 +13,7 @@ with ``m_i, s_i`` the mean and std of the drive over ``n_calibration`` clean ima
 brain's seed (or over the images given to :meth:`SimulatedBrain.calibrate`), ``baseline_i`` in
 [20, 80] and ``gain_i`` in [10, 30] spikes/s. :meth:`SimulatedBrain.forward` is the noise-free rate,
 differentiable in the image, so the sites' true white-box sensitivity is measured with the project's
-attack engine (:func:`neuroguide.evaluation.sensitivity.unit_sensitivity` on the brain). Each recorded
+attack engine (:func:`neuroguide.evaluation.analyses.sensitivity.core.unit_sensitivity` on the brain). Each recorded
 repeat adds Gaussian trial-to-trial noise of sd ``noise_sd_i = noise_ratio * gain_i * U(0.7, 1.3)``
 (:meth:`SimulatedBrain.record`).
 

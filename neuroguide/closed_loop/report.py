@@ -1,7 +1,7 @@
 """The closed loop's report (Guo et al. sec. 3.1, Fig. 5): per day, site and eps, the lower bound on the site's
 adversarial sensitivity, beside the model-free controls and (in simulation) the brain's true sensitivity.
 
-Lower bound (the sign-corrected estimator, :func:`neuroguide.evaluation.estimators.sign_corrected_sensitivity`)
+Lower bound (the sign-corrected estimator, :func:`neuroguide.evaluation.metrics.estimators.sign_corrected_sensitivity`)
 for site ``i`` over its M attacked images ``x_j + d_ij`` of the day::
 
     LB_i = 1/M sum_j sign(f_i(x_j) - f_i(x_j + d_ij)) (r_i(x_j) - r_i(x_j + d_ij))
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from neuroguide.data.it import nanmean
-from neuroguide.evaluation.estimators import nanstd, sign_corrected_sensitivity
+from neuroguide.evaluation.metrics.estimators import nanstd, sign_corrected_sensitivity
 from neuroguide.evaluation.plots import curve_figure, eps_tag, write_csv
 from neuroguide.utils.io import write_json
 

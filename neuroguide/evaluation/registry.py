@@ -1,9 +1,11 @@
 """The registry of ``evaluate.py``'s analyses, and how a failing one is recorded.
 
-An analysis registers itself with ``@per_model("<name>")`` (``fn(model, stimuli, out_dir, params) -> metrics``, run
-on each model) or ``@multi_model("<name>")`` (``fn({name: model}, stimuli, out_dir, params) -> metrics``, run once on
-all models of ``models=`` / ``sweep_dir=`` mode); ``params`` is ``cfg.eval.<name>`` (``conf/eval/<name>.yaml``).
-The registered wrappers live in :mod:`neuroguide.evaluation.analyses`; the modes in
+An analysis registers itself, in its package's ``__init__`` (``neuroguide/evaluation/analyses/<name>/``), with
+``@per_model("<name>")`` (``fn(model, stimuli, out_dir, params) -> metrics``, run on each model),
+``@multi_model("<name>")`` (``fn({name: model}, stimuli, out_dir, params) -> metrics``, run once on all models of
+``models=`` / ``sweep_dir=`` mode) or ``@standalone("<name>")`` (``fn(params, out_dir) -> metrics``, needing no trained
+model, e.g. ``selection``: backbones x layers); ``params`` is ``cfg.eval.<name>`` (``conf/eval/<name>.yaml``).
+:func:`registered` imports every analysis package and lists the names; the modes are in
 :mod:`neuroguide.evaluation.runner`.
 """
 from __future__ import annotations
@@ -77,6 +79,27 @@ def multi_model(name: str, in_sweeps: bool = True):
         return fn
 
     return deco
+
+
+STANDALONE: dict[str, Callable[[dict, Path], dict]] = {}
+
+
+def standalone(name: str):
+    """Register an analysis that needs no trained model (``python evaluate.py eval=[<name>]`` without ``ckpt=``)."""
+
+    def deco(fn):
+        STANDALONE[name] = fn
+        return fn
+
+    return deco
+
+
+def registered() -> set[str]:
+    """The names of every registered analysis (imports every package of :mod:`neuroguide.evaluation.analyses`)."""
+    from neuroguide.evaluation.analyses import import_all
+
+    import_all()
+    return set(PER_MODEL) | set(MULTI_MODEL) | set(STANDALONE)
 
 
 def _images(stim: Stimuli, n: int | None) -> torch.Tensor:

@@ -3,10 +3,14 @@
 Targeted control, perturbation subspaces, population measures and the closed loop all ask the same question
 of a model: "what is its response vector to an image?" :func:`response_function` answers it once:
 
-- ``layer="auto"``: the model's region response: the output of a predictor or encoding model (voxels), of
+- ``layer="region"``: the model's region response: the output of a predictor or encoding model (voxels), of
   an IT model (sites), and the neural head of a guided classifier (its prediction of the region). A classifier
-  without a neural head has no region response: name a layer (e.g. ``avgpool``).
-- ``layer=<name>``: that layer's flattened output (``neuroguide.models.features.LayerOutput``).
+  without a neural head has no region response: name a layer (e.g. ``penultimate``).
+- ``layer="penultimate"``: the kind's penultimate features (``avgpool`` of the ResNets).
+- ``layer="output"`` (or None): the model output; ``layer=<name>``: that layer's flattened output
+  (``neuroguide.models.features.LayerOutput``).
+
+What each kind's region and penultimate layers are is declared once, by its task (:mod:`neuroguide.tasks.kinds`).
 - ``units``: keep only these columns of the response.
 """
 from __future__ import annotations
@@ -17,9 +21,7 @@ import torch
 from torch import nn
 
 from neuroguide.models.features import LayerOutput, layer_names
-
-# model kind -> the layer holding its region response (None: the model output)
-REGION_LAYER = {"predictor": None, "encoding": None, "it_encoding": None, "guidance": "neural_head"}
+from neuroguide.tasks.kinds import OUTPUT, PENULTIMATE, PLAIN, REGION, ModelKind
 
 
 class Columns(nn.Module):
@@ -48,27 +50,56 @@ def spread(m: torch.Tensor) -> float:
     return sd if sd > 0 else float("nan")
 
 
+def kind_of(model: nn.Module) -> tuple[str | None, ModelKind]:
+    """``(name, ModelKind)`` of a model returned by ``neuroguide.load_model`` (``PLAIN`` for a module without
+    ``neuroguide_info``: tests, user models, whose output is their response)."""
+    info = getattr(model, "neuroguide_info", None) or {}
+    name = info.get("model_kind") or info.get("task_name")
+    if name is None:
+        return None, PLAIN
+    from neuroguide.tasks import model_kind
+
+    return name, model_kind(name)
+
+
 def region_layer(model: nn.Module, key: str = "eval.<analysis>.layer") -> str | None:
     """The layer holding ``model``'s region response (None: its output); a ``ValueError`` naming ``key`` when it
     has none (a classifier without a neural head)."""
-    info = getattr(model, "neuroguide_info", None) or {}
-    kind = info.get("model_kind") or info.get("task_name")
-    if kind not in REGION_LAYER:  # a plain module (tests, user models): its output is the response
+    name, kind = kind_of(model)
+    layer = kind.region_layer
+    if layer is not None and getattr(model, layer, None) is None:
+        raise ValueError(f"this {name} model has no region response ({layer} is absent: it was trained with region=none, "
+                         f"a plain classifier). Fix: set {key}=penultimate (or another layer) to use a layer's units "
+                         f"instead; layers: {layer_names(model)[:12]}...")
+    return layer
+
+
+def resolve_layer(model: nn.Module, layer: str | None, key: str = "eval.<analysis>.layer") -> str | None:
+    """The module name ``layer`` stands for on ``model`` (None: the model output): ``"region"``, ``"penultimate"``,
+    ``"output"`` / None, or a layer name (returned as it is). A ValueError naming ``key`` for a name the kind does not
+    have, and for ``"auto"``, which these analyses no longer take (it meant ``region``)."""
+    if layer is None or layer == OUTPUT:
         return None
-    name = REGION_LAYER[kind]
-    if name is not None and getattr(model, name, None) is None:
-        raise ValueError(f"this {kind} model has no region response ({name} is absent: it was trained with region=none, "
-                         f"a plain classifier). Fix: set {key}=<layer> to use a layer's units instead, e.g. "
-                         f"{key}=avgpool; layers: {layer_names(model)[:12]}...")
-    return name
+    if layer == REGION:
+        return region_layer(model, key)
+    if layer == PENULTIMATE:
+        name, kind = kind_of(model)
+        if kind.penultimate_layer is None:
+            raise ValueError(f"{key}=penultimate: a {name or 'plain'} model declares no penultimate layer; name one "
+                             f"of its layers instead, e.g. {key}=<layer>; layers: {layer_names(model)[:12]}...")
+        return kind.penultimate_layer
+    if layer == "auto":
+        raise ValueError(f"{key}=auto: this analysis names its layer as region (the region response, what auto meant "
+                         f"here), penultimate, output or a layer name. Fix: {key}=region")
+    return layer
 
 
-def response_function(model: nn.Module, layer: str | None = "auto", units: Sequence[int] | None = None,
+def response_function(model: nn.Module, layer: str | None = REGION, units: Sequence[int] | None = None,
                       key: str = "eval.<analysis>.layer") -> tuple[nn.Module, str]:
     """``(forward, name)``: ``forward`` maps (B, 3, S, S) images in [0, 1] to the (B, K) response of ``layer``
-    (``"auto"``: the region response, see the module docstring; None / "output": the model output), restricted to
-    ``units`` when given; ``name`` is the layer's name in results ("output" for the model output)."""
-    name = region_layer(model, key) if layer == "auto" else layer
+    (see :func:`resolve_layer` and the module docstring), restricted to ``units`` when given; ``name`` is the layer's
+    name in results ("output" for the model output)."""
+    name = resolve_layer(model, layer, key)
     forward: nn.Module = LayerOutput(model, name)
     if units is not None:
         units = [int(u) for u in units]

@@ -26,15 +26,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from neuroguide.config import CONF_DIR, output_dir
-import neuroguide.evaluation.analyses  # noqa: F401  (registers every analysis)
 from neuroguide.evaluation.registry import (  # noqa: F401  (per_model, multi_model, FAILED: the public names)
-    FAILED, MULTI_MODEL, PER_MODEL, PER_RUN_IN_SWEEPS, _recorded, failures, multi_model, per_model)
+    FAILED, MULTI_MODEL, PER_MODEL, PER_RUN_IN_SWEEPS, STANDALONE, _recorded, failures, multi_model, per_model,
+    registered)
 from neuroguide.evaluation.stimuli import model_stimuli
 from neuroguide.logging_setup import log_outputs
 from neuroguide.models.checkpoints import load_model
 from neuroguide.utils.io import atomic_path, write_json
 
 log = logging.getLogger("neuroguide")
+registered()  # every analysis package registers itself
 
 
 class EvaluationFailed(RuntimeError):
@@ -61,7 +62,7 @@ def available_analyses() -> str:
     """What ``eval=[...]`` can name: the registered analyses and the config files of ``conf/eval/``."""
     files = sorted(p.stem for p in (CONF_DIR / "eval").glob("*.yaml"))
     return (f"per-model analyses {sorted(PER_MODEL)}, multi-model analyses (models=[...], sweep_dir=...) "
-            f"{sorted(MULTI_MODEL)}, 'selection' (backbones x layers, no trained model); config files in "
+            f"{sorted(MULTI_MODEL)}, without a model {sorted(STANDALONE)} (e.g. selection: backbones x layers); config files in "
             f"{CONF_DIR / 'eval'}: {files} (e.g. eval=[sensitivity_guo2022] is the sensitivity analysis with "
             "another budget)")
 
@@ -97,7 +98,7 @@ def check_eval_overrides(overrides: list[str]) -> None:
 
 def _analyses(cfg: DictConfig) -> dict[str, dict]:
     chosen = OmegaConf.to_container(cfg.get("eval") or {}, resolve=True)
-    known = set(PER_MODEL) | set(MULTI_MODEL) | {"selection"}
+    known = registered()
     unknown = sorted(set(chosen) - known)
     if unknown:
         raise KeyError(f"unknown analyses {unknown} in eval=[...] (cfg.eval); available: {available_analyses()}")
@@ -140,12 +141,10 @@ def run(cfg: DictConfig) -> dict:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     modes = [k for k in ("ckpt", "models", "sweep_dir") if cfg.get(k)]
-    if set(analyses) == {"selection"} and not modes:  # backbones x layers; no trained model needed
-        from neuroguide.evaluation.selection import run_selection
-
-        res = run_selection({**analyses["selection"], "out_dir": str(out)})
-        metrics = {f"eval/selection/{r['at_eps']}/{r['layer']}/{k}": v for r in res["rows"] for k, v in r.items()
-                   if isinstance(v, float)}
+    if analyses and set(analyses) <= set(STANDALONE) and not modes:  # e.g. selection: no trained model needed
+        metrics = {}
+        for name, params in analyses.items():
+            metrics.update(STANDALONE[name](dict(params or {}), out))
         write_json(out / "metrics.json", metrics)
         _log_outputs(out, cfg)
         return metrics

@@ -115,25 +115,50 @@ def it_stimuli(run_config: Mapping, facts: Mapping, n: int | None, override: Map
                    "IT test", region="IT")
 
 
-# model kind -> its held-out stimuli: loader(run_config, facts, n, override) -> Stimuli
-STIMULI: dict[str, Callable[..., Stimuli]] = {
-    "predictor": nsd_stimuli,
-    "encoding": nsd_stimuli,
-    "guidance": classification_stimuli,
-    "it_encoding": it_stimuli,
+# the held-out stimuli a kind declares (ModelKind.stimuli, neuroguide.tasks.kinds) -> its reader:
+# loader(run_config, facts, n, override) -> Stimuli
+LOADERS: dict[str, Callable[..., Stimuli]] = {
+    "nsd": nsd_stimuli,
+    "classification": classification_stimuli,
+    "it": it_stimuli,
 }
+
+
+def stimuli_loader(model: torch.nn.Module) -> Callable[..., Stimuli]:
+    """The reader of ``model``'s held-out stimuli, by its kind's ``stimuli`` (a KeyError naming the kind otherwise)."""
+    from neuroguide.tasks import model_kind
+
+    info = getattr(model, "neuroguide_info", None)
+    if not info:
+        raise ValueError("the model carries no neuroguide_info: load it with neuroguide.load_model(path)")
+    name = info.get("model_kind") or info["task_name"]
+    try:
+        return LOADERS[model_kind(name).stimuli]
+    except KeyError as e:
+        raise KeyError(f"no evaluation stimuli known for model kind {name!r}: {e}") from None
 
 
 def model_stimuli(model: torch.nn.Module, n: int | None = None, override: Mapping | None = None) -> Stimuli:
     """Stimuli for a model returned by ``neuroguide.load_model`` (uses ``model.neuroguide_info``)."""
-    info = getattr(model, "neuroguide_info", None)
-    if not info:
-        raise ValueError("the model carries no neuroguide_info: load it with neuroguide.load_model(path)")
-    kind = info.get("model_kind") or info["task_name"]
-    if kind not in STIMULI:
-        raise KeyError(f"no evaluation stimuli known for model kind {kind!r}; known: {sorted(STIMULI)}")
-    loader, override = STIMULI[kind], dict(override or {})
+    loader, override = stimuli_loader(model), dict(override or {})
+    info = model.neuroguide_info
     run_config, facts = info["run_config"], info.get("facts") or {}
     stim = loader(run_config, facts, n, override)
     stim.split = lambda m=None: loader(run_config, facts, m, override)
     return stim
+
+
+def neural_reference(model, params: dict, cfg_n: int | None) -> tuple[torch.Tensor, dict]:
+    """Images and measured responses to compare a model with: NSD test images with the voxels of
+    ``params['regions']`` (default: the model's own region), or an IT model's test sites."""
+    info = model.neuroguide_info
+    regions = params.pop("regions", None)
+    n = params.pop("n_images", None) or cfg_n
+    from neuroguide.models.features import device_of
+
+    device = device_of(model)
+    if stimuli_loader(model) is it_stimuli and not regions:
+        st = it_stimuli(info["run_config"], info["facts"], n, {})
+        return st.images.to(device), {"IT": st.responses}
+    st = nsd_stimuli(info["run_config"], info["facts"], n, params.pop("stimuli", {}) or {}, regions)
+    return st.images.to(device), st.region_responses

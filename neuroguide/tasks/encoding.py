@@ -37,6 +37,7 @@ from neuroguide.models.ridge import best_layer, fit_layers
 from neuroguide.models.robust_weights import load_robust_weights
 from neuroguide.models.zoo import backbone_weights
 from neuroguide.tasks import register_task
+from neuroguide.tasks.kinds import ModelKind
 from neuroguide.tasks.regression import RegressionTask
 from neuroguide.utils.io import atomic_path, file_fingerprint
 
@@ -84,7 +85,15 @@ def check_nc(nc: np.ndarray, threshold: float, region: str) -> None:
                          "data.nc_threshold, or choose a region with reliable voxels")
 
 
-@register_task("encoding")
+KIND = ModelKind(
+    penultimate_layer=None,
+    stimuli="nsd",
+    name_factors=("region", "backbone", "backbone.layer"),
+    report_factors=("region", "backbone"),
+)
+
+
+@register_task("encoding", kind=KIND)
 class EncodingTask(RegressionTask):
     closed_form = True  # fitted when built; train.run validates and tests it instead of calling trainer.fit
 

@@ -29,6 +29,7 @@ from neuroguide.models.checkpoints import load_model
 from neuroguide.models.dual_head import head_pool_size
 from neuroguide.models.registry import build_model
 from neuroguide.tasks import register_task
+from neuroguide.tasks.kinds import ModelKind
 from neuroguide.tasks.base import Task
 from neuroguide.tasks.predictor import PredictorRequirement
 from neuroguide.utils.io import file_sha256
@@ -47,7 +48,16 @@ def check_at_target(target: str) -> str:
     return target
 
 
-@register_task("guidance")
+KIND = ModelKind(
+    region_layer="neural_head",
+    sensitivity_units="penultimate",
+    stimuli="classification",
+    name_factors=("region", "alpha", "at.eps"),
+    report_factors=("region", "alpha", "at_eps"),
+)
+
+
+@register_task("guidance", kind=KIND)
 class GuidanceTask(Task):
     def __init__(self, model_config: dict, run_config: dict | None = None, *, facts: dict | None = None,
                  alpha: float = 0.5, at: dict | None = None, optimizer=None, scheduler=None,

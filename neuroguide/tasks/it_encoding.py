@@ -27,6 +27,7 @@ from neuroguide.models.it_encoding import ITEncodingModel
 from neuroguide.models.readouts import masked_mse
 from neuroguide.models.robust_weights import load_robust_weights, robust_weights_path
 from neuroguide.tasks import register_task
+from neuroguide.tasks.kinds import ModelKind
 from neuroguide.tasks.regression import RegressionTask
 
 log = logging.getLogger("neuroguide")
@@ -40,7 +41,15 @@ def check_sites(n_checkpoint: int, n_data: int, where: str) -> None:
                          "new readout (task.init_from=null)")
 
 
-@register_task("it_encoding")
+KIND = ModelKind(
+    penultimate_layer=None,
+    stimuli="it",
+    name_factors=("backbone", "backbone.at_eps", "backbone.layer"),
+    report_factors=("region", "backbone"),
+)
+
+
+@register_task("it_encoding", kind=KIND)
 class ITEncodingTask(RegressionTask):
     val_loss_key = "mse"
     min_scored = 3

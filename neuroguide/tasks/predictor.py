@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from neuroguide.metrics import nanmedian, pearson_r, voxel_score_summary, voxel_scores
 from neuroguide.tasks import register_task
+from neuroguide.tasks.kinds import ModelKind
 from neuroguide.tasks.regression import RegressionTask
 
 
@@ -38,7 +39,14 @@ def predictor_path(predictors_dir: str | Path, subject: int, region: str, shuffl
     return Path(predictors_dir).expanduser() / f"subj{int(subject):02d}" / f"{name}.ckpt"
 
 
-@register_task("predictor")
+KIND = ModelKind(
+    stimuli="nsd",
+    name_factors=("region",),
+    report_factors=("region",),
+)
+
+
+@register_task("predictor", kind=KIND)
 class PredictorTask(RegressionTask):
     def __init__(self, model_config: dict, run_config: dict | None = None, *, facts: dict | None = None,
                  optimizer=None, scheduler=None, nc: np.ndarray | None = None, pca_components=None, pca_mean=None,

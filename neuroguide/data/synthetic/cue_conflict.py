@@ -7,7 +7,7 @@ filled with the texture of class ``b``, at a jittered position, size and small r
 colours on a plain background of random colour, with pixel noise. A *cue-conflict* image has
 ``a != b``: a model that decides ``a`` followed the shape, one that decides ``b`` the texture.
 
-Written files (relative to ``root``; :func:`neuroguide.evaluation.shape_bias.read_cue_conflict`
+Written files (relative to ``root``; :func:`neuroguide.evaluation.analyses.shape_bias.read_cue_conflict`
 reads them like the real stimuli):
 
 - ``<class a>/<i:04d>_<class a>-<class b>.png``: ``n_per_pair`` images of every ordered pair

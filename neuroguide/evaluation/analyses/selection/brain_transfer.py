@@ -10,7 +10,7 @@ scored by how much the sites' responses move, in units of each site's std over c
 The candidate whose perturbations move the brain most is the one whose representation the brain shares. The
 brain is any callable ``images (N, 3, S, S) in [0, 1] -> (N, sites)`` responses (repeat means), e.g. a simulated
 brain's noise-free ``forward``; ``(N, sites, repeats)`` responses (NaN = missing) are averaged over repeats. A lab
-records the stimuli instead (:mod:`neuroguide.evaluation.selection_lab`). With noisy repeat means ``|delta b_i|`` is
+records the stimuli instead (:mod:`neuroguide.evaluation.analyses.selection.lab`). With noisy repeat means ``|delta b_i|`` is
 biased upwards by the trial noise, by the same amount for every candidate: the ranking holds, the values are not
 comparable between recordings with different noise or numbers of repeats. The resolution needs many sites: a few
 random readouts see only a few directions of the layer (README, "Choosing the base network").

@@ -2,8 +2,8 @@
 
 :func:`evaluate` compares one model's layers with measured responses of brain regions;
 :func:`evaluate_models` compares models with each other (and with regions). The numbers live in
-:mod:`neuroguide.evaluation.rdm` (RDMs, Spearman / Kendall tau-a / cosine comparisons), the pictures in
-:mod:`neuroguide.evaluation.rsa_figures` (RDM panels, MDS); both are re-exported here, so
+:mod:`neuroguide.evaluation.metrics.rdm` (RDMs, Spearman / Kendall tau-a / cosine comparisons), the pictures in
+:mod:`neuroguide.evaluation.analyses.rsa.figures` (RDM panels, MDS); both are re-exported here, so
 ``rsa.rdm(...)``, ``rsa.compare(...)``, ``rsa.classical_mds(...)`` work as before. Activations come from
 the project's one extractor, :func:`neuroguide.models.features.activations`.
 """
@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from neuroguide.evaluation.rdm import (COMPARISONS, METHODS, PreparedRDM, check_comparisons,
+from neuroguide.evaluation.metrics.rdm import (COMPARISONS, METHODS, PreparedRDM, check_comparisons,
                                        check_patterns, check_responses, compare, compare_all, cosine,
                                        kendall_tau_a, n_pairs, n_stimuli, prepare, rdm, spearman, squareform,
                                        sub_rdm)
-from neuroguide.evaluation.rsa_figures import (SCORE_NAMES, classical_mds, mds_figure,
+from neuroguide.evaluation.analyses.rsa.figures import (SCORE_NAMES, classical_mds, mds_figure,
                                                models_mds_figure, rdm_figure, rdm_mds)
 from neuroguide.models.features import activations, layer_key
 

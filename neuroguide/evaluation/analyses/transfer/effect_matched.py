@@ -1,6 +1,6 @@
 """Effect-matched transfer (McNeal & Murty): transfer compared at a fixed *effect* instead of a fixed eps.
 
-At a fixed eps (:mod:`neuroguide.evaluation.transfer`) a robust source barely moves its own prediction, so its
+At a fixed eps (:mod:`neuroguide.evaluation.analyses.transfer.fixed_eps`) a robust source barely moves its own prediction, so its
 perturbations cannot be expected to move anyone else's. McNeal & Murty fix the effect first: for each source
 model ``s`` and image ``x_n``, the smallest perturbation that changes the source's *own* prediction by a target
 effect, then the same perturbation applied to every target model ("perturbations from robust models now
@@ -21,7 +21,7 @@ means, counted, and a warning names how many); then ``bisection_steps`` halvings
 batch with its own eps (the midpoint of its bracket). The eps reported is the bracket's upper end, the smallest
 eps tried whose attack reached ``e``: within ``eps_max / 2**bisection_steps`` above the smallest eps at which
 the attack reaches ``e``. Its perturbation ``d_n`` is applied to every target, and a random direction of the
-same per-image norm (:func:`neuroguide.evaluation.transfer.random_control`) is the control.
+same per-image norm (:func:`neuroguide.evaluation.analyses.transfer.fixed_eps.random_control`) is the control.
 
 The attack starts at the clean image (``random_start=False``) by default, so the effect reached is a
 deterministic function of eps and the bisection compares like with like.
@@ -46,7 +46,7 @@ from neuroguide.attacks.objectives import direction_sign
 from neuroguide.attacks.steps import get_step_class
 from neuroguide.evaluation.plots import check_eps_list, heatmap_figure, write_csv
 from neuroguide.evaluation.responses import region_layer, response_function, spread
-from neuroguide.evaluation.transfer import NORM_RTOL, _safe, check_input_sizes, perturbation_norms, random_control
+from neuroguide.evaluation.analyses.transfer.fixed_eps import NORM_RTOL, _safe, check_input_sizes, perturbation_norms, random_control
 from neuroguide.models.features import OUTPUT, activations, device_of
 
 KEY = "eval.transfer.effect"

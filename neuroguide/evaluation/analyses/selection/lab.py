@@ -11,7 +11,7 @@ Step 2, the lab records these images (any order, any extra images) into an IT fi
 ``images``, ``responses`` (M', sites, repeats) with NaN for missing repeats, ``site_ids``, ``image_ids``).
 
 Step 3, ``read_brain_recordings``: the repeat means matched to the stimuli by image id, grouped as criterion C
-needs them (:func:`neuroguide.evaluation.selection_transfer.brain_change_rows`).
+needs them (:func:`neuroguide.evaluation.analyses.selection.brain_transfer.brain_change_rows`).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def write_brain_stimuli(path: str | os.PathLike, images: torch.Tensor,
                         budget: Mapping) -> Path:
     """Write the stimuli of criterion C (see the module docstring) atomically; returns the path.
 
-    ``images``: (N, 3, S, S) clean in [0, 1]; ``perturbed``: :func:`~neuroguide.evaluation.selection_transfer.
+    ``images``: (N, 3, S, S) clean in [0, 1]; ``perturbed``: :func:`~neuroguide.evaluation.analyses.selection.brain_transfer.
     layer_perturbations`'s ``{(at_eps, layer): (x_adv (N, 3, S, S), layer_change (N,))}``; ``budget``: the
     perturbation settings, stored as attributes (checked when the recordings are read)."""
     n = len(images)

@@ -33,14 +33,21 @@ Modules: :mod:`.metric` (the measure, its table and figure), :mod:`.stimuli` (re
 stimulus folder), :mod:`.core` (a model's decisions; ``evaluate``), :mod:`.imagenet16` (the
 16-category table), :mod:`.style_transfer` (AdaIN).
 """
-from neuroguide.evaluation.shape_bias.core import (category_probabilities, evaluate, evaluate_folder,
+from neuroguide.evaluation.analyses.shape_bias.core import (category_probabilities, evaluate, evaluate_folder,
                                                    evaluate_style_transfer, model_classes, model_decisions, own_columns)
-from neuroguide.evaluation.shape_bias.imagenet16 import CATEGORIES, category_columns
-from neuroguide.evaluation.shape_bias.metric import ShapeBiasResult, shape_bias, shape_bias_figure
-from neuroguide.evaluation.shape_bias.stimuli import (IMAGE_EXTENSIONS, CueConflictStimulus, folder_categories,
+from neuroguide.evaluation.analyses.shape_bias.imagenet16 import CATEGORIES, category_columns
+from neuroguide.evaluation.analyses.shape_bias.metric import ShapeBiasResult, shape_bias, shape_bias_figure
+from neuroguide.evaluation.analyses.shape_bias.stimuli import (IMAGE_EXTENSIONS, CueConflictStimulus, folder_categories,
                                                       load_images, parse_name, read_cue_conflict, resolve_stimuli_dir)
 
 __all__ = ["CATEGORIES", "IMAGE_EXTENSIONS", "CueConflictStimulus", "ShapeBiasResult", "category_columns",
            "category_probabilities", "evaluate", "evaluate_folder", "evaluate_style_transfer", "folder_categories",
            "load_images", "model_classes", "model_decisions", "own_columns", "parse_name", "read_cue_conflict",
            "resolve_stimuli_dir", "shape_bias", "shape_bias_figure"]
+
+from neuroguide.evaluation.registry import per_model  # noqa: E402
+
+
+@per_model("shape_bias", needs_labels=True)
+def _shape_bias(model, stim, out, p):
+    return evaluate(model, out, images=stim.images, labels=stim.labels, **p)

@@ -7,11 +7,11 @@ with ``r(x)`` (K,) the population response and ``sigma`` (K,) each unit's std ov
 
 - **population sensitivity** ``S(eps) = E_x max_{||d|| <= eps} ||(r(x + d) - r(x)) / sigma||_2``: the largest
   change of the whole normalized response vector (PGD on ``objectives.ResponseChange(r(x), scale=sigma)``),
-  beside the **mean unit sensitivity** ``mean_i s~_i(eps)`` (:func:`neuroguide.evaluation.sensitivity.unit_sensitivity`
+  beside the **mean unit sensitivity** ``mean_i s~_i(eps)`` (:func:`neuroguide.evaluation.analyses.sensitivity.core.unit_sensitivity`
   on ``n_units`` of the K units). For a linear population ``r = W x`` (away from the pixel bounds)
   ``S = eps * sigma_max(diag(1/sigma) W)`` and ``s~_i = eps * ||row_i(diag(1/sigma) W)||``. Per image, the
   population change lies between the largest unit change ``max_i s_i(x, eps) / sigma_i`` and ``sqrt(K)`` times it.
-- **behaviour**: a linear category decoder (:mod:`neuroguide.evaluation.decoder`) fitted on the clean responses
+- **behaviour**: a linear category decoder (:mod:`neuroguide.evaluation.metrics.decoder`) fitted on the clean responses
   of labelled images that are not attacked; its accuracy on the attacked images clean, under **unit-targeted**
   perturbations (each image's perturbation maximises the change of one unit: for each image and eps, the unit
   and direction with the largest normalized change ``s_i(x, eps) / sigma_i`` among the measured units, i.e. the
@@ -32,10 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
-from neuroguide.evaluation.decoder import LinearDecoder, fit_decoder
+from neuroguide.evaluation.metrics.decoder import LinearDecoder, fit_decoder
 from neuroguide.evaluation.plots import check_eps_list, curve_figure, eps_tag, write_csv
 from neuroguide.evaluation.responses import response_function
-from neuroguide.evaluation.sensitivity import SensitivityResult, unit_sensitivity
+from neuroguide.evaluation.analyses.sensitivity.core import SensitivityResult, unit_sensitivity
 from neuroguide.models.features import OUTPUT, activations, device_of, evaluation_mode
 
 log = logging.getLogger("neuroguide")
@@ -53,7 +53,7 @@ class PopulationResult:
         unit_attack_unit: (E, N) the layer column each image's unit-targeted perturbation was made for.
         unit_attack_change: (E, N) ``||(r(x + d_unit) - r(x)) / sigma||_2`` under that perturbation.
         attacked: (N,) indices of the attacked images among the clean images given.
-        decoder: the fitted :class:`~neuroguide.evaluation.decoder.LinearDecoder` (None without labels).
+        decoder: the fitted :class:`~neuroguide.evaluation.metrics.decoder.LinearDecoder` (None without labels).
         decoder_correct_*: (N,) clean and (E, N) attacked, whether the decoder's choice is the image's label.
     """
 

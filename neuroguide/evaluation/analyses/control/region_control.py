@@ -19,8 +19,8 @@ For a linear region ``m = w . x`` away from the pixel bounds the optimum is ``d 
 ``eps sign(w)`` (Linf), so the change is exactly ``eps ||w||_2`` or ``eps ||w||_1``; the default attack starts at
 the image (no random start), where plain PGD reaches that optimum exactly (tests/test_control.py).
 
-The category flip of Guo et al. Fig. 2C lives in :mod:`neuroguide.evaluation.category_flip`, the super-stimuli in
-:mod:`neuroguide.evaluation.superstimuli`.
+The category flip of Guo et al. Fig. 2C lives in :mod:`neuroguide.evaluation.analyses.control.category_flip`, the super-stimuli in
+:mod:`neuroguide.evaluation.analyses.control.superstimuli`.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from neuroguide.attacks.steps import get_step_class
 from neuroguide.evaluation.plots import (amplified, check_eps_list, curve_figure, eps_label, eps_tag,
                                          image_grid_figure, write_csv)
 from neuroguide.evaluation.responses import response_function, spread
-from neuroguide.evaluation.transfer import _safe
+from neuroguide.evaluation.analyses.transfer.fixed_eps import _safe
 from neuroguide.models.features import OUTPUT, activations, device_of
 
 log = logging.getLogger("neuroguide")

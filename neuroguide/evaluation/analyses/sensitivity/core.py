@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.attacks.objectives import direction_sign
-from neuroguide.evaluation.estimators import nanstd, naive_sensitivity, repeat_mean, sign_corrected_sensitivity
+from neuroguide.evaluation.metrics.estimators import nanstd, naive_sensitivity, repeat_mean, sign_corrected_sensitivity
 from neuroguide.evaluation.plots import check_eps_list, curve_figure, eps_tag, write_csv
 from neuroguide.models.features import LayerOutput, device_of, evaluation_mode
 

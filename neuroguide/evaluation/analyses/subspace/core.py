@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from neuroguide.evaluation.responses import response_function
-from neuroguide.evaluation.transfer import _safe
+from neuroguide.evaluation.analyses.transfer.fixed_eps import _safe
 from neuroguide.models.features import device_of, evaluation_mode
 
 METHODS = ("eigsh", "lobpcg")
@@ -351,7 +351,7 @@ def evaluate_models(models: Mapping[str, nn.Module], images: torch.Tensor, out_d
     baseline k/D (``{key_prefix}/random_baseline``); ``subspace_similarity.png`` (heatmap), ``.csv``,
     ``subspace_spectrum.png``. All models must take the images' size (the subspaces live in pixel space)."""
     from neuroguide.evaluation.plots import curve_figure, heatmap_figure, write_csv
-    from neuroguide.evaluation.transfer import check_input_sizes
+    from neuroguide.evaluation.analyses.transfer.fixed_eps import check_input_sizes
 
     if not models:
         raise ValueError("models is empty: give at least one model")

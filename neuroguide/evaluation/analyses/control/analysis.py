@@ -2,11 +2,11 @@
 
 Reads the stimuli each part needs from the model's held-out split (:class:`neuroguide.evaluation.stimuli.Stimuli`):
 
-- control (:mod:`neuroguide.evaluation.control`): the first ``n_images`` evaluation images are perturbed; the sd that
+- control (:mod:`neuroguide.evaluation.analyses.control.region_control`): the first ``n_images`` evaluation images are perturbed; the sd that
   normalizes the change is over ``n_sigma_images`` natural images spread over the held-out split (null: all of it);
-- category flip (:mod:`neuroguide.evaluation.category_flip`): ``category_flip.n_category_images`` labelled images of
+- category flip (:mod:`neuroguide.evaluation.analyses.control.category_flip`): ``category_flip.n_category_images`` labelled images of
   the split (null: all); skipped with a log line when the stimuli have no class labels;
-- super-stimuli (:mod:`neuroguide.evaluation.superstimuli`), off by default: compared with the best of the same
+- super-stimuli (:mod:`neuroguide.evaluation.analyses.control.superstimuli`), off by default: compared with the best of the same
   natural images as the sd.
 
 Several models (``models=[...]``): all on the stimuli of the first, one curve per model in ``control_curve.png``,
@@ -21,10 +21,12 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from neuroguide.evaluation import category_flip, control, superstimuli
+from neuroguide.evaluation.analyses.control import category_flip
+from neuroguide.evaluation.analyses.control import region_control as control
+from neuroguide.evaluation.analyses.control import superstimuli
 from neuroguide.evaluation.responses import response_function
 from neuroguide.evaluation.stimuli import Stimuli
-from neuroguide.evaluation.transfer import check_input_sizes
+from neuroguide.evaluation.analyses.transfer.fixed_eps import check_input_sizes
 
 log = logging.getLogger("neuroguide")
 

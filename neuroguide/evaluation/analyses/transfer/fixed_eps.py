@@ -39,7 +39,7 @@ from neuroguide.attacks.objectives import direction_sign
 from neuroguide.models.features import OUTPUT, activations, device_of
 from neuroguide.attacks.steps import get_step_class, scale_in_box
 from neuroguide.evaluation.plots import check_eps_list, eps_label, eps_tag, heatmap_figure, write_csv
-from neuroguide.evaluation.robustness import check_labels
+from neuroguide.evaluation.analyses.robustness.core import check_labels
 
 NEURAL_OBJECTIVES = ("change", "up", "down")
 NORM_RTOL = 0.01  # the control's per-image norm counts as matched within 1% of the attack's

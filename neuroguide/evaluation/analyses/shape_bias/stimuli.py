@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from neuroguide.evaluation.shape_bias.imagenet16 import CATEGORIES
+from neuroguide.evaluation.analyses.shape_bias.imagenet16 import CATEGORIES
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CATEGORY_FILE = "categories.txt"  # a folder of the model's own classes names them here
@@ -163,7 +163,7 @@ def resolve_stimuli_dir(model, stimuli_dir: str | os.PathLike | None, *,
         return Path(choice).expanduser()
     from neuroguide.data.synthetic.cue_conflict import write_cue_conflict
     from neuroguide.data.synthetic.imagenet import WNIDS
-    from neuroguide.evaluation.shape_bias.core import model_classes
+    from neuroguide.evaluation.analyses.shape_bias.core import model_classes
 
     p = dict(synthetic or {})
     root = p.pop("root", None)

@@ -122,5 +122,5 @@ def category_columns(classes: Sequence[int | str] | None = None, n_outputs: int 
         raise ValueError(f"none of the model's {len(index)} classes (e.g. {shown}) belongs to any of the 16 "
                          f"cue-conflict categories {list(CATEGORIES)}: shape bias on the Geirhos stimuli is undefined "
                          "for this model. Fix: use the style-transfer cue-conflict images made from the model's "
-                         "own classes (neuroguide.evaluation.shape_bias.style_transfer), or check the class list")
+                         "own classes (neuroguide.evaluation.analyses.shape_bias.style_transfer), or check the class list")
     return mapped, unmapped

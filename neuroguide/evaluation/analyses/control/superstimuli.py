@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.attacks.eps import parse_eps_for
-from neuroguide.evaluation.control import responses
+from neuroguide.evaluation.analyses.control.region_control import responses
 from neuroguide.evaluation.plots import amplified, curve_figure, image_grid_figure, write_csv
 from neuroguide.evaluation.responses import spread
 from neuroguide.models.features import device_of

@@ -1,7 +1,7 @@
 """Pictures of RSA: RDM panels, classical MDS of the stimuli, and second-order MDS of models and regions.
 
 MDS uses classical (Torgerson) MDS by eigendecomposition on ``sqrt(d)``: for both RDM kinds of
-:mod:`neuroguide.evaluation.rdm` ``sqrt(d)`` is proportional to a Euclidean distance between
+:mod:`neuroguide.evaluation.metrics.rdm` ``sqrt(d)`` is proportional to a Euclidean distance between
 (normalized) patterns, so the embedding is exact up to the dropped dimensions.
 
 The figure builders return a matplotlib ``Figure`` (the caller saves it with
@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from neuroguide.evaluation.rdm import n_stimuli, squareform, sub_rdm
+from neuroguide.evaluation.metrics.rdm import n_stimuli, squareform, sub_rdm
 
 MAX_COLS = 4
 PANEL_IN = 3.4  # inches per panel side (408 px at 120 dpi)
@@ -46,7 +46,7 @@ def classical_mds(dist: torch.Tensor, dims: int = 2) -> torch.Tensor:
 def rdm_mds(vec: torch.Tensor, dims: int = 2) -> torch.Tensor:
     """Stimulus coordinates (N, dims) of an RDM vector (N (N - 1) / 2,) by classical MDS on ``sqrt(d)``
     (NaN entries take the mean dissimilarity). Builds the N x N matrix: for large N take a
-    :func:`~neuroguide.evaluation.rdm.sub_rdm` first."""
+    :func:`~neuroguide.evaluation.metrics.rdm.sub_rdm` first."""
     v = torch.as_tensor(vec, dtype=torch.float64)
     v = torch.nan_to_num(v, nan=float(torch.nanmean(v)) if torch.isfinite(v).any() else 0.0)
     return classical_mds(squareform(v.clamp(min=0).sqrt()), dims)

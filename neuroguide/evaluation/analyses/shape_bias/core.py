@@ -1,6 +1,6 @@
 """Shape bias of a model: decisions on cue-conflict images, from a stimulus folder or by style transfer.
 
-See the package docstring (:mod:`neuroguide.evaluation.shape_bias`) for the two sources and how a
+See the package docstring (:mod:`neuroguide.evaluation.analyses.shape_bias`) for the two sources and how a
 model's outputs map to the decision categories.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from neuroguide.evaluation.shape_bias.imagenet16 import CATEGORIES, category_columns
-from neuroguide.evaluation.shape_bias.metric import _write, shape_bias
-from neuroguide.evaluation.shape_bias.stimuli import (CueConflictStimulus, folder_categories, load_images,
+from neuroguide.evaluation.analyses.shape_bias.imagenet16 import CATEGORIES, category_columns
+from neuroguide.evaluation.analyses.shape_bias.metric import _write, shape_bias
+from neuroguide.evaluation.analyses.shape_bias.stimuli import (CueConflictStimulus, folder_categories, load_images,
                                                       read_cue_conflict, resolve_stimuli_dir)
 
 log = logging.getLogger("neuroguide")
@@ -156,7 +156,7 @@ def evaluate_style_transfer(model: nn.Module, images: torch.Tensor, labels: torc
         under ``cue_conflict/`` with ``save_images``).
     """
     from neuroguide.models.features import device_of, evaluation_mode
-    from neuroguide.evaluation.shape_bias.style_transfer import AdaIN, cue_conflict_from_classes
+    from neuroguide.evaluation.analyses.shape_bias.style_transfer import AdaIN, cue_conflict_from_classes
 
     device = device_of(model)
     stylizer = AdaIN.from_files(vgg_path, decoder_path).to(device)

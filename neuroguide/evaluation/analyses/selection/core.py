@@ -2,7 +2,7 @@
 
 For every (adversarial training eps, layer) pair of a backbone, two criteria on the IT recordings:
 
-A. **linear CKA** (Kornblith et al. 2019; :func:`neuroguide.evaluation.cka.linear_cka`) between the
+A. **linear CKA** (Kornblith et al. 2019; :func:`neuroguide.evaluation.metrics.cka.linear_cka`) between the
    layer's flattened activations X (N, D) and the IT responses Y (N, sites);
 B. **cross-validated linear predictivity**: ridge regression from X to each site, k-fold over images;
    the ridge penalty of each site is chosen inside the training fold by leave-one-out error
@@ -10,7 +10,7 @@ B. **cross-validated linear predictivity**: ridge regression from X to each site
    out-of-fold predictions (median over sites, and divided by sqrt of the split-half reliability).
 
 C. **transfer of layer-targeted perturbations to the brain** (with ``brain``, see
-   :mod:`neuroguide.evaluation.selection_transfer`): perturbations that maximally change the layer's
+   :mod:`neuroguide.evaluation.analyses.selection.brain_transfer`): perturbations that maximally change the layer's
    representation are shown to the brain (a callable ``images -> (N, sites)``, e.g. a simulated brain), and
    the pair is scored by how much the sites move, ``mean |delta b_i| / sigma_i`` (column ``brain_change``).
 
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from neuroguide.metrics import nan_pearson_r, nanmedian
-from neuroguide.evaluation.cka import linear_cka
+from neuroguide.evaluation.metrics.cka import linear_cka
 from neuroguide.models.features import activations
 
 log = logging.getLogger("neuroguide")
@@ -141,8 +141,8 @@ def _add_criterion_c(rows: list[dict], networks, images, layers: Sequence[str], 
     """Criterion C's ``brain_change`` (and ``brain_change_sd``, ``layer_change``) added to each row, from a brain
     callable (``brain``) or a lab's recordings (``brain_recordings`` of the ``brain_stimuli`` file); with
     ``brain_stimuli`` alone, the stimuli file is written for the lab. Returns whether the column was added."""
-    from neuroguide.evaluation import selection_lab as lab
-    from neuroguide.evaluation.selection_transfer import (brain_change_rows, brain_responses, layer_perturbations,
+    from neuroguide.evaluation.analyses.selection import lab
+    from neuroguide.evaluation.analyses.selection.brain_transfer import (brain_change_rows, brain_responses, layer_perturbations,
                                                           make_brain, site_sigma)
 
     stimuli, recordings = cfg.get("brain_stimuli"), cfg.get("brain_recordings")

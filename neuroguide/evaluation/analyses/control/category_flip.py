@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.attacks.steps import get_step_class
-from neuroguide.evaluation.control import responses
+from neuroguide.evaluation.analyses.control.region_control import responses
 from neuroguide.models.features import device_of
 from neuroguide.evaluation.responses import spread
 from neuroguide.evaluation.plots import check_eps_list, curve_figure, write_csv
