@@ -33,6 +33,7 @@ from neuroguide.evaluation.stimuli import model_stimuli
 from neuroguide.logging_setup import log_outputs
 from neuroguide.models.checkpoints import load_model
 from neuroguide.utils.io import atomic_path, write_json
+from neuroguide.utils.seeding import seed_all
 
 log = logging.getLogger("neuroguide")
 registered()  # every analysis package registers itself
@@ -121,6 +122,7 @@ def evaluate_model(path: str | Path, analyses: Mapping[str, dict], out: Path, cf
     for name, params in analyses.items():
         if name not in PER_MODEL:
             continue
+        seed_all(int(cfg.get("seed", 0)))  # each analysis draws the same numbers whatever ran before it
         log.info("%s on %s (%d stimuli: %s)", name, path, len(stim), stim.source)
         with _recorded(metrics, name, str(path)):
             metrics.update(PER_MODEL[name](model, stim, out / name, dict(params or {})))
@@ -197,6 +199,7 @@ def evaluate_models(paths: list[str], analyses: Mapping[str, dict], out: Path, c
     if stim is None:
         return metrics
     for name, params in analyses.items():
+        seed_all(int(cfg.get("seed", 0)))
         if name in MULTI_MODEL:
             with _recorded(metrics, name, f"the models {list(models)}"):
                 metrics.update(MULTI_MODEL[name](models, stim, out / name, dict(params or {})))
