@@ -4,10 +4,15 @@ For every (adversarial training eps, layer) pair of a backbone, two criteria on 
 
 A. **linear CKA** (Kornblith et al. 2019; :func:`neuroguide.evaluation.metrics.cka.linear_cka`) between the
    layer's flattened activations X (N, D) and the IT responses Y (N, sites);
-B. **cross-validated linear predictivity**: ridge regression from X to each site, k-fold over images;
-   the ridge penalty of each site is chosen inside the training fold by leave-one-out error
-   (closed form from one eigendecomposition per fold); the score is the per-site Pearson r of the
-   out-of-fold predictions (median over sites, and divided by sqrt of the split-half reliability).
+B. **cross-validated linear predictivity**: ridge regression (unpenalized intercept) from X to each site,
+   k-fold over images. In each training fold of n images, site k's penalty is the ``p = alpha * ||Xc||_F^2 /
+   min(n, D)`` (Xc: the fold's centred X; alpha on a relative grid, default 10^-4 .. 10^4) with the lowest
+   exact leave-one-out error ``mean_i (e_ik / (1 - h_i))^2`` (e: residuals of the fold's fit, h: diagonal of
+   the hat matrix ``11^T/n + Xc (Xc^T Xc + p I)^-1 Xc^T``), i.e. the error of predicting each image from the
+   fit on the fold's other n - 1 images, re-centred on them (:func:`ridge_loo`; one eigendecomposition per
+   fold); the fold's test images are predicted by the fit on the whole fold at that penalty. The score is the
+   per-site Pearson r of these out-of-fold predictions (median over sites, and divided by sqrt of the
+   split-half reliability).
 
 C. **transfer of layer-targeted perturbations to the brain** (with ``brain``, see
    :mod:`neuroguide.evaluation.analyses.selection.brain_transfer`): perturbations that maximally change the layer's
