@@ -4,10 +4,15 @@ For every (adversarial training eps, layer) pair of a backbone, two criteria on 
 
 A. **linear CKA** (Kornblith et al. 2019; :func:`neuroguide.evaluation.metrics.cka.linear_cka`) between the
    layer's flattened activations X (N, D) and the IT responses Y (N, sites);
-B. **cross-validated linear predictivity**: ridge regression from X to each site, k-fold over images;
-   the ridge penalty of each site is chosen inside the training fold by leave-one-out error
-   (closed form from one eigendecomposition per fold); the score is the per-site Pearson r of the
-   out-of-fold predictions (median over sites, and divided by sqrt of the split-half reliability).
+B. **cross-validated linear predictivity**: ridge regression (unpenalized intercept) from X to each site,
+   k-fold over images. In each training fold of n images, site k's penalty is the ``p = alpha * ||Xc||_F^2 /
+   min(n, D)`` (Xc: the fold's centred X; alpha on a relative grid, default 10^-4 .. 10^4) with the lowest
+   exact leave-one-out error ``mean_i (e_ik / (1 - h_i))^2`` (e: residuals of the fold's fit, h: diagonal of
+   the hat matrix ``11^T/n + Xc (Xc^T Xc + p I)^-1 Xc^T``), i.e. the error of predicting each image from the
+   fit on the fold's other n - 1 images, re-centred on them (:func:`ridge_loo`; one eigendecomposition per
+   fold); the fold's test images are predicted by the fit on the whole fold at that penalty. The score is the
+   per-site Pearson r of these out-of-fold predictions (median over sites, and divided by sqrt of the
+   split-half reliability).
 
 C. **transfer of layer-targeted perturbations to the brain** (with ``brain``, see
    :mod:`neuroguide.evaluation.analyses.selection.brain_transfer`): perturbations that maximally change the layer's
@@ -23,7 +28,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -42,48 +47,104 @@ def _folds(n: int, n_folds: int, seed: int) -> list[np.ndarray]:
     return np.array_split(np.random.default_rng(seed).permutation(n), n_folds)
 
 
-def ridge_cv_predictions(x: torch.Tensor, y: torch.Tensor, n_folds: int = 5, alphas: Sequence[float] | None = None,
-                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Out-of-fold ridge predictions of ``y`` (N, K) from ``x`` (N, D) with an intercept.
+class RidgeLOO(NamedTuple):
+    """Leave-one-out ridge on one training set (:func:`ridge_loo`); A alphas, K sites, r = rank of the centred X."""
 
-    ``alphas`` are relative penalties: the penalty is ``alpha * mean eigenvalue of the training
-    Gram matrix`` (so one grid fits layers of any scale); default 10^-4 .. 10^4. Each site's alpha is
-    the one with the lowest leave-one-out error on the training fold. Returns (predictions (N, K),
-    chosen relative alpha per fold and site (n_folds, K)).
+    loo: torch.Tensor  # (A, K) leave-one-out mean squared error of each site at each alpha
+    penalty: torch.Tensor  # (A,) absolute penalties: alpha * ||X - mean||_F^2 / min(n, D)
+    alpha: torch.Tensor  # (K,) chosen relative alpha of each site (lowest loo; ties: the smaller alpha)
+    pred: torch.Tensor | None  # (N_test, K) predictions of x_test at each site's chosen alpha, or None
+
+
+def _relative_alphas(alphas: Sequence[float] | None) -> torch.Tensor:
+    rel = torch.tensor(list(alphas) if alphas is not None else np.logspace(-4, 4, 17), dtype=torch.float64)
+    if rel.numel() == 0 or not bool(torch.isfinite(rel).all()) or float(rel.min()) <= 0:
+        raise ValueError(f"ridge alphas={rel.tolist()}: expected a non-empty list of positive finite relative "
+                         "penalties (at alpha=0 the leave-one-out error of D >= n features is 0/0)")
+    return rel
+
+
+def _column_space(xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lam (r,), u (n, r)): the non-zero squared singular values of the centred xc (n, D) and an orthonormal basis
+    of its column space, from the eigendecomposition of the smaller of Xc^T Xc (D <= n) and Xc Xc^T. Directions with
+    eigenvalue <= max(n, D) x machine eps x the largest are null; so is the constant vector (Xc^T 1 = 0), which
+    is also dropped by its alignment, in case rounding lifts its eigenvalue above that threshold."""
+    n, d = xc.shape
+    if d <= n:
+        lam, v = torch.linalg.eigh(xc.T @ xc)
+    else:
+        lam, u = torch.linalg.eigh(xc @ xc.T)
+    keep = lam > lam.max().clamp_min(0) * max(n, d) * torch.finfo(lam.dtype).eps
+    if d <= n:
+        u = (xc @ v[:, keep]) / lam[keep].sqrt()
+    else:
+        u = u[:, keep]
+    lam = lam[keep]
+    along_one = u.sum(0).abs() / math.sqrt(n) > 0.5
+    return lam[~along_one], u[:, ~along_one]
+
+
+def ridge_loo(x: torch.Tensor, y: torch.Tensor, alphas: Sequence[float] | None = None,
+              x_test: torch.Tensor | None = None) -> RidgeLOO:
+    """Exact leave-one-out error of ridge with an unpenalized intercept, x (n, D) -> y (n, K), for each alpha.
+
+    The fit at absolute penalty ``p`` minimises ``||y - b0 - X w||^2 + p ||w||^2``; ``p = alpha * s`` with
+    ``s = ||Xc||_F^2 / min(n, D)`` (the trace of the centred Gram matrix over min(n, D); Xc = X - its column
+    means over these n rows), so one grid of relative ``alphas`` (default 10^-4 .. 10^4)
+    fits layers of any scale. The leave-one-out error of site k is ``mean_i (e_ik / (1 - h_i))^2``, e = the
+    residuals of the fit on all n rows and h the diagonal of the hat matrix ``11^T/n + Xc (Xc^T Xc + p I)^-1
+    Xc^T`` (the 1/n is the intercept's share): the exact squared error of predicting row i from the fit on
+    the other n - 1 rows at the same ``p`` (re-centred on them), by the Sherman-Morrison identity of
+    penalized least squares. Both e and 1 - h are summed in the eigenbasis of Xc (its null directions, among
+    them the constant vector, dropped) from terms ``p / (lam + p)`` that never cancel, so their ratio stays the
+    true one when D >= n - 1 and ``p`` is small, where both go to 0 together (as p -> 0 it tends to the
+    leave-one-out error of the minimum-norm interpolating fit).
     """
     x, y = x.double(), y.double()
-    rel = torch.tensor(list(alphas) if alphas is not None else np.logspace(-4, 4, 17), dtype=torch.float64)
-    pred = torch.empty_like(y)
+    rel = _relative_alphas(alphas)
+    n, d = x.shape
+    xm, ym = x.mean(0), y.mean(0)
+    xc, yc = x - xm, y - ym
+    lam, u = _column_space(xc)
+    penalty = rel * float(xc.pow(2).sum()) / min(n, d)
+    z = u.T @ yc  # (r, K)
+    u2 = u.pow(2)
+    if u.shape[1] == n - 1:  # the column space of Xc is all of 1^perp (D >= n - 1): nothing lies outside it
+        resid_out, lev_out = torch.zeros_like(yc), torch.zeros(n, dtype=torch.float64)
+    else:  # the part of y that no penalty fits (outside the column space of Xc and the constant), its share of 1 - h
+        resid_out, lev_out = yc - u @ z, (1 - 1 / n - u2.sum(1)).clamp_min(0)
+    loo = torch.empty(len(rel), y.shape[1], dtype=torch.float64)
+    for j, p in enumerate(penalty):
+        shrink = p / (lam + p)  # (r,): 1 - lam / (lam + p), the residual's share of each direction
+        resid = resid_out + u @ (shrink[:, None] * z)  # (n, K): e = (I - H) y
+        one_minus_h = lev_out + u2 @ shrink  # (n,)
+        loo[j] = (resid / one_minus_h[:, None]).pow(2).mean(0)
+    best = torch.argmin(loo, 0)  # the first (smallest) alpha among equal errors
+    pred = None
+    if x_test is not None:
+        coef = z / (lam[:, None] + penalty[best][None, :])  # (r, K): w_k = Xc^T u diag(coef_k)
+        pred = ((x_test.double() - xm) @ xc.T) @ u @ coef + ym
+    return RidgeLOO(loo, penalty, rel[best], pred)
+
+
+def ridge_cv_predictions(x: torch.Tensor, y: torch.Tensor, n_folds: int = 5, alphas: Sequence[float] | None = None,
+                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Out-of-fold ridge predictions of ``y`` (N, K) from ``x`` (N, D) with an unpenalized intercept.
+
+    For each of ``n_folds`` random folds of the images, each site's relative alpha is the one with the lowest
+    exact leave-one-out error on the training fold (:func:`ridge_loo`: penalty = alpha x the training fold's
+    ``||Xc||_F^2 / min(n_train, D)``; default alphas 10^-4 .. 10^4), and the fold's images are predicted by the
+    ridge fit on the whole training fold at that penalty. Returns (predictions (N, K), chosen relative alpha per
+    fold and site (n_folds, K)).
+    """
+    rel = _relative_alphas(alphas)
+    pred = torch.empty(y.shape, dtype=torch.float64)
     chosen = []
     for test in _folds(len(x), n_folds, seed):
         train = np.setdiff1d(np.arange(len(x)), test)
-        xm, ym = x[train].mean(0), y[train].mean(0)
-        xt, yt, xs = x[train] - xm, y[train] - ym, x[test] - xm
-        # fitted(a) = B_tr diag(g) P, test(a) = B_te diag(g) P, leverages h(a) = L g, g = 1 / (lam + a)
-        if xt.shape[1] <= xt.shape[0]:  # primal: eigendecomposition of X^T X (D x D)
-            lam, v = torch.linalg.eigh(xt.T @ xt)
-            b_tr, b_te, p = xt @ v, xs @ v, v.T @ (xt.T @ yt)
-            lev = b_tr.pow(2)
-        else:  # dual: eigendecomposition of the Gram matrix X X^T (n x n)
-            lam, u = torch.linalg.eigh(xt @ xt.T)
-            lam = lam.clamp_min(0)
-            b_tr, b_te, p = u * lam, (xs @ xt.T) @ u, u.T @ yt
-            lev = u.pow(2) * lam
-        lam = lam.clamp_min(0)
-        scale = lam.sum() / min(xt.shape)  # mean non-trivial eigenvalue: alphas are relative to it
-        best_loo = torch.full((y.shape[1],), float("inf"), dtype=torch.float64)
-        best_a = torch.zeros(y.shape[1], dtype=torch.float64)
-        test_pred = torch.zeros(len(test), y.shape[1], dtype=torch.float64)
-        for a in rel:
-            g = 1.0 / (lam + a * scale)
-            gp = g[:, None] * p
-            loo = (((yt - b_tr @ gp) / (1 - lev @ g).clamp_min(1e-9)[:, None]) ** 2).mean(0)  # (K,)
-            better = loo < best_loo
-            if bool(better.any()):
-                test_pred[:, better] = (b_te @ gp[:, better])
-                best_loo, best_a = torch.where(better, loo, best_loo), torch.where(better, a, best_a)
-        pred[test] = test_pred + ym
-        chosen.append(best_a)
+        fit = ridge_loo(x[train], y[train], rel.tolist(), x[test])
+        pred[test] = fit.pred
+        chosen.append(fit.alpha)
     return pred.float(), torch.stack(chosen).float()
 
 
