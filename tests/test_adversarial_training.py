@@ -143,7 +143,9 @@ def test_linf_eps_as_k_over_255_parse_and_snap_to_one_key():
         assert eps_tag("linf", eps) == "linf_8_255" and eps_label("linf", eps) == "8/255"
     assert eps_tag("linf", 0.0627451) == "linf_16_255" and eps_tag("fgsm", "4/255") == "fgsm_4_255"
     assert eps_tag("l2", 1.0) == "l2_1.0" and eps_tag("linf", 0.01) == "linf_0.01"
-    assert check_eps_list(["8/255", 0.0313725, "16/255"], "eps_linf", norm="linf") == [8 / 255, 8 / 255, 16 / 255]
+    assert check_eps_list(["16/255", 0.0313725], "eps_linf", norm="linf") == [8 / 255, 16 / 255]  # snapped, sorted
+    with pytest.raises(ValueError, match=r"eps_linf holds the same eps more than once: \['8/255', 0.0313725\]"):
+        check_eps_list(["8/255", 0.0313725, "16/255"], "eps_linf", norm="linf")  # two spellings of 8/255
     for bad in (["8/0"], ["abc"], ["-1/255"]):
         with pytest.raises(ValueError, match="eps_linf"):
             check_eps_list(bad, "eps_linf", norm="linf")

@@ -26,6 +26,7 @@ from neuroguide.closed_loop.recordings import aligned_responses, noise_free_rate
 from neuroguide.closed_loop.refit import initial_model, load_day_model, refit as refit_model, save_day_model
 from neuroguide.closed_loop.report import clean_sigma, day_rows, summarize, write_report
 from neuroguide.data.synthetic.nsd import render_images
+from neuroguide.evaluation.plots import check_eps_list
 from neuroguide.utils.io import read_json, write_json
 from neuroguide.utils.seeding import derive_seed
 
@@ -41,6 +42,7 @@ class Loop:
         self.loop, self.out = dict(loop), Path(out_dir)
         self.device, self.progress, self.robust_weights = device, bool(progress), dict(robust_weights or {})
         self.allow_empty_sites = bool(allow_empty_sites)
+        self.eps = check_eps_list(loop.get("eps"), "loop.eps", norm="l2")  # sorted, distinct: the grid every step uses
         for tmp in self.out.glob("**/.*.tmp*") if self.out.is_dir() else []:  # left by a killed run (one writer
             if tmp.is_file():                                                 # per out_dir): never complete
                 tmp.unlink()
@@ -105,7 +107,7 @@ class Loop:
         model = load_day_model(folder / MODEL, self.device)
         clean_u8, clean_ids, others_u8 = layout.day_images(self.loop, t)
         clean, others = stim.from_uint8(clean_u8), stim.from_uint8(others_u8)
-        n, sites, eps = len(clean), len(self.site_ids), [float(e) for e in self.loop["eps"]]
+        n, sites, eps = len(clean), len(self.site_ids), self.eps
         per_site = min(int(self.loop["images_per_site"]), n)
         # site k is attacked on per_site clean images, taken in turn from the day's images
         src = torch.tensor([(k * per_site + j) % n for k in range(sites) for j in range(per_site)])
@@ -206,10 +208,10 @@ class Loop:
         xs = stim.from_uint8(render_images(int(tcfg["n_sigma"]), size, np.random.default_rng(derive_seed(seed, 42))))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = unit_sensitivity(self.brain, x, None, [float(e) for e in self.loop["eps"]], sigma_images=xs,
+            res = unit_sensitivity(self.brain, x, None, self.eps, sigma_images=xs,
                                    steps=int(tcfg["steps"]), restarts=int(tcfg["restarts"]), schedule="guo",
                                    generator=self._generator(43), progress=self.progress)
-        out = {"eps": [float(e) for e in self.loop["eps"]], "s": res.s.tolist(), "s_norm_noise_free": res.s_norm.tolist(),
+        out = {"eps": list(self.eps), "s": res.s.tolist(), "s_norm_noise_free": res.s_norm.tolist(),
                "sigma_noise_free": res.sigma.tolist(), "n_images": int(tcfg["n_images"])}
         write_json(path, out)
         return out

@@ -20,11 +20,14 @@ from neuroguide.utils.io import atomic_path  # noqa: E402
 
 
 def check_eps_list(eps_list, name: str = "eps_list", norm: str | None = None) -> list[float]:
-    """A non-empty list of finite eps > 0, or a ValueError naming ``name``, what was found and the fix.
+    """The eps grid sorted ascending: a non-empty list of distinct finite eps > 0, or a ValueError naming ``name``,
+    what was found and the fix.
 
     Items may be numbers or fractions such as ``"8/255"`` (Hydra reads ``[8/255,16/255]`` as strings);
     with ``norm="linf"`` each is snapped to the nearest k/255 within a tolerance
-    (:func:`neuroguide.attacks.eps.snap_linf`), so ``0.0313725`` and ``8/255`` are the same eps."""
+    (:func:`neuroguide.attacks.eps.snap_linf`), so ``0.0313725`` and ``8/255`` are the same eps (and given
+    together, a duplicate). Every analysis computes on the returned, sorted grid, so ``[2, 0.5, 1]`` and
+    ``[0.5, 1, 2]`` give the same results and "the largest eps" is the last one."""
     if eps_list is None:
         raise ValueError(f"{name} is None: give a non-empty list of positive eps, e.g. {name}=[0.5, 1.0, 2.0]")
     if isinstance(eps_list, (int, float, str)):
@@ -44,7 +47,12 @@ def check_eps_list(eps_list, name: str = "eps_list", norm: str | None = None) ->
             raise ValueError(f"{name} holds {v!r}: every eps must be a finite number > 0 (found {vals}); "
                              "remove it (clean results are reported separately)")
         out.append(f)
-    return out
+    dup = sorted({f for f in out if out.count(f) > 1})
+    if dup:
+        snapped = " and snapped to k/255" if str(norm).lower() in ("linf", "fgsm", "inf") else ""
+        raise ValueError(f"{name} holds the same eps more than once: {[v for v, f in zip(vals, out) if f in dup]} "
+                         f"parse{snapped} to {dup} (found {vals}); give each eps once")
+    return sorted(out)
 
 
 def eps_tag(norm: str, eps: float) -> str:

@@ -10,7 +10,9 @@ For a site (a unit of a layer, an IT site, or the mean response of a region) and
 3. the flip eps is where the mean perturbed response of ``B``'s images reaches the mean clean response of ``A``
    (the red line of Fig. 2C): linear interpolation between the grid points that bracket it (with eps = 0 the clean
    mean), exact when the response grows linearly in eps; NaN with ``flip_reached = 0`` when not within the grid.
-   The same per image (``flip_eps_median_image``: the median over the images, NaN images counted as above);
+   The same per image (``flip_eps_median_image``: the median over the images, NaN images counted as above).
+   A site without a preference (the most and least preferred means tie, or its clean responses do not spread, e.g.
+   a dead unit) cannot flip: its flip quantities are NaN, not 0 (:attr:`FlipResult.can_flip`);
 4. the super-stimulus curve: the mean perturbed response against eps relative to the best natural image (the
    highest clean response over all labelled images), in units of the sd of the clean responses; the first eps at
    which it passes the best natural image (``super_eps``) and the fraction of images past it at each eps.
@@ -18,6 +20,9 @@ For a site (a unit of a layer, an IT site, or the mean response of a region) and
 For a linear site ``r = w . x`` away from the pixel bounds ``r(x + d*) = r(x) + eps ||w||_2`` (L2), so the flip
 eps of image ``x`` is ``(mean_A - r(x)) / ||w||_2`` and that of the mean curve ``(mean_A - mean_B) / ||w||_2``
 (tests/test_control.py).
+
+The eps grid is sorted ascending (:func:`neuroguide.evaluation.plots.check_eps_list`), so the order in which it is
+written changes nothing (tests/test_eps_grid.py).
 """
 from __future__ import annotations
 
@@ -46,10 +51,12 @@ KEY = "eval.control.category_flip"
 
 
 def first_crossing(eps: Sequence[float], values: np.ndarray, level: float, start: float) -> float:
-    """The smallest eps at which the piecewise-linear curve through ``(0, start)`` and ``(eps_i, values_i)`` reaches
-    ``level`` (0 when ``start`` already does; NaN when no grid point does)."""
-    xs = np.concatenate([[0.0], np.asarray(eps, float)])
-    ys = np.concatenate([[start], np.asarray(values, float)])
+    """The smallest eps at which the piecewise-linear curve through ``(0, start)`` and ``(eps_i, values_i)`` (E,),
+    taken in order of eps whatever the order given, reaches ``level`` (0 when ``start`` already does; NaN when no
+    grid point does, or ``level`` is NaN)."""
+    order = np.argsort(np.asarray(eps, float), kind="stable")
+    xs = np.concatenate([[0.0], np.asarray(eps, float)[order]])
+    ys = np.concatenate([[start], np.asarray(values, float)[order]])
     if ys[0] >= level:
         return 0.0
     for i in range(1, len(xs)):
@@ -63,10 +70,12 @@ class FlipResult:
     """One site. C categories, M attacked images of the least preferred category, E radii.
 
     Attributes:
+        eps: (E,) the radii, sorted ascending on construction (with the rows of ``perturbed``).
         category_means: (C,) mean clean response per category (NaN for categories left out).
-        preferred, non_preferred: category indices A and B.
+        preferred, non_preferred: category indices A and B (equal when every category mean ties).
         clean: (M,) clean responses of the attacked images; perturbed: (E, M) after the upward attack.
-        best_natural: highest clean response over all labelled images; sd: std of the clean responses.
+        best_natural: highest clean response over all labelled images; sd: std of the clean responses (NaN when
+            they do not spread, :func:`neuroguide.evaluation.responses.spread`).
     """
 
     site: str
@@ -80,9 +89,26 @@ class FlipResult:
     best_natural: float
     sd: float
 
+    def __post_init__(self):
+        order = np.argsort(np.asarray(self.eps, float), kind="stable")
+        self.eps = [float(self.eps[i]) for i in order]
+        self.perturbed = np.asarray(self.perturbed, float)[order]
+
     @property
     def preferred_mean(self) -> float:
         return float(self.category_means[self.preferred])
+
+    @property
+    def has_spread(self) -> bool:
+        """Whether the clean responses spread (sd finite and > 0): the super-stimulus quantities need it."""
+        return bool(np.isfinite(self.sd) and self.sd > 0)
+
+    @property
+    def can_flip(self) -> bool:
+        """Whether the site prefers a category: the preferred mean exceeds the non-preferred one and the responses
+        spread. A site with tied category means or without spread (a dead unit) has nothing to flip to."""
+        a, b = self.preferred_mean, float(self.category_means[self.non_preferred])
+        return bool(self.has_spread and np.isfinite(a) and np.isfinite(b) and a > b)
 
     @property
     def curve(self) -> np.ndarray:
@@ -91,35 +117,44 @@ class FlipResult:
 
     @property
     def flip_eps(self) -> float:
-        """Where the mean curve reaches the preferred category's mean (NaN: not within the grid)."""
+        """Where the mean curve reaches the preferred category's mean (NaN: not within the grid, or no preference)."""
+        if not self.can_flip:
+            return math.nan
         return first_crossing(self.eps, self.curve, self.preferred_mean, float(self.clean.mean()))
 
     @property
     def flip_eps_per_image(self) -> np.ndarray:
-        """(M,) each image's own flip eps (NaN where not within the grid)."""
+        """(M,) each image's own flip eps (NaN where not within the grid; all NaN without a preference)."""
+        if not self.can_flip:
+            return np.full(len(self.clean), math.nan)
         return np.array([first_crossing(self.eps, self.perturbed[:, i], self.preferred_mean, float(self.clean[i]))
                          for i in range(len(self.clean))])
 
     @property
     def super_eps(self) -> float:
-        """Where the mean curve passes the best natural image (NaN: not within the grid)."""
+        """Where the mean curve passes the best natural image (NaN: not within the grid, or no spread)."""
+        if not self.has_spread:
+            return math.nan
         return first_crossing(self.eps, self.curve, self.best_natural, float(self.clean.mean()))
 
     @property
     def relative_to_best_sd(self) -> np.ndarray:
-        """(E,) ``(mean perturbed response - best natural) / sd``."""
-        return (self.curve - self.best_natural) / self.sd if self.sd > 0 else np.full(len(self.eps), math.nan)
+        """(E,) ``(mean perturbed response - best natural) / sd`` (NaN without spread)."""
+        return (self.curve - self.best_natural) / self.sd if self.has_spread else np.full(len(self.eps), math.nan)
 
     def summary(self) -> dict:
         per_image = self.flip_eps_per_image
         fe = self.flip_eps
         med = float(np.median(np.where(np.isnan(per_image), np.inf, per_image))) if len(per_image) else math.inf
-        return {"flip_eps": fe, "flip_reached": float(np.isfinite(fe)),
+        flip, spread_ok = self.can_flip, self.has_spread  # without: reached / fractions are undefined (NaN), not 0
+        return {"flip_eps": fe, "flip_reached": float(np.isfinite(fe)) if flip else math.nan,
                 "flip_eps_median_image": med if math.isfinite(med) else math.nan,  # NaN: half the images never flip
-                "flip_fraction_images": float(np.isfinite(per_image).mean()),
-                "super_eps": self.super_eps, "super_reached": float(np.isfinite(self.super_eps)),
-                "relative_to_best_sd": float(self.relative_to_best_sd[-1]),
-                "super_fraction_images": float((self.perturbed[-1] > self.best_natural).mean()),
+                "flip_fraction_images": float(np.isfinite(per_image).mean()) if flip else math.nan,
+                "super_eps": self.super_eps,
+                "super_reached": float(np.isfinite(self.super_eps)) if spread_ok else math.nan,
+                "relative_to_best_sd": float(self.relative_to_best_sd[-1]),  # at the largest eps
+                "super_fraction_images": float((self.perturbed[-1] > self.best_natural).mean()) if spread_ok
+                else math.nan,
                 "preferred": float(self.preferred), "non_preferred": float(self.non_preferred),
                 "preferred_mean": self.preferred_mean, "non_preferred_mean": float(self.category_means[self.non_preferred]),
                 "best_natural": self.best_natural, "sd": self.sd, "n_images": float(len(self.clean))}
@@ -133,7 +168,8 @@ class FlipResult:
 
 
 def category_preference(resp: torch.Tensor, labels: torch.Tensor, min_per_category: int = 2) -> tuple[np.ndarray, int, int]:
-    """(C,) mean response per category (NaN below ``min_per_category`` images), the most and least preferred."""
+    """(C,) mean response per category (NaN below ``min_per_category`` images), the most and least preferred (the
+    same index when every mean ties: the site has no preference, see :attr:`FlipResult.can_flip`)."""
     resp, labels = resp.double().cpu(), labels.long().cpu()
     C = int(labels.max()) + 1
     means = np.full(C, math.nan)
@@ -209,7 +245,10 @@ def evaluate(forward: nn.Module, images: torch.Tensor, labels: torch.Tensor, out
     ``category_flip.csv`` and ``category_flip.png``. Keys ``{prefix}/<site>/<name>`` per site and, over sites,
     ``{prefix}/flip_eps`` (median over sites, a site that never flips counting as beyond every eps: NaN when half or
     more never flip), ``flip_eps_sd`` (over the sites that flipped), ``flip_reached`` (fraction of sites),
-    ``relative_to_best_sd`` (at the largest eps), ``super_reached``, ``n_sites``."""
+    ``relative_to_best_sd`` (at the largest eps, mean over sites whose responses spread), ``super_reached``,
+    ``n_sites`` and ``n_sites_without_preference``. A site without a preference (tied category means or no spread,
+    e.g. a dead unit at ``layer=avgpool``) cannot flip: it is logged by name and left out of ``flip_eps``,
+    ``flip_eps_sd`` and ``flip_reached`` (NaN when no site has a preference)."""
     gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     if per_unit:
         k = responses(forward, images[:1]).shape[1]
@@ -227,21 +266,29 @@ def evaluate(forward: nn.Module, images: torch.Tensor, labels: torch.Tensor, out
     for res in results:
         for k, v in res.summary().items():
             metrics[f"{prefix}/{res.site}/{k}"] = float(v)
-        if not np.isfinite(res.flip_eps):
+        if not res.can_flip:
+            log.warning("category flip, site %s: no category preference (category means %s, sd %.4g over %d images): "
+                        "it cannot flip; flip_eps = NaN, left out of the flip_eps and flip_reached over sites",
+                        res.site, np.array2string(res.category_means, precision=4), res.sd, len(labels))
+        elif not np.isfinite(res.flip_eps):
             log.warning("category flip, site %s: the perturbed non-preferred images (category %d) never reach the "
                         "preferred category's mean (%d, %.4g) within %s eps <= %g: flip_eps = NaN, flip_reached = 0",
                         res.site, res.non_preferred, res.preferred, res.preferred_mean, res.norm, res.eps[-1])
-    flips = np.array([r.flip_eps for r in results])
+    flips = np.array([r.flip_eps for r in results if r.can_flip])
     ok = np.isfinite(flips)
     # median over sites, a site that never flips counting as beyond every eps (as per image): the mean over the sites
     # that flipped would be biased low whenever some do not
     med = float(np.median(np.where(ok, flips, np.inf))) if len(flips) else math.nan
     metrics[f"{prefix}/flip_eps"] = med if math.isfinite(med) else math.nan
     metrics[f"{prefix}/flip_eps_sd"] = float(flips[ok].std()) if ok.sum() > 1 else math.nan
-    metrics[f"{prefix}/flip_reached"] = float(ok.mean())
-    metrics[f"{prefix}/relative_to_best_sd"] = float(np.mean([r.relative_to_best_sd[-1] for r in results]))
-    metrics[f"{prefix}/super_reached"] = float(np.mean([np.isfinite(r.super_eps) for r in results]))
+    metrics[f"{prefix}/flip_reached"] = float(ok.mean()) if len(flips) else math.nan
+    spreading = [r for r in results if r.has_spread]
+    metrics[f"{prefix}/relative_to_best_sd"] = (float(np.mean([r.relative_to_best_sd[-1] for r in spreading]))
+                                                if spreading else math.nan)
+    metrics[f"{prefix}/super_reached"] = (float(np.mean([np.isfinite(r.super_eps) for r in spreading]))
+                                          if spreading else math.nan)
     metrics[f"{prefix}/n_sites"] = float(len(results))
+    metrics[f"{prefix}/n_sites_without_preference"] = float(len(results) - len(flips))
     out_dir = Path(out_dir)
     write_csv(out_dir / "category_flip.csv", [row for r in results for row in r.rows()])
     figure(results, out_dir / "category_flip.png")
@@ -262,8 +309,8 @@ def figure(results: Sequence[FlipResult], path: str | os.PathLike) -> Path:
             level = (r.preferred_mean - r.best_natural) / sd
             curves.append({"x": [0.0, r.eps[-1]], "y": [level, level], "style": "r--",
                            "label": f"preferred cat {r.preferred} mean"})
-    fe = [r.flip_eps for r in results]
-    title = "flip eps " + ", ".join("never" if not np.isfinite(f) else f"{f:.3g}" for f in fe)
+    title = "flip eps " + ", ".join("no preference" if not r.can_flip else "never" if not np.isfinite(r.flip_eps)
+                                    else f"{r.flip_eps:.3g}" for r in results)
     return curve_figure([{"title": title, "xlabel": f"eps ({results[0].norm})",
                           "ylabel": "(response - best natural) / sd", "curves": curves, "hlines": hlines}], path,
                         title="category preference flip (Guo et al. Fig. 2C)")

@@ -208,7 +208,7 @@ def control_curve(forward: nn.Module, images: torch.Tensor, *, norm: str, eps_li
         forward: (B, 3, H, W) in [0, 1] -> (B, K) responses (``response_function``).
         images: (N, 3, H, W) images to perturb, in [0, 1].
         sd_images: (M, 3, H, W) natural images whose response spread ``sd`` normalizes the change.
-        eps_list: radii of ``norm`` (Linf as k/255 or ``"k/255"``).
+        eps_list: radii of ``norm`` (Linf as k/255 or ``"k/255"``), attacked and reported sorted ascending.
         target: a number (the mean response's target) or (K,) (a response pattern), raw response units.
         steps, step_size, random_start, restarts, schedule: the attack (:func:`neuroguide.attacks.pgd_attack`).
         n_show: perturbed images kept for the figure (the first ``n_show``), at ``show_eps`` (default: the largest).

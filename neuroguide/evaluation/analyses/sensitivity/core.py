@@ -215,7 +215,7 @@ def unit_sensitivity(model: nn.Module, images: torch.Tensor, layer: str | None, 
         images: (N, 3, H, W) clean images in [0, 1].
         layer: a name of ``model.named_modules()`` (e.g. "avgpool", "neural_head", "readout"), or None
             for the model's output. Its output is flattened to (B, K) units.
-        eps_list: radii (> 0) in [0, 1] pixel units (L2) or k/255 (Linf).
+        eps_list: radii (> 0) in [0, 1] pixel units (L2) or k/255 (Linf); computed (and returned) sorted.
         units: None (all K), a number n (n units drawn with a fixed seed), or a list of indices.
         norm, restarts, steps, schedule, step_size: passed to :func:`neuroguide.attacks.pgd_attack`.
         directions: "up" and/or "down"; ``s`` keeps the larger.
@@ -231,7 +231,7 @@ def unit_sensitivity(model: nn.Module, images: torch.Tensor, layer: str | None, 
     Returns:
         :class:`SensitivityResult`.
     """
-    eps_vals = check_eps_list(eps_list, "eps_list")
+    eps_vals = check_eps_list(eps_list, "eval.sensitivity.eps_list", norm)  # sorted, distinct
     forward = LayerOutput(model, layer)  # KeyError listing valid layer names for a bad one
     if images.ndim != 4 or images.shape[0] < 1:
         raise ValueError(f"images: expected (N, 3, H, W) in [0, 1] with N >= 1, got {tuple(images.shape)}")

@@ -204,7 +204,7 @@ def transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor, label
     """
     if not models:
         raise ValueError("models is empty: give a dict name -> model with at least one model")
-    eps = check_eps_list([eps], "eps")[0]
+    eps = check_eps_list([eps], "eval.transfer.eps", norm)[0]
     get_step_class(norm)
     if images.ndim != 4:
         raise ValueError(f"images: expected (N, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
@@ -273,7 +273,7 @@ def evaluate(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torc
     of images whose control reaches the attack's norm within 1%; 1.0 unless too few pixels can move).
     ``seed`` fixes the random starts and the control directions.
     """
-    eps_list = check_eps_list(eps, "eps")
+    eps_list = check_eps_list(eps, "eval.transfer.eps", norm)  # sorted, distinct
     out_dir = Path(out_dir)
     metrics: dict = {}
     for e in eps_list:
