@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from neuroguide.evaluation import category_flip, control
+from neuroguide.evaluation.analyses.control import category_flip
+from neuroguide.evaluation.analyses.control import region_control as control
 from neuroguide.evaluation.plots import check_eps_list
 
 

@@ -67,7 +67,7 @@ def evaluate(models: Mapping[str, nn.Module], stim: Stimuli, out: str | Path, pa
     p = dict(params)
     flip_p, super_p = _section(p, "category_flip"), _section(p, "superstimulus")
     flip_on, super_on = bool(flip_p.pop("enabled", True)), bool(super_p.pop("enabled", False))
-    layer, units = p.pop("layer", "auto"), p.pop("units", None)
+    layer, units = p.pop("layer", "region"), p.pop("units", None)
     n, n_sigma = p.pop("n_images", None), p.pop("n_sigma_images", None)
     unknown = sorted(set(p) - set(CONTROL_KEYS))
     if unknown:

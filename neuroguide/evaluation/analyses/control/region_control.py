@@ -334,12 +334,12 @@ def write_outputs(results_by_model: Mapping[str, Sequence[ControlResult]], out_d
             image_grid(r, out_dir / f"{stem}.png", title="" if single else f"{m}: ")
 
 
-def run_control(model: nn.Module, images: torch.Tensor, sd_images: torch.Tensor, *, layer="auto", units=None,
+def run_control(model: nn.Module, images: torch.Tensor, sd_images: torch.Tensor, *, layer="region", units=None,
                 eps_l2=(0.25, 0.5, 1.0, 2.0), eps_linf=("1/255", "2/255", "4/255"), directions=("up", "down"),
                 target=None, steps: int = 20, step_size: float | None = None, random_start: bool = False,
                 restarts: int = 1, schedule: str = "pgd", batch_size: int = 64, n_show: int = 4, seed: int | None = 0,
                 progress: bool = True) -> list[ControlResult]:
-    """:func:`control_curve` for each norm on the region response of ``model`` (``layer``: "auto" = the region,
+    """:func:`control_curve` for each norm on the region response of ``model`` (``layer``: "region" = the region,
     or a layer name; ``units``: columns of it). Raises a ValueError naming ``eval.control.layer`` for a classifier
     without a region response."""
     lists = eps_lists(eps_l2, eps_linf)

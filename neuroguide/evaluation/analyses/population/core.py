@@ -154,7 +154,7 @@ def _split_images(labels: torch.Tensor | None, n_total: int, n_attack: int, seed
 
 
 def population_measures(model: nn.Module, images: torch.Tensor, eps_list: Sequence[float], *,
-                        labels: torch.Tensor | None = None, layer: str | None = "auto",
+                        labels: torch.Tensor | None = None, layer: str | None = "region",
                         units: Sequence[int] | None = None, n_images: int = 8, n_units: int | None = 16,
                         norm: str = "l2", steps: int = 128, schedule: str = "guo", restarts: int = 1,
                         batch_size: int = 128, decoder_c: float = 1.0, seed: int = 0,
@@ -167,7 +167,7 @@ def population_measures(model: nn.Module, images: torch.Tensor, eps_list: Sequen
             attacked, the others (with ``labels``) train the decoder.
         eps_list: radii > 0 (L2 in [0, 1] pixel units, Linf as k/255).
         labels: (M,) class labels, or None (the decoder part is skipped).
-        layer: "auto" (the model's region response), None / "output", or a layer name; units: its columns
+        layer: "region" (the model's region response), "penultimate", None / "output", or a layer name; units: its columns
             (None: all). Units with zero std over the clean images are left out (logged).
         n_units: units whose unit sensitivity is measured (drawn with ``seed``; None: all K); the
             unit-targeted perturbations are made for the most sensitive of them.
@@ -261,7 +261,7 @@ def population_measures(model: nn.Module, images: torch.Tensor, eps_list: Sequen
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, out_dir: str | os.PathLike, *, labels: torch.Tensor | None = None,
-             layer: str | None = "auto", units: Sequence[int] | None = None,
+             layer: str | None = "region", units: Sequence[int] | None = None,
              eps_list: Sequence[float] = (0.1, 0.25, 0.5, 1.0), norm: str = "l2", n_images: int = 8,
              n_units: int | None = 16, steps: int = 128, schedule: str = "guo", restarts: int = 1,
              batch_size: int = 128, decoder_c: float = 1.0, key_prefix: str = "eval/population", seed: int = 0,

@@ -14,8 +14,9 @@ cancel in the ratio (``E[1 / sigma_hat] > 1 / sigma``), so ``s~`` comes out infl
 numbers when fewer than ``SIGMA_IMAGES_PER_ATTACKED`` (10) times the attacked images are used.
 
 The layer: Guo et al. measure the units of the penultimate layer (the average pool of a ResNet), so
-``layer="auto"`` means ``avgpool`` for a classifier (task ``guidance``) and the output (voxels, IT sites)
-for a predictor or an IT model (:func:`auto_layer`).
+``layer="auto"`` means the kind's ``sensitivity_units`` (:mod:`neuroguide.tasks.kinds`): ``avgpool`` (the penultimate features)
+for a classifier (task ``guidance``), the region response (voxels, IT sites) for a predictor, encoding or IT model
+(:func:`auto_layer`); ``region``, ``penultimate``, ``output`` or a layer name choose explicitly.
 
 The two directions ``max h_i(x + d) - h_i(x)`` ("up") and ``max h_i(x) - h_i(x + d)`` ("down") are
 solved separately and the larger is kept (sec. 3.2); each with ``restarts`` random starts and the
@@ -49,13 +50,13 @@ from tqdm.auto import tqdm
 from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.attacks.objectives import direction_sign
 from neuroguide.evaluation.metrics.estimators import nanstd, naive_sensitivity, repeat_mean, sign_corrected_sensitivity
+from neuroguide.evaluation.responses import kind_of, resolve_layer
 from neuroguide.evaluation.plots import check_eps_list, curve_figure, eps_tag, write_csv
 from neuroguide.models.features import LayerOutput, device_of, evaluation_mode
 
 Measure = Callable[[torch.Tensor], torch.Tensor]
 
 SIGMA_IMAGES_PER_ATTACKED = 10  # sigma_i from at least this many times the attacked images, or a warning
-AUTO_LAYERS = {"guidance": "avgpool"}  # layer="auto" per task: classifiers' penultimate features; others: output
 
 
 # ----------------------------------------------------------------------------- result
@@ -341,11 +342,11 @@ def _measure(measure: Measure, images: torch.Tensor, k: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- evaluate.py entry
 def auto_layer(model: nn.Module) -> str | None:
-    """The layer ``layer="auto"`` stands for: the penultimate features (``avgpool``) of a classifier
-    (task ``guidance``), as in Guo et al. sec. 3.2; the output (None: voxels, IT sites, or whatever the
-    model returns) for predictors, IT models and models without ``neuroguide_info``."""
-    info = getattr(model, "neuroguide_info", None) or {}
-    return AUTO_LAYERS.get(info.get("task_name"))
+    """The layer ``layer="auto"`` stands for: the kind's ``sensitivity_units`` (:mod:`neuroguide.tasks.kinds`):
+    the penultimate features (``avgpool``) of a classifier (task ``guidance``), as in Guo et al. sec. 3.2; the region
+    response (the output: voxels, IT sites, or whatever the model returns) for predictors, encoding and IT models and
+    models without ``neuroguide_info``."""
+    return resolve_layer(model, kind_of(model)[1].sensitivity_units, "eval.sensitivity.layer")
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, out_dir: str | os.PathLike, *, layer: str | None = "auto",
@@ -359,7 +360,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, out_dir: str | os.PathLike,
     ``sensitivity_<layer>.png`` (mean +/- sd of ``s~`` across units against eps, like Fig. 1 of
     Guo et al.) into ``out_dir``.
 
-    ``layer="auto"``: see :func:`auto_layer`; null/None: the model's output. ``sigma_images``: the clean
+    ``layer="auto"``: see :func:`auto_layer`; ``"region"``, ``"penultimate"``, ``"output"`` / None or a layer name
+    (:func:`neuroguide.evaluation.responses.resolve_layer`). ``sigma_images``: the clean
     images ``sigma_i`` is the std over (see :func:`unit_sensitivity`; evaluate.py passes all held-out stimuli).
 
     Returns flat metrics: ``{key_prefix}/{norm}_{eps}/mean_norm``, ``.../sd_norm``, ``.../mean`` (absolute
@@ -367,8 +369,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, out_dir: str | os.PathLike,
     with sigma > 0, over which the normalized means are taken), ``{key_prefix}/n_images`` (attacked images)
     and ``{key_prefix}/n_sigma_images`` (clean images sigma came from). ``seed`` fixes the random starts.
     """
-    if layer == "auto":
-        layer = auto_layer(model)
+    layer = auto_layer(model) if layer == "auto" else resolve_layer(model, layer, "eval.sensitivity.layer")
     res = unit_sensitivity(model, images, layer, eps_list, units=units, norm=norm, restarts=restarts, steps=steps,
                            schedule=schedule, directions=directions, batch_size=batch_size, sigma_images=sigma_images,
                            responses_with_repeats=responses_with_repeats, progress=progress,

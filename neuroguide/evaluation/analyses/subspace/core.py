@@ -223,7 +223,7 @@ class Subspaces:
         return int(np.prod(self.input_shape))
 
 
-def perturbation_subspaces(model: nn.Module, images: torch.Tensor, *, k: int = 10, layer: str | None = "auto",
+def perturbation_subspaces(model: nn.Module, images: torch.Tensor, *, k: int = 10, layer: str | None = "region",
                            units: Sequence[int] | None = None, method: str = "eigsh", tol: float = 1e-5,
                            max_iter: int | None = None, batch_size: int = 32, seed: int | None = 0,
                            progress: bool = True, key: str = "eval.subspace") -> Subspaces:
@@ -233,7 +233,7 @@ def perturbation_subspaces(model: nn.Module, images: torch.Tensor, *, k: int = 1
         model: takes (B, 3, S, S) images in [0, 1]; run in eval mode, its modes and flags restored after.
         images: (N, 3, S, S) in [0, 1].
         k: eigenpairs per image (1 <= k <= K, k < D).
-        layer, units: the response (:func:`~neuroguide.evaluation.responses.response_function`; "auto": the
+        layer, units: the response (:func:`~neuroguide.evaluation.responses.response_function`; "region": the
             region response).
         method: "eigsh" (ARPACK Lanczos, ``tol`` = relative accuracy of the eigenvalues) or "lobpcg"
             (``tol`` = relative residual; products are float32, so keep it >= ~1e-6).

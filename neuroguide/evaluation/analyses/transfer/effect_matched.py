@@ -203,7 +203,7 @@ def effect_transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor
                            target_units: str = "sd", direction: str = "up", eps_max: float = 10.0,
                            bisection_steps: int = 12, norm: str = "l2", steps: int = 10,
                            step_size: float | None = None, random_start: bool = False, restarts: int = 1,
-                           layer: str | None = "auto", units: Sequence[int] | None = None,
+                           layer: str | None = "region", units: Sequence[int] | None = None,
                            sigma_images: torch.Tensor | None = None, batch_size: int = 128,
                            input_sizes: Mapping[str, int] | None = None,
                            generator: torch.Generator | None = None, progress: bool = True) -> EffectTransferResult:
@@ -293,7 +293,7 @@ def enabled_for(models: Mapping[str, nn.Module], enabled, layer) -> bool:
         return False
     if str(enabled).lower() != "auto":
         raise ValueError(f"{KEY}.enabled: expected true, false or auto, got {enabled!r}")
-    if layer != "auto":
+    if layer != "region":
         return True
     missing = []
     for name, m in models.items():
@@ -357,7 +357,7 @@ def evaluate_stimuli(models: Mapping[str, nn.Module], stim, out_dir: str | os.Pa
     p = dict(params or {})
     enabled = p.pop("enabled", "auto")
     n, n_sigma = p.pop("n_images", None), p.pop("n_sigma_images", None)
-    if not enabled_for(models, enabled, p.get("layer", "auto")):
+    if not enabled_for(models, enabled, p.get("layer", "region")):
         return {}
     images = stim.images[:n] if n else stim.images
     if stim.split is not None:  # the held-out split read again: the sd over more than the perturbed images
