@@ -201,7 +201,7 @@ class Loop:
         path = self.out / "truth.json"
         if path.is_file():
             return read_json(path)
-        from neuroguide.evaluation.analyses.sensitivity.core import unit_sensitivity
+        from neuroguide.evaluation.analyses.sensitivity import unit_sensitivity
 
         tcfg, size, seed = self.loop["truth"], int(self.loop["image_size"]), int(self.loop["seed"])
         x = stim.from_uint8(render_images(int(tcfg["n_images"]), size, np.random.default_rng(derive_seed(seed, 41))))

@@ -26,7 +26,7 @@ from neuroguide.evaluation.analyses.control import region_control as control
 from neuroguide.evaluation.analyses.control import superstimuli
 from neuroguide.evaluation.responses import response_function
 from neuroguide.evaluation.stimuli import Stimuli
-from neuroguide.evaluation.analyses.transfer.fixed_eps import check_input_sizes
+from neuroguide.evaluation.checks import check_input_sizes
 
 log = logging.getLogger("neuroguide")
 

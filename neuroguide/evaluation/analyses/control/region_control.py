@@ -41,7 +41,7 @@ from neuroguide.attacks.steps import get_step_class
 from neuroguide.evaluation.plots import (amplified, check_eps_list, curve_figure, eps_label, eps_tag,
                                          image_grid_figure, write_csv)
 from neuroguide.evaluation.responses import response_function, spread
-from neuroguide.evaluation.analyses.transfer.fixed_eps import _safe
+from neuroguide.evaluation.checks import safe_name
 from neuroguide.models.features import OUTPUT, activations, device_of
 
 log = logging.getLogger("neuroguide")
@@ -330,7 +330,7 @@ def write_outputs(results_by_model: Mapping[str, Sequence[ControlResult]], out_d
     single = len(results_by_model) == 1
     for m, rs in results_by_model.items():
         for r in rs:
-            stem = f"control_images_{r.norm}" if single else f"control_images_{_safe(m)}_{r.norm}"
+            stem = f"control_images_{r.norm}" if single else f"control_images_{safe_name(m)}_{r.norm}"
             image_grid(r, out_dir / f"{stem}.png", title="" if single else f"{m}: ")
 
 

@@ -35,7 +35,7 @@ from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.evaluation.metrics.decoder import LinearDecoder, fit_decoder
 from neuroguide.evaluation.plots import check_eps_list, curve_figure, eps_tag, write_csv
 from neuroguide.evaluation.responses import response_function
-from neuroguide.evaluation.analyses.sensitivity.core import SensitivityResult, unit_sensitivity
+from neuroguide.evaluation.analyses.sensitivity import SensitivityResult, unit_sensitivity
 from neuroguide.models.features import OUTPUT, activations, device_of, evaluation_mode
 
 log = logging.getLogger("neuroguide")

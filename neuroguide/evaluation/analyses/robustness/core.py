@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.models.features import device_of, evaluation_mode
+from neuroguide.evaluation.checks import check_labels  # noqa: F401  (its public name here too)
 from neuroguide.evaluation.plots import check_eps_list, curve_figure, eps_label, eps_tag, write_csv
 
 log = logging.getLogger("neuroguide")
@@ -52,21 +53,6 @@ log = logging.getLogger("neuroguide")
 AA_NORMS = {"l2": "L2", "linf": "Linf"}
 AA_MAX_TARGETS = 9  # the standard version's number of target classes
 AA_FAST_EVALS = 100 * (1 + AA_MAX_TARGETS)  # gradient evaluations per image of "fast" at most (APGD-CE + APGD-T)
-
-
-def check_labels(images: torch.Tensor, labels: torch.Tensor, name: str = "labels") -> torch.Tensor:
-    """(N,) integer labels for (N, 3, H, W) images, or a ValueError saying what is wrong."""
-    if images.ndim != 4:
-        raise ValueError(f"images: expected (N, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
-    labels = torch.as_tensor(labels)
-    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{name}: expected ({images.shape[0]},) class indices, one per image; got shape "
-                         f"{tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"{name}: expected integer class indices, got dtype {labels.dtype}")
-    if (labels < 0).any():
-        raise ValueError(f"{name}: class indices must be >= 0, found {int(labels.min())}")
-    return labels.long().cpu()
 
 
 @torch.no_grad()

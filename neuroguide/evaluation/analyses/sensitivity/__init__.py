@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import logging
 
+from neuroguide.evaluation.analyses.sensitivity.core import SensitivityResult, unit_sensitivity
 from neuroguide.evaluation.registry import _images, per_model
+
+__all__ = ["SensitivityResult", "unit_sensitivity"]  # the search other analyses (population, the closed loop) use
 
 log = logging.getLogger("neuroguide")
 

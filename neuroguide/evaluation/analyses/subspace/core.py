@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from neuroguide.evaluation.responses import response_function
-from neuroguide.evaluation.analyses.transfer.fixed_eps import _safe
+from neuroguide.evaluation.checks import safe_name
 from neuroguide.models.features import device_of, evaluation_mode
 
 METHODS = ("eigsh", "lobpcg")
@@ -351,7 +351,7 @@ def evaluate_models(models: Mapping[str, nn.Module], images: torch.Tensor, out_d
     baseline k/D (``{key_prefix}/random_baseline``); ``subspace_similarity.png`` (heatmap), ``.csv``,
     ``subspace_spectrum.png``. All models must take the images' size (the subspaces live in pixel space)."""
     from neuroguide.evaluation.plots import curve_figure, heatmap_figure, write_csv
-    from neuroguide.evaluation.analyses.transfer.fixed_eps import check_input_sizes
+    from neuroguide.evaluation.checks import check_input_sizes
 
     if not models:
         raise ValueError("models is empty: give at least one model")
@@ -365,9 +365,9 @@ def evaluate_models(models: Mapping[str, nn.Module], images: torch.Tensor, out_d
     metrics: dict = {f"{key_prefix}/random_baseline": base, f"{key_prefix}/k": first.k, f"{key_prefix}/D": first.D}
     rows = []
     for i, a in enumerate(names):
-        metrics.update(_spectrum_metrics(subs[a], f"{key_prefix}/{_safe(a)}"))
+        metrics.update(_spectrum_metrics(subs[a], f"{key_prefix}/{safe_name(a)}"))
         for j, b in enumerate(names):
-            metrics[f"{key_prefix}/{_safe(a)}/{_safe(b)}/similarity"] = float(mean[i, j])
+            metrics[f"{key_prefix}/{safe_name(a)}/{safe_name(b)}/similarity"] = float(mean[i, j])
             rows.append({"a": a, "b": b, "similarity": float(mean[i, j]), "sd_over_images": float(sd[i, j]),
                          "random_baseline": base, "k": first.k, "D": first.D, "n_images": len(images)})
     off = ~np.eye(len(names), dtype=bool)

@@ -46,7 +46,8 @@ from neuroguide.attacks.objectives import direction_sign
 from neuroguide.attacks.steps import get_step_class
 from neuroguide.evaluation.plots import check_eps_list, heatmap_figure, write_csv
 from neuroguide.evaluation.responses import region_layer, response_function, spread
-from neuroguide.evaluation.analyses.transfer.fixed_eps import NORM_RTOL, _safe, check_input_sizes, perturbation_norms, random_control
+from neuroguide.evaluation.analyses.transfer.fixed_eps import NORM_RTOL, perturbation_norms, random_control
+from neuroguide.evaluation.checks import check_input_sizes, safe_name
 from neuroguide.models.features import OUTPUT, activations, device_of
 
 KEY = "eval.transfer.effect"
@@ -335,13 +336,13 @@ def evaluate(models: Mapping[str, nn.Module], images: torch.Tensor, out_dir: str
         tag = effect_tag(res.target, res.target_units, res.direction, res.norm)
         _write(res, out_dir, tag)
         for i, s in enumerate(res.names):
-            base = f"{key_prefix}/{tag}/{_safe(s)}"
+            base = f"{key_prefix}/{tag}/{safe_name(s)}"
             metrics[f"{base}/eps_mean"] = float(res.eps_mean[i])
             metrics[f"{base}/unreachable"] = float(res.unreachable[i])
             metrics[f"{base}/random_norm_matched"] = float(res.random_norm_matched[i])
             for j, g in enumerate(res.names):
-                metrics[f"{base}/{_safe(g)}/effect"] = float(res.effect[i, j])
-                metrics[f"{base}/{_safe(g)}/random_effect"] = float(res.random[i, j])
+                metrics[f"{base}/{safe_name(g)}/effect"] = float(res.effect[i, j])
+                metrics[f"{base}/{safe_name(g)}/random_effect"] = float(res.random[i, j])
         off = ~np.eye(len(res.names), dtype=bool)
         metrics[f"{key_prefix}/{tag}/eps_resolution"] = res.resolution
         metrics[f"{key_prefix}/{tag}/offdiag_mean"] = _nanmean(res.effect[off])

@@ -39,46 +39,12 @@ from neuroguide.attacks.objectives import direction_sign
 from neuroguide.models.features import OUTPUT, activations, device_of
 from neuroguide.attacks.steps import get_step_class, scale_in_box
 from neuroguide.evaluation.plots import check_eps_list, eps_label, eps_tag, heatmap_figure, write_csv
-from neuroguide.evaluation.analyses.robustness.core import check_labels
+from neuroguide.evaluation.checks import check_input_sizes, check_labels, declared_input_size, safe_name  # noqa: F401
 
 NEURAL_OBJECTIVES = ("change", "up", "down")
 NORM_RTOL = 0.01  # the control's per-image norm counts as matched within 1% of the attack's
 
 log = logging.getLogger("neuroguide")
-
-
-def declared_input_size(model: nn.Module) -> int | None:
-    """The input size a model declares: ``neuroguide_info["facts"]["image_size"]`` (set by
-    ``neuroguide.load_model``) or an ``image_size`` / ``input_size`` attribute; None if it declares none."""
-    info = getattr(model, "neuroguide_info", None) or {}
-    size = (info.get("facts") or {}).get("image_size")
-    for attr in ("image_size", "input_size"):
-        if size is None:
-            size = getattr(model, attr, None)
-    if isinstance(size, (tuple, list)):
-        size = size[-1]
-    return int(size) if size is not None else None
-
-
-def check_input_sizes(models: Mapping[str, nn.Module], images: torch.Tensor,
-                      input_sizes: Mapping[str, int] | None = None, analysis: str = "transfer") -> None:
-    """One input size for all models compared by ``analysis`` (a transfer matrix, perturbation subspaces),
-    equal to the images' size; else ValueError."""
-    sizes = {}
-    for name, m in models.items():
-        s = (input_sizes or {}).get(name, declared_input_size(m))
-        if s is not None:
-            sizes[name] = int(s)
-    if len(set(sizes.values())) > 1:
-        listing = ", ".join(f"{n!r}: {s} px" for n, s in sizes.items())
-        raise ValueError(f"{analysis} needs models with one input size, but they differ ({listing}). A pixel-space "
-                         "perturbation made at one size does not apply at another: evaluate models of one input size "
-                         "together, or wrap a model with a resize to the common size and pass input_sizes={...}")
-    h = images.shape[-1]
-    for name, s in sizes.items():
-        if s != h:
-            raise ValueError(f"model {name!r} takes {s} px images but the images are {h} px: resize the images to "
-                             f"{s} px (or pass input_sizes={{{name!r}: size}} if the model resizes its input itself)")
 
 
 def random_like(delta: torch.Tensor, norm: str, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -255,10 +221,6 @@ def transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor, label
                           delta_norm=dn, random_norm=rn, clean_acc=clean_acc, random_norm_matched=matched)
 
 
-def _safe(name: str) -> str:
-    return str(name).replace("/", "_")
-
-
 def evaluate(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torch.Tensor | None,
              out_dir: str | os.PathLike, *, eps: float | Sequence[float] = 1.0, norm: str = "l2", steps: int = 10,
              step_size: float | None = None, restarts: int = 1, objective: str = "change", batch_size: int = 128,
@@ -289,7 +251,7 @@ def evaluate(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torc
                        title=f"transfer, {res.norm} eps {eps_label(res.norm, e)}")
         for i, s in enumerate(res.names):
             for j, t in enumerate(res.names):
-                base = f"{key_prefix}/{tag}/{_safe(s)}/{_safe(t)}"
+                base = f"{key_prefix}/{tag}/{safe_name(s)}/{safe_name(t)}"
                 metrics[f"{base}/{res.metric}"] = float(res.adversarial[i, j])
                 metrics[f"{base}/random_{res.metric}"] = float(res.random[i, j])
         S = len(res.names)
