@@ -51,7 +51,7 @@ def box_optimum_l2(w, x, eps, iters=200):
     out = []
     w = w.double().flatten()
     for xb in x.double().flatten(1):
-        d = lambda lam: torch.clamp(lam * w, -xb, 1 - xb)  # noqa: E731
+        d = lambda lam: torch.clamp(lam * w, -xb, 1 - xb)  # noqa: E731, B023  (used within the iteration)
         a, b = 0.0, 1.0
         while d(b).norm() < eps and b < 1e12:
             b *= 2

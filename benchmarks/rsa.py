@@ -85,8 +85,8 @@ def main():
         assert abs(ours[c] - peer[c]) < 1e-6, c
     # per method, each side on its own (ours ranks each RDM inside the call: no sharing across methods)
     for c in COMPARISONS:
-        _, t_o = best_time(lambda: rsa.compare(va, vb, c), args.repeats)
-        _, t_p = best_time(lambda: compare(ra, rb, method=c), args.repeats)
+        _, t_o = best_time(lambda: rsa.compare(va, vb, c), args.repeats)  # noqa: B023
+        _, t_p = best_time(lambda: compare(ra, rb, method=c), args.repeats)  # noqa: B023
         print(f"  {c:9s} alone: ours {t_o:7.3f} s   rsatoolbox {t_p:7.3f} s   ratio {t_p / t_o:6.1f}x")
     t_ours, t_peer = t_ours_rdm + t_ours_cmp, t_peer_rdm + t_peer_cmp
     print(f"PART 1 total (2 RDMs + 3 comparisons): ours {t_ours:.3f} s, rsatoolbox {t_peer:.3f} s, "

@@ -40,7 +40,7 @@ def box_projection_l2(v, x0, eps, iters=200):
     out = []
     for vb, xb in zip(v.double().flatten(1), x0.double().flatten(1)):
         lo, hi = -xb, 1 - xb
-        d = lambda t: torch.clamp(t * vb, lo, hi)  # noqa: E731  (t = 1 / (1 + mu))
+        d = lambda t: torch.clamp(t * vb, lo, hi)  # noqa: E731, B023  (t = 1 / (1 + mu))
         if d(1.0).norm() <= eps:
             out.append(d(1.0))
             continue

@@ -23,9 +23,9 @@ def hsic_formula(x, y):
     x, y = np.asarray(x, float), np.asarray(y, float)
     n = len(x)
     h = np.eye(n) - 1.0 / n
-    k, l = x @ x.T, y @ y.T
+    k, ly = x @ x.T, y @ y.T
     hsic = lambda a, b: np.trace(a @ h @ b @ h)  # noqa: E731
-    return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
+    return hsic(k, ly) / np.sqrt(hsic(k, k) * hsic(ly, ly))
 
 
 def test_identical_is_one():

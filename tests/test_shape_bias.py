@@ -106,7 +106,7 @@ def test_category_probabilities_is_mean_softmax():
     columns, _ = imagenet16.category_columns(None, 1000)
     p = sb.category_probabilities(logits, columns)
     soft = torch.softmax(logits, 1)[0].numpy()
-    for j, (cat, cols) in enumerate(columns.items()):
+    for j, (_cat, cols) in enumerate(columns.items()):
         assert float(p[0, j]) == pytest.approx(float(np.mean(soft[list(cols)])), rel=1e-5)
     names = list(columns)
     assert names[int(p.argmax())] == "knife"  # the mean, not the sum (which would pick dog)

@@ -68,7 +68,7 @@ def perturb_weights(net: nn.Module, relative_sd: float, seed: int) -> None:
         return
     g = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
-        for name, p in net.named_parameters():
+        for _name, p in net.named_parameters():
             if p.ndim >= 2:  # conv and linear weights
                 p.add_(torch.randn(p.shape, generator=g).to(p) * float(p.std()) * relative_sd)
 

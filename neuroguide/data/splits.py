@@ -41,7 +41,7 @@ def balanced_head(samples: list[tuple[str, int]], limit: int) -> list[tuple[str,
     """At most ``limit`` samples, taking the first sample of every class, then the second, ..."""
     rank: dict[int, int] = {}
     keyed = []
-    for i, (path, t) in enumerate(samples):
+    for i, (_path, t) in enumerate(samples):
         r = rank.get(t, 0)
         rank[t] = r + 1
         keyed.append((r, t, i))
