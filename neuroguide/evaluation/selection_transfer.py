@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
+from neuroguide.evaluation.statistics import sd
 from neuroguide.models.features import LayerOutput, device_of, evaluation_mode
 
 log = logging.getLogger("neuroguide")
@@ -89,12 +90,9 @@ def brain_responses(brain: Brain, images, batch_size: int = 64, key: str = KEY) 
 
 
 def site_sigma(clean: torch.Tensor, key: str = KEY) -> torch.Tensor:
-    """(sites,) std over clean images of each site's (N, sites) responses (NaN-aware); a ValueError when no site
-    has a positive std."""
-    mean = clean.nanmean(0)
-    n = torch.isfinite(clean).sum(0)
-    var = ((clean - mean) ** 2).nansum(0) / (n - 1).clamp_min(1)
-    sigma = torch.where(n > 1, var.sqrt(), torch.full_like(var, float("nan")))
+    """(sites,) std over clean images of each site's (N, sites) responses (:func:`~neuroguide.evaluation.statistics.
+    sd`: ddof 1 over the finite values, NaN with fewer than 2); a ValueError when no site has a positive std."""
+    sigma = sd(torch.as_tensor(clean).float(), dim=0)
     if not bool((sigma > 0).any()):
         raise ValueError(f"{key}: no site's response varies over the {len(clean)} clean images (std {sigma.tolist()[:8]}"
                          "...): the brain gives constant (or NaN) responses; check its output")
@@ -146,7 +144,8 @@ def brain_change_rows(clean: torch.Tensor, perturbed: Mapping[tuple[float, str],
     """Criterion C's score per candidate from the brain's responses: ``clean`` (N, sites) to the clean images,
     ``perturbed[(at_eps, layer)]`` (N, sites) to their perturbations (same image order), ``sigma`` (sites,).
     Rows ``{at_eps, layer, brain_change, brain_change_sd, layer_change}``: the mean over images and sites of
-    ``|delta b_i| / sigma_i`` (sites without a positive finite sigma left out, with a warning), its sd across sites,
+    ``|delta b_i| / sigma_i`` (sites without a positive finite sigma left out, with a warning), its sd across sites
+    (:func:`~neuroguide.evaluation.statistics.sd`: NaN with fewer than 2 sites),
     and the mean ``||delta h_L||_2`` (NaN when not given)."""
     sig = torch.as_tensor(sigma).float().cpu()
     if sig.shape != (clean.shape[1],):
@@ -161,7 +160,7 @@ def brain_change_rows(clean: torch.Tensor, perturbed: Mapping[tuple[float, str],
         fin = per_site[torch.isfinite(per_site)]
         lc = (layer_change or {}).get((at_eps, layer))
         row = {"at_eps": float(at_eps), "layer": layer, "brain_change": float(fin.mean()) if len(fin) else math.nan,
-               "brain_change_sd": float(fin.std()) if len(fin) > 1 else 0.0,
+               "brain_change_sd": sd(fin),
                "layer_change": float(lc.mean()) if lc is not None else math.nan}
         rows.append(row)
         log.info("selection C eps=%s %s: brain change %.3f sigma", at_eps, layer, row["brain_change"])
