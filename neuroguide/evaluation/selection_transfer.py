@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
+from neuroguide.data.hdf5_images import as_8bit, quantize_within_ball
 from neuroguide.evaluation.statistics import sd
 from neuroguide.models.features import LayerOutput, device_of, evaluation_mode
 
@@ -111,14 +112,18 @@ def layer_perturbations(networks: Mapping[float, tuple[nn.Module, nn.Module]], i
                         layers: Sequence[str], *, eps: float = 1.0, norm: str = "l2", steps: int = 32,
                         schedule: str = "guo", restarts: int = 1, batch_size: int = 32, seed: int = 0,
                         progress: bool = True) -> dict[tuple[float, str], tuple[torch.Tensor, torch.Tensor]]:
-    """``{(at_eps, layer): (x_adv (N, 3, S, S), layer_change (N,))}``: for each candidate, the perturbations of
-    ``images`` (N, 3, S, S) in [0, 1] maximising ``||h_L(x + d) - h_L(x)||_2`` within ``eps`` (PGD on
-    ``objectives.ResponseChange``), and that change."""
+    """``{(at_eps, layer): (x_adv (N, 3, S, S), layer_change (N,))}``: for each candidate, the stimuli to show.
+
+    The clean images are those an 8-bit display shows, ``x = as_8bit(images)`` (``images`` (N, 3, S, S) in [0, 1]);
+    ``d`` maximises ``||h_L(x + d) - h_L(x)||_2`` within ``eps`` (PGD on ``objectives.ResponseChange``) and is
+    rounded to whole grey levels inside the ball (:func:`neuroguide.data.hdf5_images.quantize_within_ball`), so
+    ``x_adv`` is exactly 8-bit and within ``eps`` (``norm``) of ``x``: the very images a lab's file holds and a brain
+    callable is shown. ``layer_change`` is ``||h_L(x_adv) - h_L(x)||_2`` of those shown images."""
     if not layers:
         raise ValueError("selection.layers is empty: name the candidate layers")
     if not float(eps) > 0:
         raise ValueError(f"eval.selection.brain_eps={eps!r}: the perturbation budget must be > 0")
-    images = images.detach().float().cpu()
+    images = as_8bit(images)
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for at_eps, (network, root) in networks.items():
@@ -133,8 +138,10 @@ def layer_perturbations(networks: Mapping[float, tuple[nn.Module, nn.Module]], i
                     h0 = forward(x)
                 res = pgd_attack(forward, x, objectives.ResponseChange(h0), eps=float(eps), norm=norm, steps=steps,
                                  schedule=schedule, restarts=restarts, victim=network, generator=gen)
-                change.append((res.value.cpu() * h0.shape[1]).sqrt())  # mean of squares -> L2 norm
-                x_adv.append(res.x_adv.cpu())
+                shown = quantize_within_ball(x.cpu(), res.x_adv, float(eps), norm=norm)
+                with torch.no_grad(), evaluation_mode(network):
+                    change.append((forward(shown.to(device)) - h0).flatten(1).norm(dim=1).cpu())
+                x_adv.append(shown)
             out[(float(at_eps), layer)] = (torch.cat(x_adv), torch.cat(change))
     return out
 
@@ -172,7 +179,8 @@ def layer_transfer_scores(networks: Mapping[float, tuple[nn.Module, nn.Module]],
                           schedule: str = "guo", restarts: int = 1, batch_size: int = 32,
                           sigma: torch.Tensor | None = None, seed: int = 0, progress: bool = True) -> list[dict]:
     """Criterion C for every (AT eps, layer) with a brain callable: :func:`layer_perturbations` shown to ``brain``
-    and scored by :func:`brain_change_rows`.
+    (the 8-bit clean images and their 8-bit perturbations, as a lab's stimuli file holds them) and scored by
+    :func:`brain_change_rows`.
 
     Args:
         networks: AT eps -> (network taking [0, 1] images, the module the layer names refer to).
@@ -186,7 +194,7 @@ def layer_transfer_scores(networks: Mapping[float, tuple[nn.Module, nn.Module]],
     """
     perturbed = layer_perturbations(networks, images, layers, eps=eps, norm=norm, steps=steps, schedule=schedule,
                                     restarts=restarts, batch_size=batch_size, seed=seed, progress=progress)
-    clean_b = brain_responses(brain, images.detach().float().cpu(), batch_size)
+    clean_b = brain_responses(brain, as_8bit(images), batch_size)  # the clean images as shown
     sig = site_sigma(clean_b) if sigma is None else sigma
     adv_b = {k: brain_responses(brain, x, batch_size) for k, (x, _) in perturbed.items()}
     return brain_change_rows(clean_b, adv_b, sig, {k: c for k, (_, c) in perturbed.items()})
