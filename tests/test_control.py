@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from neuroguide.config import CONF_DIR
 from neuroguide.evaluation.analyses.control import category_flip
 from neuroguide.evaluation.analyses.control import region_control as control
 from neuroguide.evaluation.analyses.control import superstimuli
@@ -230,7 +229,7 @@ def _classifier_without_region():
 
 def test_bad_input_is_named():
     x = torch.rand(2, 3, 32, 32)
-    with pytest.raises(ValueError, match=r"eval.control.layer=<layer>"):
+    with pytest.raises(ValueError, match=r"eval.control.layer=penultimate"):
         control.run_control(_classifier_without_region(), x, x, progress=False)
     lin = linear_region(torch.randn(3, 4, 4))
     x = mid_images(2, (3, 4, 4))
@@ -252,7 +251,10 @@ def test_bad_input_is_named():
 
 # ----------------------------------------------------------------------------- evaluate.py wiring
 def _params(**over):
-    p = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "eval" / "control.yaml"), resolve=True)["control"]
+    from neuroguide.config import compose_config
+
+    cfg = compose_config("evaluate", ["eval=[control]"], output_dir="unused")
+    p = OmegaConf.to_container(cfg.eval, resolve=True)["control"]  # the yaml as evaluate.py composes it
     p.update(layer=None, n_images=3, eps_l2=[0.1, 0.3], eps_linf=["2/255"], steps=8, progress=False)
     p["category_flip"].update(eps_list=[0.5, 1.0, 2.0], n_images=3, steps=8, progress=False)
     p["superstimulus"].update(enabled=True, n_starts=1, steps=6, progress=False)

@@ -320,3 +320,45 @@ def test_criterion_c_from_a_labs_recordings(tmp_path, one_thread):
         read_brain_recordings(tmp_path / "stimuli.h5", recorded, cands, {**budget, "steps": 32})
     with pytest.raises(ValueError, match=r"no perturbations for candidates \[\(2.0, 'layer4.1'\)\]"):
         read_brain_recordings(tmp_path / "stimuli.h5", recorded, cands + [(2.0, "layer4.1")], budget)
+
+
+def test_criterion_c_stimuli_stay_within_the_budget_and_are_what_the_brain_is_shown(tmp_path, one_thread):
+    """At 224 px with brain_eps 1 the optimized perturbation is below one grey level per pixel on average, so rounding
+    clean and perturbed images to 8 bits separately showed an L2 norm of ~1.16. The lab file's perturbations, read
+    back and taken against the clean images as stored, are within the budget (and close to it: the step is kept);
+    a brain callable is shown exactly the file's images, clean and perturbed."""
+    import h5py
+
+    from neuroguide.data.hdf5_images import from_uint8
+    from neuroguide.evaluation.analyses.selection.lab import write_brain_stimuli
+    from neuroguide.evaluation.analyses.selection.brain_transfer import layer_perturbations, layer_transfer_scores
+
+    net, images = _small_cnn(0), _smooth_images(3, size=224)
+    nets, budget = {0.0: (net, net)}, dict(eps=1.0, steps=4, seed=0)
+    perturbed = layer_perturbations(nets, images, ["c2"], progress=False, **budget)
+    write_brain_stimuli(tmp_path / "stimuli.h5", images, perturbed, {"eps": 1.0, "norm": "l2"})
+    with h5py.File(tmp_path / "stimuli.h5", "r") as f:
+        grey, mean_norm = f["images"][()], float(f.attrs["quantized_l2_mean"])
+    steps = grey[3:].astype(np.int64) - grey[:3]  # whole grey levels, perturbed minus clean as stored
+    norms = np.linalg.norm(steps.reshape(3, -1), axis=1) / 255
+    print(f"shown L2 norms {norms.tolist()} (budget 1)")
+    assert (norms <= 1.0 + 1e-6).all() and (norms > 0.9).all()
+    assert mean_norm == pytest.approx(float(norms.mean()), rel=1e-9)
+    clean, shown = from_uint8(grey[:3]), from_uint8(grey[3:])
+    # perturbations not rounded inside the ball (the old way: clean and perturbed rounded apart) are refused by name
+    d = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    raw = (images + d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)).clamp(0, 1)
+    with pytest.raises(ValueError, match=r"eps=0 c2: the 8-bit perturbations have l2 norms up to .* > the budget eps=1"):
+        write_brain_stimuli(tmp_path / "raw.h5", images, {(0.0, "c2"): (raw, torch.ones(3))}, {"eps": 1.0})
+    assert not (tmp_path / "raw.h5").exists()
+
+    seen = []
+    brain = ReadoutBrain(net, "c2", sites=8, image_size=224)
+
+    def spy(x):
+        seen.append(x.clone())
+        return brain(x)
+
+    layer_transfer_scores(nets, images, ["c2"], spy, progress=False, **budget)
+    assert len(seen) == 2
+    assert torch.equal(seen[0], clean) and torch.equal(seen[1], shown)  # the brain scores the file's stimuli

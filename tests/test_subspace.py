@@ -145,7 +145,7 @@ def test_bad_input_is_named():
                                    k=3, method=method, max_iter=1, tol=1e-10, progress=False)
     classifier = tiny_cnn()
     classifier.neuroguide_info = {"model_kind": "guidance"}  # a guided classifier without a neural head
-    with pytest.raises(ValueError, match=r"no region response.*eval.subspace.layer=<layer>"):
+    with pytest.raises(ValueError, match=r"no region response.*eval.subspace.layer=penultimate"):
         perturbation_subspaces(classifier, images, k=2, progress=False)
     nan_model = tiny_cnn()
     with torch.no_grad():

@@ -215,11 +215,11 @@ def test_auto_skips_models_without_a_region_response(caplog):
     plain.neural_head = None
     models = {"pred": linear(weights(0)), "plain": plain}
     with caplog.at_level(logging.WARNING, logger="neuroguide"):
-        assert transfer_effect.enabled_for(models, "auto", "auto") is False
+        assert transfer_effect.enabled_for(models, "auto", "region") is False
     assert "['plain'] have no region response" in caplog.text and "eval.transfer.effect.layer" in caplog.text
-    assert transfer_effect.enabled_for({"pred": models["pred"]}, "auto", "auto") is True
+    assert transfer_effect.enabled_for({"pred": models["pred"]}, "auto", "region") is True
     assert transfer_effect.enabled_for(models, "auto", "1") is True  # a named layer: every model has one
-    assert transfer_effect.enabled_for(models, False, "auto") is False
+    assert transfer_effect.enabled_for(models, False, "region") is False
     with pytest.raises(ValueError, match="eval.transfer.effect.layer=<layer>"):
         effect_transfer_matrix(models, images(4), progress=False)
     with pytest.raises(ValueError, match="enabled: expected true, false or auto"):

@@ -28,7 +28,7 @@ from torch import nn
 
 from neuroguide.attacks import pgd_attack
 from neuroguide.attacks.objectives import UnitMSEToTarget
-from neuroguide.data.hdf5_images import from_uint8, to_uint8  # noqa: F401  (stim.to_uint8: the stored layout)
+from neuroguide.data.hdf5_images import from_uint8, quantize_within_ball, row_norm, to_uint8  # noqa: F401 (stim.*)
 from neuroguide.models.features import OUTPUT, activations
 from neuroguide.utils.io import atomic_path
 
@@ -38,26 +38,7 @@ META = ("kind", "site", "eps", "direction", "source", "norm")
 
 def l2(d: torch.Tensor) -> torch.Tensor:
     """(B, ...) -> (B,) L2 norm of each row."""
-    return d.flatten(1).norm(dim=1)
-
-
-def quantize_within_ball(x0: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, iters: int = 20) -> torch.Tensor:
-    """``x0 + round(255 s (x - x0)) / 255`` with the largest ``s`` in [0, 1] whose rounded step has L2 norm
-    <= ``eps`` (bisection per row). ``x0`` (B, 3, S, S) must be 8-bit images (multiples of 1/255) and ``x``
-    within ``eps`` (B,) of them, in [0, 1]; the result is exactly 8-bit, in [0, 1] and within ``eps``."""
-    d = x - x0
-
-    def step(s: torch.Tensor) -> torch.Tensor:
-        return torch.round(255 * s.view(-1, *([1] * (d.ndim - 1))) * d) / 255
-
-    lo, hi = torch.zeros(len(d)), torch.ones(len(d))
-    whole = l2(step(hi)) <= eps
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        fits = l2(step(mid)) <= eps
-        lo, hi = torch.where(fits, mid, lo), torch.where(fits, hi, mid)
-    s = torch.where(whole, hi, lo)
-    return (x0 + step(s)).clamp(0, 1)
+    return row_norm(d, "l2")
 
 
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

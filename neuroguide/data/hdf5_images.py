@@ -1,5 +1,8 @@
 """Images read lazily from an HDF5 dataset of (N, H, W, 3) uint8, one at a time (NSD's ``imgBrick``, the
-IT recordings' ``images``): the file is never loaded whole."""
+IT recordings' ``images``): the file is never loaded whole; and the 8-bit image layout shared by every file of
+images the project writes for a display (the closed loop's stimuli, criterion C's lab stimuli): :func:`to_uint8` /
+:func:`from_uint8`, and :func:`quantize_within_ball`, which rounds a perturbed image to whole grey levels without
+leaving its budget."""
 from __future__ import annotations
 
 import os
@@ -20,6 +23,44 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def from_uint8(images: np.ndarray) -> torch.Tensor:
     """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+
+
+def as_8bit(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) in [0, 1] -> the same images rounded to whole grey levels (float32, CPU): what an 8-bit
+    display shows, ``from_uint8(to_uint8(x))``."""
+    return from_uint8(to_uint8(x))
+
+
+def row_norm(d: torch.Tensor, norm: str = "l2") -> torch.Tensor:
+    """(B, ...) -> (B,) the ``norm`` ("l2" or "linf") of each row."""
+    if norm not in ("l2", "linf"):
+        raise ValueError(f"norm={norm!r}: expected 'l2' or 'linf'")
+    return d.flatten(1).norm(dim=1) if norm == "l2" else d.flatten(1).abs().amax(dim=1)
+
+
+def quantize_within_ball(x0: torch.Tensor, x: torch.Tensor, eps, iters: int = 20, norm: str = "l2") -> torch.Tensor:
+    """``x0 + round(255 s (x - x0)) / 255`` with the largest ``s`` in [0, 1] whose rounded step has ``norm`` (l2 or
+    linf) <= ``eps`` (a float or (B,); bisection per row, ``iters`` halvings, s = 1 where the whole step fits).
+    ``x0`` (B, 3, S, S) must be 8-bit images (multiples of 1/255, e.g. :func:`as_8bit`) and ``x`` in [0, 1]; the
+    result is exactly 8-bit (``from_uint8(to_uint8(result))`` is ``result``), in [0, 1] and within ``eps`` of ``x0``
+    (norms in float64, from the whole grey levels stored; a step shorter than its rounding is lost: s = 0 gives
+    ``x0``)."""
+    x0 = x0.detach().cpu().float()
+    eps = torch.as_tensor(eps, dtype=torch.float64).expand(len(x))
+    d = x.detach().cpu().double() - x0.double()  # float64 norms: the bound holds for the stored grey levels
+
+    def levels(s: torch.Tensor) -> torch.Tensor:  # the step in whole grey levels
+        return torch.round(255 * s.view(-1, *([1] * (d.ndim - 1))) * d)
+
+    lo, hi = torch.zeros(len(d), dtype=torch.float64), torch.ones(len(d), dtype=torch.float64)
+    whole = row_norm(levels(hi), norm) / 255 <= eps
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        fits = row_norm(levels(mid), norm) / 255 <= eps
+        lo, hi = torch.where(fits, mid, lo), torch.where(fits, hi, mid)
+    s = torch.where(whole, hi, lo)
+    # grey level / 255 in float32, as from_uint8 gives it: to_uint8 and back is the identity
+    return ((255 * x0.double()).round() + levels(s)).clamp(0, 255).float() / 255
 
 
 class HDF5Images(Dataset):

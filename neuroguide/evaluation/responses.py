@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from neuroguide.evaluation.metrics.statistics import sd
 from neuroguide.models.features import LayerOutput, layer_names
 from neuroguide.tasks.kinds import OUTPUT, PENULTIMATE, PLAIN, REGION, ModelKind
 
@@ -40,14 +41,15 @@ class Columns(nn.Module):
 
 
 def spread(m: torch.Tensor) -> float:
-    """The std (N - 1) of a response ``m`` (N,) over natural images: the unit in which control, effect-matched
-    transfer, the category flip and super-stimuli report changes. NaN when undefined (fewer than 2 images, non-finite
-    values) or 0 (a constant response), so that a change divided by it is NaN, never inf or silently 0."""
+    """The std (N - 1) of a response ``m`` (N,) over natural images (:func:`neuroguide.evaluation.metrics.statistics.sd`):
+    the unit in which control, effect-matched transfer, the category flip and super-stimuli report changes. NaN when
+    undefined (fewer than 2 images, or any non-finite value: a response that is NaN on a natural image is broken,
+    not missing) or 0 (a constant response), so that a change divided by it is NaN, never inf or silently 0."""
     m = torch.as_tensor(m).double().flatten()
-    if m.numel() < 2 or not bool(torch.isfinite(m).all()):
+    if not bool(torch.isfinite(m).all()):
         return float("nan")
-    sd = float(m.std())
-    return sd if sd > 0 else float("nan")
+    s = sd(m)
+    return s if s > 0 else float("nan")
 
 
 def kind_of(model: nn.Module) -> tuple[str | None, ModelKind]:

@@ -8,9 +8,9 @@ the model ``f_i`` that made the perturbations and is biased towards zero instead
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+from neuroguide.evaluation.metrics.statistics import sd
 
 
 def repeat_mean(responses: torch.Tensor) -> torch.Tensor:
@@ -50,9 +50,6 @@ def _check_same(a, b, na, nb):
 
 
 def nanstd(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Unbiased std ignoring NaN along ``dim``."""
-    ok = ~torch.isnan(x)
-    n = ok.sum(dim)
-    mean = x.nanmean(dim=dim, keepdim=True)
-    ss = torch.where(ok, (x - mean) ** 2, torch.zeros_like(x)).sum(dim)
-    return torch.sqrt(ss / (n - 1).clamp(min=1)).where(n > 1, torch.full_like(ss, math.nan))
+    """:func:`neuroguide.evaluation.metrics.statistics.sd` along ``dim`` (ddof 1 over the finite values, NaN where fewer
+    than 2 are finite), under the name the closed loop's report uses."""
+    return sd(x, dim)

@@ -40,6 +40,7 @@ from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.attacks.steps import get_step_class
 from neuroguide.evaluation.plots import (amplified, check_eps_list, curve_figure, eps_label, eps_tag,
                                          image_grid_figure, write_csv)
+from neuroguide.evaluation.metrics import statistics
 from neuroguide.evaluation.responses import response_function, spread
 from neuroguide.evaluation.checks import safe_name
 from neuroguide.models.features import OUTPUT, activations, device_of
@@ -174,18 +175,15 @@ class ControlResult:
         out = []
         for e, eps in enumerate(self.eps):
             for d, name in enumerate(self.directions):
+                se = statistics.standard_error(c[e, d]) / self.sd if self.sd > 0 else math.nan  # NaN with 1 image
                 row = {"norm": self.norm, "eps": eps, "direction": name, "change": float(c[e, d].mean()),
-                       "change_sd": float(csd[e, d]), "change_sd_se": _se(c[e, d]) / self.sd if self.sd > 0 else math.nan,
+                       "change_sd": float(csd[e, d]), "change_sd_se": se,
                        "clean_mean": float(self.clean.mean()), "perturbed_mean": float(self.perturbed[e, d].mean()),
                        "sd": self.sd, "n_images": len(self.clean), "n_sd_images": self.n_sd_images}
                 if name == "target" and self.error is not None:
                     row.update(error_sd=float(self.error[e].mean()), error_clean_sd=float(self.error_clean.mean()))
                 out.append(row)
         return out
-
-
-def _se(t: torch.Tensor) -> float:
-    return float(t.std() / math.sqrt(t.numel())) if t.numel() > 1 else 0.0
 
 
 def _target_error(resp: torch.Tensor, target: torch.Tensor, sd: float, sd_cols: torch.Tensor) -> torch.Tensor:
@@ -219,7 +217,7 @@ def control_curve(forward: nn.Module, images: torch.Tensor, *, norm: str, eps_li
     device = device_of(forward)
     images = images.detach().float().cpu()
     nat = responses(forward, sd_images, batch_size)
-    sd_cols = nat.std(0) if len(nat) > 1 else torch.zeros(nat.shape[1])
+    sd_cols = statistics.sd(nat, dim=0)  # (K,), NaN with one image: no column is used then
     m_nat = nat.mean(1)
     sd = spread(m_nat)
     if not sd > 0:
@@ -291,7 +289,7 @@ def curve_panels(results_by_model: Mapping[str, Sequence[ControlResult]]) -> lis
             c = res.change()
             x = [e * 255 if res.norm == "linf" else e for e in res.eps]
             for d, name in enumerate(res.directions):
-                se = [_se(c[e, d]) / res.sd if res.sd > 0 else math.nan for e in range(len(res.eps))]
+                se = [statistics.standard_error(c[e, d]) / res.sd if res.sd > 0 else math.nan for e in range(len(res.eps))]
                 p["curves"].append({"x": x, "y": res.change_sd()[:, d].tolist(), "yerr": se,
                                     "label": name if single else f"{model} {name}"})
     return list(panels.values())

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
+from neuroguide.evaluation.metrics import statistics
 from neuroguide.evaluation.metrics.decoder import LinearDecoder, fit_decoder
 from neuroguide.evaluation.plots import check_eps_list, curve_figure, eps_tag, write_csv
 from neuroguide.evaluation.responses import response_function
@@ -244,7 +245,7 @@ def population_measures(model: nn.Module, images: torch.Tensor, eps_list: Sequen
 
     # the decoder's z-scoring from its own fit images only: nothing of the attacked images reaches the decoder
     fit = clean_all[fit_idx]
-    fit_sd = fit.double().std(0).float() if len(fit) > 1 else sigma
+    fit_sd = statistics.sd(fit.double(), dim=0).float()  # NaN with one fit image: sigma used instead
     fit_sd = torch.where(fit_sd > 0, fit_sd, sigma)
     decoder = fit_decoder(fit, labels[fit_idx], fit.mean(0), fit_sd, c=decoder_c).to(device)
     y = labels[attack_idx]

@@ -26,6 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
+from neuroguide.data.hdf5_images import as_8bit, quantize_within_ball
+from neuroguide.evaluation.metrics.statistics import sd
 from neuroguide.models.features import LayerOutput, device_of, evaluation_mode
 
 log = logging.getLogger("neuroguide")
@@ -89,12 +91,9 @@ def brain_responses(brain: Brain, images, batch_size: int = 64, key: str = KEY) 
 
 
 def site_sigma(clean: torch.Tensor, key: str = KEY) -> torch.Tensor:
-    """(sites,) std over clean images of each site's (N, sites) responses (NaN-aware); a ValueError when no site
-    has a positive std."""
-    mean = clean.nanmean(0)
-    n = torch.isfinite(clean).sum(0)
-    var = ((clean - mean) ** 2).nansum(0) / (n - 1).clamp_min(1)
-    sigma = torch.where(n > 1, var.sqrt(), torch.full_like(var, float("nan")))
+    """(sites,) std over clean images of each site's (N, sites) responses (:func:`~neuroguide.evaluation.metrics.statistics.
+    sd`: ddof 1 over the finite values, NaN with fewer than 2); a ValueError when no site has a positive std."""
+    sigma = sd(torch.as_tensor(clean).float(), dim=0)
     if not bool((sigma > 0).any()):
         raise ValueError(f"{key}: no site's response varies over the {len(clean)} clean images (std {sigma.tolist()[:8]}"
                          "...): the brain gives constant (or NaN) responses; check its output")
@@ -113,14 +112,18 @@ def layer_perturbations(networks: Mapping[float, tuple[nn.Module, nn.Module]], i
                         layers: Sequence[str], *, eps: float = 1.0, norm: str = "l2", steps: int = 32,
                         schedule: str = "guo", restarts: int = 1, batch_size: int = 32, seed: int = 0,
                         progress: bool = True) -> dict[tuple[float, str], tuple[torch.Tensor, torch.Tensor]]:
-    """``{(at_eps, layer): (x_adv (N, 3, S, S), layer_change (N,))}``: for each candidate, the perturbations of
-    ``images`` (N, 3, S, S) in [0, 1] maximising ``||h_L(x + d) - h_L(x)||_2`` within ``eps`` (PGD on
-    ``objectives.ResponseChange``), and that change."""
+    """``{(at_eps, layer): (x_adv (N, 3, S, S), layer_change (N,))}``: for each candidate, the stimuli to show.
+
+    The clean images are those an 8-bit display shows, ``x = as_8bit(images)`` (``images`` (N, 3, S, S) in [0, 1]);
+    ``d`` maximises ``||h_L(x + d) - h_L(x)||_2`` within ``eps`` (PGD on ``objectives.ResponseChange``) and is
+    rounded to whole grey levels inside the ball (:func:`neuroguide.data.hdf5_images.quantize_within_ball`), so
+    ``x_adv`` is exactly 8-bit and within ``eps`` (``norm``) of ``x``: the very images a lab's file holds and a brain
+    callable is shown. ``layer_change`` is ``||h_L(x_adv) - h_L(x)||_2`` of those shown images."""
     if not layers:
         raise ValueError("selection.layers is empty: name the candidate layers")
     if not float(eps) > 0:
         raise ValueError(f"eval.selection.brain_eps={eps!r}: the perturbation budget must be > 0")
-    images = images.detach().float().cpu()
+    images = as_8bit(images)
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for at_eps, (network, root) in networks.items():
@@ -135,8 +138,10 @@ def layer_perturbations(networks: Mapping[float, tuple[nn.Module, nn.Module]], i
                     h0 = forward(x)
                 res = pgd_attack(forward, x, objectives.ResponseChange(h0), eps=float(eps), norm=norm, steps=steps,
                                  schedule=schedule, restarts=restarts, victim=network, generator=gen)
-                change.append((res.value.cpu() * h0.shape[1]).sqrt())  # mean of squares -> L2 norm
-                x_adv.append(res.x_adv.cpu())
+                shown = quantize_within_ball(x.cpu(), res.x_adv, float(eps), norm=norm)
+                with torch.no_grad(), evaluation_mode(network):
+                    change.append((forward(shown.to(device)) - h0).flatten(1).norm(dim=1).cpu())
+                x_adv.append(shown)
             out[(float(at_eps), layer)] = (torch.cat(x_adv), torch.cat(change))
     return out
 
@@ -146,7 +151,8 @@ def brain_change_rows(clean: torch.Tensor, perturbed: Mapping[tuple[float, str],
     """Criterion C's score per candidate from the brain's responses: ``clean`` (N, sites) to the clean images,
     ``perturbed[(at_eps, layer)]`` (N, sites) to their perturbations (same image order), ``sigma`` (sites,).
     Rows ``{at_eps, layer, brain_change, brain_change_sd, layer_change}``: the mean over images and sites of
-    ``|delta b_i| / sigma_i`` (sites without a positive finite sigma left out, with a warning), its sd across sites,
+    ``|delta b_i| / sigma_i`` (sites without a positive finite sigma left out, with a warning), its sd across sites
+    (:func:`~neuroguide.evaluation.metrics.statistics.sd`: NaN with fewer than 2 sites),
     and the mean ``||delta h_L||_2`` (NaN when not given)."""
     sig = torch.as_tensor(sigma).float().cpu()
     if sig.shape != (clean.shape[1],):
@@ -161,7 +167,7 @@ def brain_change_rows(clean: torch.Tensor, perturbed: Mapping[tuple[float, str],
         fin = per_site[torch.isfinite(per_site)]
         lc = (layer_change or {}).get((at_eps, layer))
         row = {"at_eps": float(at_eps), "layer": layer, "brain_change": float(fin.mean()) if len(fin) else math.nan,
-               "brain_change_sd": float(fin.std()) if len(fin) > 1 else 0.0,
+               "brain_change_sd": sd(fin),
                "layer_change": float(lc.mean()) if lc is not None else math.nan}
         rows.append(row)
         log.info("selection C eps=%s %s: brain change %.3f sigma", at_eps, layer, row["brain_change"])
@@ -173,7 +179,8 @@ def layer_transfer_scores(networks: Mapping[float, tuple[nn.Module, nn.Module]],
                           schedule: str = "guo", restarts: int = 1, batch_size: int = 32,
                           sigma: torch.Tensor | None = None, seed: int = 0, progress: bool = True) -> list[dict]:
     """Criterion C for every (AT eps, layer) with a brain callable: :func:`layer_perturbations` shown to ``brain``
-    and scored by :func:`brain_change_rows`.
+    (the 8-bit clean images and their 8-bit perturbations, as a lab's stimuli file holds them) and scored by
+    :func:`brain_change_rows`.
 
     Args:
         networks: AT eps -> (network taking [0, 1] images, the module the layer names refer to).
@@ -187,7 +194,7 @@ def layer_transfer_scores(networks: Mapping[float, tuple[nn.Module, nn.Module]],
     """
     perturbed = layer_perturbations(networks, images, layers, eps=eps, norm=norm, steps=steps, schedule=schedule,
                                     restarts=restarts, batch_size=batch_size, seed=seed, progress=progress)
-    clean_b = brain_responses(brain, images.detach().float().cpu(), batch_size)
+    clean_b = brain_responses(brain, as_8bit(images), batch_size)  # the clean images as shown
     sig = site_sigma(clean_b) if sigma is None else sigma
     adv_b = {k: brain_responses(brain, x, batch_size) for k, (x, _) in perturbed.items()}
     return brain_change_rows(clean_b, adv_b, sig, {k: c for k, (_, c) in perturbed.items()})

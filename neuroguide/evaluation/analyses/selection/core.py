@@ -202,6 +202,7 @@ def _add_criterion_c(rows: list[dict], networks, images, layers: Sequence[str], 
     """Criterion C's ``brain_change`` (and ``brain_change_sd``, ``layer_change``) added to each row, from a brain
     callable (``brain``) or a lab's recordings (``brain_recordings`` of the ``brain_stimuli`` file); with
     ``brain_stimuli`` alone, the stimuli file is written for the lab. Returns whether the column was added."""
+    from neuroguide.data.hdf5_images import as_8bit
     from neuroguide.evaluation.analyses.selection import lab
     from neuroguide.evaluation.analyses.selection.brain_transfer import (brain_change_rows, brain_responses, layer_perturbations,
                                                           make_brain, site_sigma)
@@ -225,7 +226,7 @@ def _add_criterion_c(rows: list[dict], networks, images, layers: Sequence[str], 
         c_rows = brain_change_rows(clean, adv, site_sigma(clean, "selection.brain_recordings"), change)
     else:
         pick = np.unique(np.linspace(0, len(images) - 1, min(budget["n_images"], len(images))).round().astype(int))
-        x = torch.stack([images[int(i)] for i in pick])
+        x = as_8bit(torch.stack([images[int(i)] for i in pick]))  # the clean images as shown (8-bit)
         perturbed = layer_perturbations(networks, x, layers, eps=budget["eps"], norm=budget["norm"],
                                         steps=budget["steps"], restarts=budget["restarts"], batch_size=batch,
                                         seed=budget["seed"])

@@ -2,7 +2,9 @@
 
 Step 1, ``write_brain_stimuli``: the clean images and, for every candidate (AT eps, layer), their layer-targeted
 perturbations as one HDF5 file in the IT layout's image part: ``images`` (M, S, S, 3) uint8 (what a display shows:
-the perturbation after rounding to 8 bits), ``image_ids`` (M,) (``clean/<k>`` and ``eps<at_eps>/<layer>/<k>``, k the
+:func:`~neuroguide.evaluation.analyses.selection.brain_transfer.layer_perturbations` makes the perturbations of the 8-bit clean
+images and rounds them to 8 bits inside the budget, so the file holds exactly the images a brain callable is shown,
+each within ``eps`` of its clean image as stored), ``image_ids`` (M,) (``clean/<k>`` and ``eps<at_eps>/<layer>/<k>``, k the
 clean image), and per image ``at_eps`` (NaN for clean), ``layer`` ("" for clean), ``source`` (k) and
 ``layer_change`` (``||delta h_L||_2``; NaN for clean); attributes: the budget and ``quantized_l2_mean``, the mean L2
 norm of the displayed (rounded) perturbations in [0, 1] pixel units.
@@ -26,7 +28,7 @@ import h5py
 import numpy as np
 import torch
 
-from neuroguide.data.hdf5_images import to_uint8
+from neuroguide.data.hdf5_images import row_norm, to_uint8
 from neuroguide.utils.io import atomic_path
 
 log = logging.getLogger("neuroguide")
@@ -43,14 +45,23 @@ def write_brain_stimuli(path: str | os.PathLike, images: torch.Tensor,
 
     ``images``: (N, 3, S, S) clean in [0, 1]; ``perturbed``: :func:`~neuroguide.evaluation.analyses.selection.brain_transfer.
     layer_perturbations`'s ``{(at_eps, layer): (x_adv (N, 3, S, S), layer_change (N,))}``; ``budget``: the
-    perturbation settings, stored as attributes (checked when the recordings are read)."""
+    perturbation settings, stored as attributes (checked when the recordings are read). A ValueError when a stored
+    perturbation exceeds ``budget["eps"]`` (``budget["norm"]``, default l2): perturbations not rounded inside the
+    ball (make them with ``layer_perturbations``)."""
     n = len(images)
     clean8 = to_uint8(images)
+    eps, norm = budget.get("eps"), str(budget.get("norm", "l2"))
     blocks, ids, at_eps, layers, source, change, norms = [clean8], [f"clean/{k:05d}" for k in range(n)], \
         [math.nan] * n, [""] * n, list(range(n)), [math.nan] * n, []
     for (e, layer), (x_adv, lc) in perturbed.items():
         adv8 = to_uint8(x_adv)
-        norms.append(np.linalg.norm(((adv8.astype(np.float64) - clean8) / 255.0).reshape(n, -1), axis=1))
+        step = torch.from_numpy((adv8.astype(np.float64) - clean8) / 255.0)
+        shown = row_norm(step, norm)
+        if eps is not None and bool((shown > float(eps) + 1e-6).any()):
+            raise ValueError(f"criterion C stimuli eps={e:g} {layer}: the 8-bit perturbations have {norm} norms up to "
+                             f"{float(shown.max()):.4g} > the budget eps={float(eps):g}: round them inside the ball "
+                             "(neuroguide.data.hdf5_images.quantize_within_ball; layer_perturbations does)")
+        norms.append(row_norm(step, "l2").numpy())
         blocks.append(adv8)
         ids += [candidate_id(e, layer, k) for k in range(n)]
         at_eps += [float(e)] * n

@@ -49,9 +49,10 @@ from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.attacks.objectives import direction_sign
-from neuroguide.evaluation.metrics.estimators import nanstd, naive_sensitivity, repeat_mean, sign_corrected_sensitivity
+from neuroguide.evaluation.metrics.estimators import naive_sensitivity, repeat_mean, sign_corrected_sensitivity
 from neuroguide.evaluation.responses import kind_of, resolve_layer
 from neuroguide.evaluation.plots import check_eps_list, curve_figure, eps_tag, write_csv
+from neuroguide.evaluation.metrics.statistics import sd
 from neuroguide.models.features import LayerOutput, device_of, evaluation_mode
 
 Measure = Callable[[torch.Tensor], torch.Tensor]
@@ -147,12 +148,12 @@ class SensitivityResult:
         out = []
         for e, eps in enumerate(self.eps.tolist()):
             ok = self.sigma > 0  # a unit silent on every clean image has no dynamic range to normalize by
-            row = {"eps": eps, "mean": float(self.s[e].mean()), "sd": _sd(self.s[e]),
+            row = {"eps": eps, "mean": float(self.s[e].mean()), "sd": sd(self.s[e]),
                    "mean_norm": float(self.s_norm[e][ok].mean()) if ok.any() else math.nan,
-                   "sd_norm": _sd(self.s_norm[e][ok]), "n_units": int(ok.sum())}
+                   "sd_norm": sd(self.s_norm[e][ok]), "n_units": int(ok.sum())}
             if self.measured is not None:
                 sm = self.s_measured[e] / self.measured["sigma"]
-                row.update(mean_norm_measured=float(sm.nanmean()), sd_norm_measured=_sd(sm))
+                row.update(mean_norm_measured=float(sm.nanmean()), sd_norm_measured=sd(sm))
             out.append(row)
         return out
 
@@ -165,11 +166,6 @@ class SensitivityResult:
     def write_csv(self, path: str | os.PathLike) -> Path:
         rows = self.rows()
         return write_csv(path, rows, list(rows[0]))
-
-
-def _sd(t: torch.Tensor) -> float:
-    t = t[~torch.isnan(t)]
-    return float(t.std()) if t.numel() > 1 else 0.0
 
 
 # ----------------------------------------------------------------------------- the analysis
@@ -323,7 +319,7 @@ def unit_sensitivity(model: nn.Module, images: torch.Tensor, layer: str | None, 
         f_adv = f_adv.reshape(E, U, D, n).gather(2, best)[:, :, 0]
         r_adv = r_adv.reshape(E, U, D, n).gather(2, best)[:, :, 0]
         measured = {"delta_f": f_adv - clean.T[None], "delta_r": r_adv - meas_clean.T[None], "clean": meas_clean,
-                    "sigma": nanstd(meas_sigma, 0)}
+                    "sigma": sd(meas_sigma, 0)}
     return SensitivityResult(layer=layer, norm=norm, schedule=schedule, eps=eps_t, units=unit_idx, directions=dirs,
                              change=change, clean=clean, sigma=sig, grad_evals=evals, measured=measured,
                              n_sigma=n_sigma)

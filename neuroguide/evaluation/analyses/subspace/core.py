@@ -36,6 +36,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
+from neuroguide.evaluation.metrics import statistics
 from neuroguide.evaluation.responses import response_function
 from neuroguide.evaluation.checks import safe_name
 from neuroguide.models.features import device_of, evaluation_mode
@@ -289,7 +290,8 @@ def random_baseline(k: int, D: int) -> float:
 
 
 def similarity_matrix(subspaces: dict[str, Subspaces]) -> tuple[np.ndarray, np.ndarray]:
-    """(M, M) model x model similarity, mean and std over the images (the same images for every model)."""
+    """(M, M) model x model similarity, mean and sd over the images (the same images for every model; the sd as
+    :func:`neuroguide.evaluation.metrics.statistics.sd`: ddof 1, NaN with one image)."""
     names = list(subspaces)
     n = {len(s.eigenvalues) for s in subspaces.values()}
     if len(n) > 1:
@@ -298,7 +300,7 @@ def similarity_matrix(subspaces: dict[str, Subspaces]) -> tuple[np.ndarray, np.n
     for i, a in enumerate(names):
         for j, b in enumerate(names):
             s = subspace_similarity(subspaces[a].eigenvectors, subspaces[b].eigenvectors).numpy()
-            mean[i, j], sd[i, j] = s.mean(), s.std()
+            mean[i, j], sd[i, j] = s.mean(), statistics.sd(s)
     return mean, sd
 
 
@@ -306,7 +308,8 @@ def _spectrum_panel(subspaces: dict[str, Subspaces]) -> dict:
     curves = []
     for name, s in subspaces.items():
         mean = s.eigenvalues.mean(0)
-        curves.append({"x": np.arange(1, s.k + 1), "y": mean, "yerr": s.eigenvalues.std(0), "label": name})
+        curves.append({"x": np.arange(1, s.k + 1), "y": mean, "yerr": statistics.sd(s.eigenvalues, dim=0).numpy(),
+                       "label": name})
     return {"title": "spectrum of J^T J\n(mean over images, band: sd)", "xlabel": "eigenvalue index i",
             "ylabel": "eigenvalue (squared response change)", "curves": curves, "integer_x": True}
 

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.attacks.objectives import direction_sign
 from neuroguide.attacks.steps import get_step_class
+from neuroguide.evaluation.metrics import statistics
 from neuroguide.evaluation.plots import check_eps_list, heatmap_figure, write_csv
 from neuroguide.evaluation.responses import region_layer, response_function, spread
 from neuroguide.evaluation.analyses.transfer.fixed_eps import NORM_RTOL, perturbation_norms, random_control
@@ -65,9 +66,10 @@ def natural_sd(m: torch.Tensor, name: str) -> float:
     """The std (N - 1) of a model's mean response over natural images; a ValueError when it is 0 or undefined."""
     sd = spread(m)
     if not sd > 0:
-        raw = float(m.double().std()) if m.numel() > 1 else float("nan")
-        raise ValueError(f"model {name!r}: its mean response has std {raw:g} over the {m.numel()} natural images, so an "
-                         "effect in sd units is undefined. Expected >= 2 images on which the response varies: give more "
+        bad = m.numel() - statistics.n_finite(m)
+        raise ValueError(f"model {name!r}: its mean response has std {statistics.sd(m):g} over the {m.numel()} natural "
+                         f"images{f' ({bad} of them non-finite)' if bad else ''}, so an effect in sd units is "
+                         "undefined. Expected >= 2 images on which the response varies: give more "
                          f"images ({KEY}.n_sigma_images) or another layer/units ({KEY}.layer, {KEY}.units)")
     return sd
 
