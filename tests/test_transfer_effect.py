@@ -220,7 +220,7 @@ def test_auto_skips_models_without_a_region_response(caplog):
     assert transfer_effect.enabled_for({"pred": models["pred"]}, "auto", "region") is True
     assert transfer_effect.enabled_for(models, "auto", "1") is True  # a named layer: every model has one
     assert transfer_effect.enabled_for(models, False, "region") is False
-    with pytest.raises(ValueError, match="eval.transfer.effect.layer=<layer>"):
+    with pytest.raises(ValueError, match="eval.transfer.effect.layer=penultimate"):
         effect_transfer_matrix(models, images(4), progress=False)
     with pytest.raises(ValueError, match="enabled: expected true, false or auto"):
         transfer_effect.enabled_for(models, "sometimes", "auto")

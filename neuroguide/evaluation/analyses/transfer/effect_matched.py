@@ -306,7 +306,7 @@ def enabled_for(models: Mapping[str, nn.Module], enabled, layer) -> bool:
             missing.append(name)
     if missing:
         log.warning("effect-matched transfer skipped: %s have no region response (plain classifiers). Fix: set "
-                    "%s.layer=<layer> (e.g. avgpool) to use a layer's units, or %s.enabled=false to silence this",
+                    "%s.layer=penultimate (or another layer) to use a layer's units, or %s.enabled=false to silence this",
                     missing, KEY, KEY)
     return not missing
 
