@@ -46,7 +46,8 @@ from neuroguide.attacks.objectives import direction_sign
 from neuroguide.attacks.steps import get_step_class
 from neuroguide.evaluation.plots import check_eps_list, heatmap_figure, write_csv
 from neuroguide.evaluation.responses import region_layer, response_function, spread
-from neuroguide.evaluation.transfer import NORM_RTOL, _safe, check_input_sizes, perturbation_norms, random_control
+from neuroguide.evaluation.transfer import (NORM_RTOL, _safe, check_input_sizes, natural_images, perturbation_norms,
+                                            random_control)
 from neuroguide.models.features import OUTPUT, activations, device_of
 
 KEY = "eval.transfer.effect"
@@ -374,10 +375,7 @@ def evaluate_stimuli(models: Mapping[str, nn.Module], stim, out_dir: str | os.Pa
     if not enabled_for(models, enabled, p.get("layer", "auto")):
         return {}
     images = stim.images[:n] if n else stim.images
-    if stim.split is not None:  # the held-out split read again: the sd over more than the perturbed images
-        sigma = stim.split(n_sigma).images
-    else:
-        sigma = stim.images[:n_sigma] if n_sigma else stim.images
+    sigma = natural_images(stim, n_sigma)  # the held-out split read again: the sd over more than the perturbed images
     log.info("effect-matched transfer: %d images, sd over %d natural images (%s)", len(images), len(sigma),
              stim.source)
     return evaluate(models, images, out_dir, sigma_images=sigma, **p)
