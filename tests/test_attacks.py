@@ -222,6 +222,47 @@ def test_value_is_objective_at_x_adv_and_best_over_restarts():
     assert res.grad_evals == 3 * 5 * 3
 
 
+class _Recorder(nn.Module):
+    """Wraps a model; for every gradient evaluation (input with requires_grad) records the smallest per-row L2
+    distance of the iterate from the clean images ``x0``."""
+
+    def __init__(self, inner, x0):
+        super().__init__()
+        self.inner, self.x0, self.grad_calls = inner, x0, []
+
+    def forward(self, x):
+        if x.requires_grad:
+            self.grad_calls.append(float((x - self.x0).detach().flatten(1).norm(dim=1).min()))
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("per_phase", [False, True])
+def test_guo_steps_per_phase_runs_steps_in_each_phase(per_phase):
+    """Guo et al.: "250 steps ... first with a ball of radius 2 eps and finally with one of radius eps". Counted
+    independently of the engine: the gradient evaluations of the 2-eps phase are those whose iterate lies outside
+    the eps ball (a linear unit pushes every iterate to the sphere of its phase, the random start is at ~2 eps in
+    108 dimensions), the others are the eps phase's. Split (default): steps // 2 + the rest; per phase: steps each."""
+    model, shape = linear_units()
+    x = mid_images(3, shape)
+    eps, steps = 0.2, 10
+    rec = _Recorder(model, x)
+    res = pgd_attack(rec, x, objectives.Unit(0), eps=eps, norm="l2", steps=steps, schedule="guo",
+                     steps_per_phase=per_phase, victim=model)
+    outside = sum(d > eps * (1 + 1e-4) for d in rec.grad_calls)
+    inside = len(rec.grad_calls) - outside
+    assert (outside, inside) == ((steps, steps) if per_phase else (steps // 2, steps - steps // 2))
+    assert res.grad_evals == len(rec.grad_calls) * x.shape[0]
+    # the eps phase still ends at the closed-form optimum eps * ||w||_2
+    w = model[1].weight[0].detach()
+    torch.testing.assert_close(res.value - model(x)[:, 0].detach(), eps * w.norm().expand(3), rtol=1e-3, atol=1e-5)
+
+
+def test_steps_per_phase_needs_the_guo_schedule():
+    model, shape = linear_units()
+    with pytest.raises(ValueError, match="steps_per_phase=True needs schedule='guo'"):
+        pgd_attack(model, mid_images(2, shape), objectives.Unit(0), eps=0.1, schedule="pgd", steps_per_phase=True)
+
+
 def test_chunked_batches_give_the_same_result():
     model, shape = linear_units()
     x = mid_images(5, shape)

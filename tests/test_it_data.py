@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from neuroguide.data.it import ITDataModule, nanmean, read_it, split_by_image, split_half_reliability
+from neuroguide.data.it import (ITDataModule, nanmean, read_it, split_by_image, split_half_reliability,
+                               step_up_reliability)
 from neuroguide.data.synthetic.it import write_synthetic_it
 
 SMALL = dict(seed=0, n_images=60, n_sites=5, n_repeats=4, image_size=16)
@@ -89,6 +90,46 @@ def test_split_half_reliability_matches_the_planted_noise():
     np.testing.assert_allclose(split_half_reliability(resp, n_splits=4), truth, atol=0.03)
     # pure noise: reliability ~ 0
     assert np.all(np.abs(split_half_reliability(rng.normal(size=(4000, 3, 4)), n_splits=2)) < 0.08)
+
+
+def _planted(rng, n, sites, reps, rho):
+    """Signal var 1, noise var (1 - rho) / rho: single-trial reliability rho. (N, sites, reps)."""
+    q = (1 - rho) / rho
+    return rng.normal(size=(n, sites, 1)) + np.sqrt(q) * rng.normal(size=(n, sites, reps)), q
+
+
+def test_split_half_reliability_of_three_repeats_is_not_spearman_brown():
+    """3 repeats split 1 + 2: planted single-trial reliability rho, so the 3-repeat mean's reliability is
+    3 rho / (1 + 2 rho) (= 0.5625 at rho 0.3). Spearman-Brown's 2 r / (1 + r) assumes equal halves and comes out
+    low; the unequal-halves step-up does not."""
+    rng = np.random.default_rng(0)
+    rho, sites = 0.3, 20
+    resp, _ = _planted(rng, 20000, sites, 3, rho)
+    truth = 3 * rho / (1 + 2 * rho)
+    est = float(split_half_reliability(resp, n_splits=4).mean())
+    # independently: the split 1 vs 2 repeats by hand, and the old factor on it
+    r = np.mean([np.corrcoef(resp[:, s, 0], resp[:, s, 1:].mean(1))[0, 1] for s in range(sites)])
+    old = 2 * r / (1 + r)
+    print(f"\n3 repeats, rho {rho}: truth {truth:.4f}, estimate {est:.4f}, Spearman-Brown {old:.4f}")
+    assert abs(est - truth) < 0.005  # sd of the mean over 20 sites ~0.0015
+    assert truth - old > 0.015  # the closed form of the old bias: 0.0201
+    r_true = np.sqrt(rho * 2 * rho / (1 + rho))  # sqrt(R_1 R_2)
+    np.testing.assert_allclose(step_up_reliability(r_true, 1.0, 0.5, 1 / 3), truth, rtol=1e-12)
+    np.testing.assert_allclose(step_up_reliability(0.4, 0.25, 0.25, 0.125), 0.8 / 1.4, rtol=1e-12)  # equal halves
+
+
+def test_split_half_reliability_with_missing_repeats_per_image():
+    """Repeats missing at random (1..4 of 4 recorded per image): the reliability of each image's mean over its k
+    recorded repeats is 1 / (1 + q mean(1 / k)) over the images with k >= 1, with q = (1 - rho) / rho planted."""
+    rng = np.random.default_rng(1)
+    rho, sites = 0.3, 20
+    resp, q = _planted(rng, 20000, sites, 4, rho)
+    resp[rng.random(resp.shape) < 0.3] = np.nan
+    k = (~np.isnan(resp)).sum(2)
+    truth = np.array([1 / (1 + q * np.mean(1 / k[k[:, s] > 0, s])) for s in range(sites)])
+    est = split_half_reliability(resp, n_splits=4)
+    print(f"\nmissing repeats, rho {rho}: truth {truth.mean():.4f}, estimate {est.mean():.4f}")
+    assert abs(float((est - truth).mean())) < 0.005
 
 
 def test_datamodule_batches(it_file):

@@ -63,6 +63,20 @@ def test_linear_layer_sensitivity_closed_form(norm, eps_list):
     torch.testing.assert_close(res.s_norm, expected / sigma, rtol=0.011, atol=0)
 
 
+def test_steps_per_phase_reaches_the_attack_and_doubles_its_gradient_evaluations():
+    """eval.sensitivity.steps_per_phase goes through to the engine: `steps` in each of the Guo schedule's two phases,
+    so E x U x D x N x restarts x 2 x steps gradient evaluations (vs x steps when split), same closed form."""
+    model = hidden_linear_model()
+    x = mid_images(2)
+    kw = dict(units=[0, 1], restarts=1, steps=6, schedule="guo", progress=False)
+    split = unit_sensitivity(model, x, "1", [0.1], **kw)
+    per_phase = unit_sensitivity(model, x, "1", [0.1], steps_per_phase=True, **kw)
+    assert split.grad_evals == 1 * 2 * 2 * 2 * 1 * 6
+    assert per_phase.grad_evals == 2 * split.grad_evals
+    wn = model[1].weight.detach()[:2].norm(dim=1)
+    torch.testing.assert_close(per_phase.s, 0.1 * wn[None], rtol=0.01, atol=0)
+
+
 def test_guo_schedule_at_least_as_strong_as_pgd_at_equal_gradient_evaluations():
     model = tiny_resnet()
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -347,6 +361,7 @@ def test_guo2022_preset_fills_eval_sensitivity(guided_ckpt):
     assert list(_analyses(guo)) == ["sensitivity"]
     p = guo.eval.sensitivity
     assert (p.steps, p.restarts, p.schedule, list(p.directions), p.norm) == (250, 100, "guo", ["up", "down"], "l2")
+    assert p.steps_per_phase is False  # the reading stated in the preset: 250 split over the two phases
     assert list(p.eps_list) == [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0] and p.layer == "auto" and p.n_sigma_images is None
     fast = compose_config("evaluate", [], output_dir=tmp / "c2").eval.sensitivity
     assert fast.steps * fast.restarts <= 0.1 * p.steps * p.restarts and fast.schedule == "guo"

@@ -77,6 +77,72 @@ def test_neural_transfer_planted_and_objectives():
     assert down.adversarial[0, 0] > 0  # "down" is scored in its own direction
 
 
+@pytest.mark.parametrize("objective", ["up", "down", "change"])
+def test_region_change_is_in_the_held_out_sd_of_the_target_region_mean(objective):
+    """Linear models, region mean m_t = w_t . x + b (w_t the mean row of W_t). Source A is rank one (W_A = u v^T),
+    so every objective's optimum within L2 eps is d = +-eps v_hat (plain PGD with a long step reaches it exactly,
+    away from the pixel bounds), and "up"/"down" for source B is d = +-eps w_B / ||w_B||. In closed form:
+
+        region_change_sd[s, t] = eps (w_t . w_s) / (||w_s|| sd_t)   (up / down; the attack's sign cancels)
+        region_change_sd[s, t] = eps |w_t . v_hat| / sd_t           (change, source A)
+
+    sd_t = std of m_t over the natural images, with sd_t over the held-out split given to the
+    runner (narrower than the attacked images), while the old key ``change`` ("up"/"down") divides by the std over
+    the attacked images."""
+    from neuroguide.evaluation.stimuli import Stimuli
+
+    g = torch.Generator().manual_seed(3)
+    u, v = torch.tensor([1.0, 2.0, 0.5, 1.5, 1.0]), torch.randn(D, generator=g)
+    wa, wb = torch.outer(u, v), torch.randn(5, D, generator=g)
+    models = {"A": linear(wa), "B": linear(wb)}
+    x, nat = images(12), images(300, seed=7) * 0.5 + 0.25
+    eps = 0.3
+    sigma = transfer.natural_images(Stimuli(x, split=lambda n: Stimuli(nat[:n] if n else nat)), None)
+    assert sigma is nat
+    res = transfer_matrix(models, x, None, eps=eps, norm="l2", steps=10, step_size=100 * eps, objective=objective,
+                          sigma_images=sigma, progress=False)
+    w = {"A": wa.double().mean(0), "B": wb.double().mean(0)}
+    sd = {n: float((nat.flatten(1).double() @ w[n]).std()) for n in w}
+    sd_attacked = {n: float((x.flatten(1).double() @ w[n]).std()) for n in w}
+    assert abs(sd["A"] / sd_attacked["A"] - 1) > 0.2  # the two units are distinguishable
+    direction = {"A": v.double() / v.double().norm(), "B": w["B"] / w["B"].norm()}
+    sources = ["A"] if objective == "change" else ["A", "B"]  # B's "change" optimum is no closed form
+    for i, s_ in enumerate(res.names):
+        if s_ not in sources:
+            continue
+        for j, t in enumerate(res.names):
+            cos = float(w[t] @ direction[s_])  # d = sign * eps w_s / ||w_s|| (up / down), +-eps v_hat (change)
+            expected = eps * (abs(cos) if objective == "change" else cos) / sd[t]
+            assert res.region_change[i, j] == pytest.approx(expected, rel=1e-3), (s_, t)
+    np.testing.assert_allclose(res.region_sd, [sd["A"], sd["B"]], rtol=1e-5)
+    assert res.n_sigma == len(nat)
+    if objective != "change":  # the old key: the same change over the std across the 12 attacked images
+        assert res.adversarial[0, 0] == pytest.approx(eps * float(w["A"].norm()) / sd_attacked["A"], rel=1e-3)
+
+
+def test_region_change_keys_through_the_runner(tmp_path):
+    """evaluate.py's transfer wrapper takes the sd over the held-out split (eval.transfer.n_sigma_images) and
+    writes the new keys beside the old ones."""
+    from neuroguide.evaluation import runner
+    from neuroguide.evaluation.stimuli import Stimuli
+
+    wa, wb = orthogonal_pair(5)
+    models = {"A": linear(wa), "B": linear(wb)}
+    x, nat = images(8), images(100, seed=7) * 0.5 + 0.25
+    m = runner.MULTI_MODEL["transfer"](models, Stimuli(x, split=lambda n: Stimuli(nat[:n] if n else nat)), tmp_path,
+                                       {"eps": [0.3], "steps": 10, "step_size": 30.0, "objective": "up",
+                                        "n_sigma_images": None, "effect": {"enabled": False}})
+    w_a = wa.double().mean(0)
+    expected = 0.3 * float(w_a.norm()) / float((nat.flatten(1).double() @ w_a).std())
+    assert m["eval/transfer/l2_0.3/A/A/region_change_sd"] == pytest.approx(expected, rel=1e-3)
+    assert {"eval/transfer/l2_0.3/A/B/change", "eval/transfer/l2_0.3/A/B/random_region_change_sd",
+            "eval/transfer/l2_0.3/offdiag_mean_region_change_sd", "eval/transfer/l2_0.3/random_mean_region_change_sd",
+            "eval/transfer/l2_0.3/diag_mean_region_change_sd"} <= set(m)
+    assert m["eval/transfer/n_sigma_images"] == 100
+    rows = list(csv.DictReader(open(tmp_path / "transfer_l2_0.3.csv")))
+    assert {"region_change_sd", "random_region_change_sd", "target_region_sd"} <= set(rows[0])
+
+
 def test_random_control_has_the_same_norm():
     g = torch.Generator().manual_seed(0)
     delta = torch.randn(5, *SHAPE, generator=g) * torch.rand(5, 1, 1, 1, generator=g)

@@ -74,6 +74,28 @@ def test_bisection_finds_the_closed_form_eps_of_a_linear_region(norm, direction,
     torch.testing.assert_close(norms.double(), bis.eps, rtol=1e-4, atol=0)  # the perturbation has the eps reported
 
 
+@pytest.mark.parametrize("norm,expected_max", [("l2", 10.0), ("linf", 32 / 255)])
+def test_eps_max_auto_is_norm_specific(norm, expected_max):
+    """eps_max="auto" (conf/eval/transfer.yaml's default): 10.0 for L2, 32/255 for Linf, where 10 would be the whole
+    [0, 1] box (12 halvings of it: a resolution of 0.6/255). With a linear region whose target sits at a small Linf
+    eps (~4/255), the eps found is the closed form within the auto bracket's resolution."""
+    from neuroguide.config import compose_config
+
+    cfg = compose_config("evaluate", ["eval=[transfer]"])
+    assert cfg.eval.transfer.effect.eps_max == "auto"
+    W = weights(0)
+    x = images()
+    w_bar = W.double().mean(0)
+    scale = float(w_bar.norm() if norm == "l2" else w_bar.abs().sum())
+    exact = (4 / 255 if norm == "linf" else 0.2) * 1.37
+    bis = bisect_eps(linear(W), x, exact * scale, eps_max="auto", bisection_steps=12, norm=norm, progress=False)
+    assert bis.resolution == pytest.approx(expected_max / 2 ** 12, rel=1e-12)
+    err = bis.eps - exact
+    assert bis.reachable.all() and (err >= -1e-6 * exact).all() and (err <= bis.resolution * (1 + 1e-6)).all()
+    res = effect_transfer_matrix({"A": linear(W)}, x, target=1.0, norm=norm, bisection_steps=12, progress=False)
+    assert res.resolution == pytest.approx(expected_max / 2 ** 12, rel=1e-12)
+
+
 def test_identical_models_reproduce_the_effect_exactly():
     """Same weights, different names: the target effect equals the source's achieved effect (~ the target)."""
     models = {"A": cnn(0), "A_copy": cnn(0), "B": cnn(1)}

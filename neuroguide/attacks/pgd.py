@@ -10,14 +10,18 @@ Two schedules:
 
 - ``"pgd"`` (Madry et al.): random start in the ball, ``steps`` steps of fixed size (default
   ``2.5 * eps / steps``), exact projection onto ball ∩ [0, 1] box after each step (see ``steps``).
-- ``"guo"`` (Guo et al. 2022, sec. 3.2): the budget of ``steps`` gradient evaluations is spent in two
-  phases, first in a ball of radius ``2 eps`` then in the ball of radius ``eps`` (the relaxed first
-  phase explores). Each phase is split into up to 4 cycles of simulated annealing: the step size
+- ``"guo"`` (Guo et al. 2022, sec. 3.2): two phases, first in a ball of radius ``2 eps`` then in the ball
+  of radius ``eps`` (the relaxed first phase explores). The paper says "250 steps ... first with a ball of
+  radius 2 eps and finally with one of radius eps" and "for each optimization loop of 250 steps", which reads
+  either as 250 in all or as 250 per phase. ``steps_per_phase=False`` (the default) takes the first reading:
+  the budget of ``steps`` gradient evaluations is split, ``steps // 2`` at ``2 eps`` and the rest at
+  ``eps``; ``steps_per_phase=True`` takes the second: ``steps`` in each phase, ``2 * steps`` in all. Each phase is split into up to 4 cycles of simulated annealing: the step size
   starts at ``eps`` (or ``step_size`` when given) and is cut by 10% after every iteration that makes no
   progress (the new iterate is not better than the row's best; the next step then starts again
   from the best iterate). Each new cycle resets the step size of the rows that made progress in
   the previous one; a row that made none keeps annealing, since a reset would only repeat the same
-  failed proposals. Every row spends exactly ``steps`` gradient evaluations, as plain PGD does.
+  failed proposals. Every row spends exactly ``steps`` gradient evaluations, as plain PGD does (``2 * steps``
+  with ``steps_per_phase=True``).
 
 Restarts and all rows share one batch: input rows are repeated ``restarts`` times along the batch
 axis; every row keeps its best iterate; the best restart of each input row is returned. The victim
@@ -28,6 +32,7 @@ no ``.grad`` ever accumulates on the model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -126,14 +131,25 @@ def _split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)] if n > 0 else []
 
 
-def _run_guo(forward, objective, x0, rows, eps, Step, steps, step_size, random_start, generator):
+def guo_phase_steps(steps: int, steps_per_phase: bool = False) -> list[int]:
+    """Gradient evaluations per phase of the Guo schedule: ``[at 2 eps, at eps]``, or ``[at eps]`` alone when
+    there is no room for two phases (``steps < 2`` split, ``steps == 0`` per phase)."""
+    if steps_per_phase:
+        return [steps, steps] if steps >= 1 else [0]
+    n1 = steps // 2 if steps >= 2 else 0
+    return [n1, steps - n1] if n1 else [steps]
+
+
+def _run_guo(forward, objective, x0, rows, eps, Step, steps, step_size, random_start, generator,
+             steps_per_phase: bool = False):
     """Guo et al. schedule on one chunk: returns (best_x, best_v, grad_evals)."""
     B = x0.shape[0]
     col = (-1,) + (1,) * (x0.ndim - 1)
     eps_rows = per_row(eps, x0).flatten()
     alpha0 = eps_rows.clone() if step_size is None else per_row(step_size, x0).flatten().clone()
-    n1 = steps // 2 if steps >= 2 else 0
-    phases = [(2 * eps_rows, n1), (eps_rows, steps - n1)] if n1 else [(eps_rows, steps)]
+    counts = guo_phase_steps(steps, steps_per_phase)
+    radii = [2 * eps_rows, eps_rows] if len(counts) == 2 else [eps_rows]
+    phases = list(zip(radii, counts))
     x = Step(x0, phases[0][0], alpha0).random_perturb(x0, generator) if random_start else x0.clone()
     for radius, n in phases:
         S: AttackerStep = Step(x0, radius, alpha0.clone())
@@ -157,14 +173,14 @@ def _run_guo(forward, objective, x0, rows, eps, Step, steps, step_size, random_s
         # the last proposal has not been evaluated yet
         best_x, best_v, _ = _keep_best(best_x, best_v, x, _value(forward, objective, x, rows))
         x = best_x
-    return best_x, best_v, steps * B
+    return best_x, best_v, sum(counts) * B
 
 
 def pgd_attack(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, objective: Callable, *,
                eps: float | torch.Tensor, norm: str = "l2", steps: int = 10,
                step_size: float | torch.Tensor | None = None, random_start: bool = True, restarts: int = 1,
-               schedule: str = "pgd", victim: nn.Module | None = None, batch_size: int | None = None,
-               generator: torch.Generator | None = None) -> AttackResult:
+               schedule: str = "pgd", steps_per_phase: bool = False, victim: nn.Module | None = None,
+               batch_size: int | None = None, generator: torch.Generator | None = None) -> AttackResult:
     """Maximize ``objective(forward(x + d), rows)`` per row over ``||d|| <= eps``, ``x + d`` in [0, 1].
 
     Args:
@@ -173,12 +189,14 @@ def pgd_attack(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         objective: per-row objective ``(outputs (B, K), rows (B,)) -> (B,)`` (see ``objectives``).
         eps: radius, a float or a (B,) tensor (one per row). L2 in [0, 1] pixel units; Linf as k/255.
         norm: "l2" (normalized-gradient steps) or "linf" (signed-gradient steps).
-        steps: gradient evaluations per row and restart.
+        steps: gradient evaluations per row and restart (with ``steps_per_phase``: per phase of the Guo schedule).
         step_size: PGD step size (default ``2.5 * eps / steps``, Madry et al.); for the Guo schedule the
             initial step size (default ``eps``). A float or a (B,) tensor.
         random_start: start at a uniform random point of the ball (else at ``x``).
         restarts: independent runs per row, stacked along the batch axis; the best is kept.
         schedule: "pgd" or "guo" (see the module docstring).
+        steps_per_phase: Guo schedule only: False (default) splits ``steps`` over its two phases (``steps // 2``
+            at ``2 eps``, the rest at ``eps``); True runs ``steps`` in each (see the module docstring).
         victim: module put in eval mode with frozen parameters during the attack and restored after;
             default ``forward`` when it is an ``nn.Module``.
         batch_size: at most this many rows (inputs x restarts) per forward pass (default: all at once).
@@ -204,7 +222,13 @@ def pgd_attack(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     steps, restarts = int(steps), int(restarts)
     if victim is None and isinstance(forward, nn.Module):
         victim = forward
-    run = _run_guo if schedule == "guo" else _run_pgd
+    if not isinstance(steps_per_phase, bool):
+        raise ValueError(f"steps_per_phase must be true or false, got {steps_per_phase!r}")
+    if steps_per_phase and schedule != "guo":
+        raise ValueError(f"steps_per_phase=True needs schedule='guo' (its two phases, 2 eps then eps); schedule "
+                         f"{schedule!r} has one phase: set steps_per_phase=False (e.g. eval.sensitivity.steps_per_phase=false) or "
+                         f"schedule='guo'")
+    run = functools.partial(_run_guo, steps_per_phase=steps_per_phase) if schedule == "guo" else _run_pgd
 
     rows_all = torch.arange(B, device=x.device).repeat(restarts)  # restart-major: row r*B + b is input b
     chunk = batch_size or rows_all.numel()

@@ -9,8 +9,10 @@ backbone with its own learning rate ``backbone_lr``), as on each day of Guo et a
 
 Loss: mean squared error over the recorded (image, site) targets (NaN targets are skipped) plus the
 readout's L1 penalties ``l1_spatial`` and ``l1_features``. Scores per site on the split's images:
-Pearson r, explained variance ``1 - Var(y - y_hat) / Var(y)``, and ``r / sqrt(rho)`` with ``rho`` the
-split-half (Spearman-Brown) reliability of the mean response on the same images.
+Pearson r, explained variance ``1 - Var(y - y_hat) / Var(y)``, and ``r_corrected = r / sqrt(R)`` (the correction
+for attenuation: divided by the square root of ``R``) with ``R`` the split-half reliability of the mean response
+on the same images (:func:`neuroguide.data.it.split_half_reliability`: Spearman-Brown generalized to unequal
+halves, e.g. 1 and 2 of 3 repeats).
 """
 from __future__ import annotations
 
@@ -111,7 +113,8 @@ class ITEncodingTask(RegressionTask):
         return {"loss": mse + l1, "mse": mse, "l1": l1}
 
     def scores(self, pred: torch.Tensor, target: torch.Tensor, split: str | None = None) -> dict[str, torch.Tensor]:
-        """Per-site r, explained variance and (when the split's reliability is known) corrected r."""
+        """Per-site r, explained variance and (when the split's reliability ``R`` is known) ``r / sqrt(R)``
+        (NaN where ``R <= 0``)."""
         pred, target = pred.double(), target.double()
         r = nan_pearson_r(pred, target)
         ok = torch.isfinite(target)

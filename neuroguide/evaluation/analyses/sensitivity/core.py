@@ -202,7 +202,7 @@ def _responses(forward: nn.Module, images: torch.Tensor, batch_size: int, device
 def unit_sensitivity(model: nn.Module, images: torch.Tensor, layer: str | None, eps_list: Sequence[float], *,
                      units: int | Sequence[int] | None = None, norm: str = "l2", restarts: int = 1, steps: int = 128,
                      schedule: str = "guo", directions: Sequence[str] = ("up", "down"), batch_size: int = 128,
-                     step_size: float | None = None, sigma: torch.Tensor | None = None,
+                     step_size: float | None = None, steps_per_phase: bool = False, sigma: torch.Tensor | None = None,
                      sigma_images: torch.Tensor | None = None, responses_with_repeats: Measure | None = None,
                      generator: torch.Generator | None = None, progress: bool = True) -> SensitivityResult:
     """``s_i(x, eps)`` for every (eps, unit, image), with both directions and restarts, in big batches.
@@ -214,7 +214,8 @@ def unit_sensitivity(model: nn.Module, images: torch.Tensor, layer: str | None, 
             for the model's output. Its output is flattened to (B, K) units.
         eps_list: radii (> 0) in [0, 1] pixel units (L2) or k/255 (Linf); computed (and returned) sorted.
         units: None (all K), a number n (n units drawn with a fixed seed), or a list of indices.
-        norm, restarts, steps, schedule, step_size: passed to :func:`neuroguide.attacks.pgd_attack`.
+        norm, restarts, steps, schedule, step_size, steps_per_phase: passed to :func:`neuroguide.attacks.pgd_attack`
+            (``steps_per_phase``: the Guo schedule's ``steps`` in each of its two phases, not split over them).
         directions: "up" and/or "down"; ``s`` keeps the larger.
         batch_size: rows per forward pass, counting restarts (jobs of ``batch_size // restarts``).
         sigma: (K,) or (U,) per-unit std to normalize with (overrides ``sigma_images``).
@@ -303,7 +304,8 @@ def unit_sensitivity(model: nn.Module, images: torch.Tensor, layer: str | None, 
         x = images[i].to(device)
         obj = objectives.Unit(unit_idx[u].to(device), signs[d].to(device))
         res = pgd_attack(forward, x, obj, eps=eps_t[e].to(device), norm=norm, steps=steps, step_size=step_size,
-                         random_start=True, restarts=restarts, schedule=schedule, victim=model, generator=generator)
+                         random_start=True, restarts=restarts, schedule=schedule, steps_per_phase=steps_per_phase,
+                         victim=model, generator=generator)
         evals += res.grad_evals
         value = res.value.float().cpu()  # sign * h_u(x_adv)
         f_adv[start:start + len(job)] = signs[d] * value
@@ -349,7 +351,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, out_dir: str | os.PathLike,
              eps_list: Sequence[float] = (0.25, 0.5, 1.0, 2.0), norm: str = "l2",
              units: int | Sequence[int] | None = 32,
              restarts: int = 1, steps: int = 128, schedule: str = "guo", directions: Sequence[str] = ("up", "down"),
-             batch_size: int = 128, sigma_images: torch.Tensor | None = None,
+             steps_per_phase: bool = False, batch_size: int = 128, sigma_images: torch.Tensor | None = None,
              responses_with_repeats: Measure | None = None,
              key_prefix: str = "eval/sensitivity", seed: int | None = 0, progress: bool = True) -> dict:
     """Run :func:`unit_sensitivity`; write ``sensitivity_<layer>.csv`` (per unit) and
@@ -367,7 +369,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, out_dir: str | os.PathLike,
     """
     layer = auto_layer(model) if layer == "auto" else resolve_layer(model, layer, "eval.sensitivity.layer")
     res = unit_sensitivity(model, images, layer, eps_list, units=units, norm=norm, restarts=restarts, steps=steps,
-                           schedule=schedule, directions=directions, batch_size=batch_size, sigma_images=sigma_images,
+                           schedule=schedule, steps_per_phase=steps_per_phase, directions=directions,
+                           batch_size=batch_size, sigma_images=sigma_images,
                            responses_with_repeats=responses_with_repeats, progress=progress,
                            generator=torch.Generator().manual_seed(seed) if seed is not None else None)
     out_dir = Path(out_dir)

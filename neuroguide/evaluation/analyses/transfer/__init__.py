@@ -17,7 +17,9 @@ def _transfer(models, stim, out, p):
 
     p = dict(p)
     effect = p.pop("effect", None)
-    metrics = transfer.evaluate(models, stim.images, stim.labels, out, **p)
+    n_sigma = p.pop("n_sigma_images", None)  # neural outputs: the sd of region_change_sd over the held-out split
+    sigma = transfer.natural_images(stim, n_sigma) if stim.labels is None else None
+    metrics = transfer.evaluate(models, stim.images, stim.labels, out, sigma_images=sigma, **p)
     with _recorded(metrics, "transfer/effect", f"the models {list(models)}"):
         metrics.update(transfer_effect.evaluate_stimuli(models, stim, out, effect))
     return metrics

@@ -47,12 +47,15 @@ from neuroguide.attacks.steps import get_step_class
 from neuroguide.evaluation.metrics import statistics
 from neuroguide.evaluation.plots import check_eps_list, heatmap_figure, write_csv
 from neuroguide.evaluation.responses import region_layer, response_function, spread
-from neuroguide.evaluation.analyses.transfer.fixed_eps import NORM_RTOL, perturbation_norms, random_control
+from neuroguide.evaluation.analyses.transfer.fixed_eps import NORM_RTOL, natural_images, perturbation_norms, random_control
 from neuroguide.evaluation.checks import check_input_sizes, safe_name
 from neuroguide.models.features import OUTPUT, activations, device_of
 
 KEY = "eval.transfer.effect"
 TARGET_UNITS = ("sd", "raw")
+# eps_max="auto": the bracket's top per norm. L2 10 in [0, 1] pixel units (Guo et al.'s largest eps); Linf 32/255 (a
+# Linf eps of 10 would be the whole [0, 1] box, and 12 halvings of it leave a resolution of 0.6/255)
+EPS_MAX_AUTO = {"l2": 10.0, "linf": 32 / 255}
 
 log = logging.getLogger("neuroguide")
 
@@ -72,6 +75,15 @@ def natural_sd(m: torch.Tensor, name: str) -> float:
                          "undefined. Expected >= 2 images on which the response varies: give more "
                          f"images ({KEY}.n_sigma_images) or another layer/units ({KEY}.layer, {KEY}.units)")
     return sd
+
+
+def resolve_eps_max(eps_max, norm: str) -> float:
+    """``eps_max`` as a float: ``"auto"`` (or None) is :data:`EPS_MAX_AUTO` of ``norm`` (10.0 for L2, 32/255 for
+    Linf); a number or a fraction such as ``"32/255"`` is checked (> 0, snapped to k/255 for Linf)."""
+    norm = get_step_class(norm).norm
+    if eps_max is None or (isinstance(eps_max, str) and eps_max.strip().lower() == "auto"):
+        return EPS_MAX_AUTO[norm]
+    return check_eps_list([eps_max], f"{KEY}.eps_max", norm)[0]
 
 
 @dataclass
@@ -94,7 +106,7 @@ class EffectBisection:
 
 
 def bisect_eps(forward: nn.Module, images: torch.Tensor, target_change: float, *, direction: str = "up",
-               eps_max: float, bisection_steps: int = 12, norm: str = "l2", steps: int = 10,
+               eps_max: float | str = "auto", bisection_steps: int = 12, norm: str = "l2", steps: int = 10,
                step_size: float | None = None, random_start: bool = False, restarts: int = 1,
                batch_size: int = 128, generator: torch.Generator | None = None, name: str = "source",
                progress: bool = True) -> EffectBisection:
@@ -105,10 +117,11 @@ def bisect_eps(forward: nn.Module, images: torch.Tensor, target_change: float, *
         forward: (B, 3, H, W) in [0, 1] -> (B, K) responses (e.g. from ``response_function``).
         images: (N, 3, H, W) clean images in [0, 1].
         target_change: > 0, in response units.
+        eps_max: the bracket's top, or "auto" (:func:`resolve_eps_max`: 10.0 for L2, 32/255 for Linf).
     """
     if not target_change > 0 or not math.isfinite(target_change):
         raise ValueError(f"{KEY}.target: the effect to reach must be a finite number > 0, got {target_change!r}")
-    eps_max = check_eps_list([eps_max], f"{KEY}.eps_max", norm)[0]
+    eps_max = resolve_eps_max(eps_max, norm)
     if int(bisection_steps) != bisection_steps or bisection_steps < 0:
         raise ValueError(f"{KEY}.bisection_steps must be an integer >= 0 (halvings of [0, eps_max]), "
                          f"got {bisection_steps!r}")
@@ -203,7 +216,7 @@ def _image_mean(a: np.ndarray) -> np.ndarray:
 
 
 def effect_transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor, *, target: float = 1.0,
-                           target_units: str = "sd", direction: str = "up", eps_max: float = 10.0,
+                           target_units: str = "sd", direction: str = "up", eps_max: float | str = "auto",
                            bisection_steps: int = 12, norm: str = "l2", steps: int = 10,
                            step_size: float | None = None, random_start: bool = False, restarts: int = 1,
                            layer: str | None = "region", units: Sequence[int] | None = None,
@@ -216,7 +229,8 @@ def effect_transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor
         images: (N, 3, H, W) clean images in [0, 1], the images perturbed.
         target: the effect each source must reach on itself; ``target_units`` "sd" (its natural sd) or "raw".
         direction: "up" or "down" (the region's mean response).
-        eps_max, bisection_steps: the bracket ``[0, eps_max]`` and its number of halvings.
+        eps_max, bisection_steps: the bracket ``[0, eps_max]`` and its number of halvings; ``eps_max="auto"``:
+            10.0 for L2, 32/255 for Linf (:data:`EPS_MAX_AUTO`).
         norm, steps, step_size, random_start, restarts: the attack (one engine, plain PGD).
         layer, units: the response (:func:`neuroguide.evaluation.responses.response_function`).
         sigma_images: (M, 3, H, W) natural images the sd of each model's mean response is taken over
@@ -230,7 +244,7 @@ def effect_transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor
         raise ValueError(f"{KEY}.target_units: expected one of {TARGET_UNITS}, got {target_units!r}")
     target = float(target)
     norm = get_step_class(norm).norm
-    eps_max = check_eps_list([eps_max], f"{KEY}.eps_max", norm)[0]
+    eps_max = resolve_eps_max(eps_max, norm)
     direction_sign(direction)
     check_input_sizes(models, images, input_sizes)
     images = images.detach().float().cpu()
@@ -363,10 +377,7 @@ def evaluate_stimuli(models: Mapping[str, nn.Module], stim, out_dir: str | os.Pa
     if not enabled_for(models, enabled, p.get("layer", "region")):
         return {}
     images = stim.images[:n] if n else stim.images
-    if stim.split is not None:  # the held-out split read again: the sd over more than the perturbed images
-        sigma = stim.split(n_sigma).images
-    else:
-        sigma = stim.images[:n_sigma] if n_sigma else stim.images
+    sigma = natural_images(stim, n_sigma)  # the held-out split read again: the sd over more than the perturbed images
     log.info("effect-matched transfer: %d images, sd over %d natural images (%s)", len(images), len(sigma),
              stim.source)
     return evaluate(models, images, out_dir, sigma_images=sigma, **p)
@@ -396,4 +407,4 @@ def _write(res: EffectTransferResult, out_dir: Path, tag: str) -> None:
 
 
 __all__ = ["bisect_eps", "effect_transfer_matrix", "evaluate", "evaluate_stimuli", "effect_tag", "enabled_for", "region_mean",
-           "EffectBisection", "EffectTransferResult"]
+           "EffectBisection", "EffectTransferResult", "resolve_eps_max", "EPS_MAX_AUTO"]

@@ -11,13 +11,22 @@ target's accuracy drop ``acc_t(x) - acc_t(x + d_s)``.
 
 Neural outputs (labels None): the attack moves the source's response away from its clean response
 (``objective="change"``: maximize ``mean_k (f_s,k(x + d) - f_s,k(x))^2``) or pushes the region's mean
-response ``"up"`` / ``"down"``; the entry is the target's response change in units of its clean
-spread:
+response ``"up"`` / ``"down"``, ``m_t(x) = mean_k f_t,k(x)`` (the mean over the target's outputs: for a
+predictor, encoding or IT model its region response). Each entry comes in two units:
 
     change_t = 1/(N K) sum_{n,k} |f_t,k(x_n + d_n) - f_t,k(x_n)| / sigma_t,k      ("change")
     change_t = 1/N sum_n sign * (m_t(x_n + d_n) - m_t(x_n)) / sigma(m_t)           ("up" / "down")
 
-with ``sigma`` the std over the clean images and ``m_t`` the mean over the target's outputs.
+with ``sigma`` the std over the N attacked clean images (keys ``change``, ``random_change``: every output
+for "change"; a std over few images is noisy, so these are comparable within a matrix only), and
+
+    region_change_sd_t = 1/N sum_n |m_t(x_n + d_n) - m_t(x_n)| / sd_t                ("change")
+    region_change_sd_t = 1/N sum_n sign * (m_t(x_n + d_n) - m_t(x_n)) / sd_t         ("up" / "down")
+
+with ``sd_t`` the std of ``m_t`` over the natural held-out images (``sigma_images``; evaluate.py: the model's
+held-out split, ``eval.transfer.n_sigma_images``): the unit of effect-matched transfer and targeted control
+(:mod:`neuroguide.evaluation.transfer_effect`, :mod:`neuroguide.evaluation.control`), keys
+``region_change_sd``, ``random_region_change_sd``. NaN, with a warning, where ``sd_t`` is 0 or undefined.
 
 All models must take the same input size (the perturbation lives in pixel space).
 """
@@ -40,6 +49,7 @@ from neuroguide.models.features import OUTPUT, activations, device_of
 from neuroguide.attacks.steps import get_step_class, scale_in_box
 from neuroguide.evaluation.plots import check_eps_list, eps_label, eps_tag, heatmap_figure, write_csv
 from neuroguide.evaluation.checks import check_input_sizes, check_labels, declared_input_size, safe_name  # noqa: F401
+from neuroguide.evaluation.responses import spread
 
 NEURAL_OBJECTIVES = ("change", "up", "down")
 NORM_RTOL = 0.01  # the control's per-image norm counts as matched within 1% of the attack's
@@ -127,6 +137,10 @@ class TransferResult:
         random_norm_matched: (S,) fraction of images whose control reaches the attack's norm within 1%
             (1.0 unless too few pixels are free to move; see :func:`random_control`).
         metric: "acc_drop" or "change".
+        region_change, random_region_change: (S, T) neural outputs only: the change of target t's mean output
+            in its held-out sd (``region_change_sd`` in the module docstring); None for classification.
+        region_sd: (T,) that sd of each model's mean output over the natural images (None for classification).
+        n_sigma: how many natural images ``region_sd`` is the std over.
     """
 
     names: list[str]
@@ -139,23 +153,49 @@ class TransferResult:
     random_norm: np.ndarray
     clean_acc: np.ndarray | None = None
     random_norm_matched: np.ndarray | None = None
+    region_change: np.ndarray | None = None
+    random_region_change: np.ndarray | None = None
+    region_sd: np.ndarray | None = None
+    n_sigma: int | None = None
 
     def rows(self) -> list[dict]:
         out = []
         for i, s in enumerate(self.names):
             for j, t in enumerate(self.names):
+                region = {} if self.region_change is None else {
+                    "region_change_sd": float(self.region_change[i, j]),
+                    "random_region_change_sd": float(self.random_region_change[i, j]),
+                    "target_region_sd": float(self.region_sd[j]), "n_sigma_images": self.n_sigma}
                 out.append({"source": s, "target": t, "norm": self.norm, "eps": self.eps, "metric": self.metric,
                             "adversarial": float(self.adversarial[i, j]), "random": float(self.random[i, j]),
                             "delta_norm": float(self.delta_norm[i]), "random_norm": float(self.random_norm[i]),
                             "random_norm_matched": (float(self.random_norm_matched[i])
                                                     if self.random_norm_matched is not None else ""),
-                            "target_clean_acc": float(self.clean_acc[j]) if self.clean_acc is not None else ""})
+                            "target_clean_acc": float(self.clean_acc[j]) if self.clean_acc is not None else "",
+                            **region})
         return out
+
+
+def _region_change(m_clean: torch.Tensor, out_pert: torch.Tensor, sd: float, objective: str) -> float:
+    """``region_change_sd`` of one target (module docstring): ``m_clean`` (N,) float64, ``out_pert`` (N, K)."""
+    dm = out_pert.double().mean(1) - m_clean
+    dm = dm.abs() if objective == "change" else direction_sign(objective) * dm
+    return float(dm.mean() / sd)  # sd NaN where undefined: NaN
+
+
+def natural_images(stim, n: int | None = None) -> torch.Tensor:
+    """Natural images to take a response's sd over, from evaluation stimuli ``stim``
+    (:class:`neuroguide.evaluation.stimuli.Stimuli`): ``n`` images spread over the held-out split, read again
+    (None: all of it), when ``stim`` knows its split; else the first ``n`` (None: all) of ``stim.images``."""
+    if stim.split is not None:
+        return stim.split(n).images
+    return stim.images[:n] if n else stim.images
 
 
 def transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torch.Tensor | None, *,
                     eps: float, norm: str = "l2", steps: int = 10, step_size: float | None = None,
                     restarts: int = 1, objective: str = "change", batch_size: int = 128,
+                    sigma_images: torch.Tensor | None = None,
                     input_sizes: Mapping[str, int] | None = None, generator: torch.Generator | None = None,
                     progress: bool = True) -> TransferResult:
     """Attack each source, evaluate each target: see the module docstring.
@@ -166,6 +206,8 @@ def transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor, label
         labels: (N,) class indices for classifiers, or None for neural-output models.
         eps, norm, steps, step_size, restarts: the attack (one engine, plain PGD).
         objective: for neural outputs, "change", "up" or "down".
+        sigma_images: (M, 3, H, W) natural images in [0, 1] over which each target's mean output has the sd of
+            ``region_change_sd`` (neural outputs only; default ``images``).
         input_sizes: name -> input size, for models that do not declare one.
     """
     if not models:
@@ -183,6 +225,19 @@ def transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor, label
     images = images.detach().float().cpu()
     clean = {n: _outputs(m, images, batch_size) for n, m in models.items()}
     S = len(names)
+    neural = labels is None
+    region_sd = n_sigma = None
+    if neural:
+        nat = images if sigma_images is None else sigma_images.detach().float().cpu()
+        n_sigma = len(nat)
+        region_sd = np.array([spread(_outputs(models[n], nat, batch_size).double().mean(1)) for n in names])
+        if not np.isfinite(region_sd).all():
+            log.warning("transfer: the mean output of %s has no spread over the %d natural images (std 0 or "
+                        "undefined), so its region_change_sd is NaN. Fix: more natural images "
+                        "(eval.transfer.n_sigma_images=null)", [n for n, v in zip(names, region_sd)
+                                                                if not np.isfinite(v)], n_sigma)
+    m_clean = {n: clean[n].double().mean(1) for n in names}
+    reg, reg_rnd = np.full((S, S), np.nan), np.full((S, S), np.nan)
     adv, rnd = np.zeros((S, S)), np.zeros((S, S))
     dn, rn, matched = np.zeros(S), np.zeros(S), np.zeros(S)
     for i, src in enumerate(tqdm(names, desc="transfer sources", disable=not progress, leave=False)):
@@ -211,21 +266,27 @@ def transfer_matrix(models: Mapping[str, nn.Module], images: torch.Tensor, label
                         "only %.1f%% of the images: too few pixels are free to move (mean norm %.4g vs %.4g)",
                         src, norm, 100 * NORM_RTOL, 100 * matched[i], rn[i], dn[i])
         for j, tgt in enumerate(names):
-            adv[i, j] = _score(clean[tgt], _outputs(models[tgt], x_adv, batch_size), labels, objective)
-            rnd[i, j] = _score(clean[tgt], _outputs(models[tgt], x_rnd, batch_size), labels, objective)
+            out_adv, out_rnd = _outputs(models[tgt], x_adv, batch_size), _outputs(models[tgt], x_rnd, batch_size)
+            adv[i, j] = _score(clean[tgt], out_adv, labels, objective)
+            rnd[i, j] = _score(clean[tgt], out_rnd, labels, objective)
+            if neural:
+                reg[i, j] = _region_change(m_clean[tgt], out_adv, region_sd[j], objective)
+                reg_rnd[i, j] = _region_change(m_clean[tgt], out_rnd, region_sd[j], objective)
     clean_acc = None
     if labels is not None:
         clean_acc = np.array([float((clean[n].argmax(1) == labels).float().mean()) for n in names])
     metric = "acc_drop" if labels is not None else "change"
     return TransferResult(names=names, eps=eps, norm=norm.lower(), metric=metric, adversarial=adv, random=rnd,
-                          delta_norm=dn, random_norm=rn, clean_acc=clean_acc, random_norm_matched=matched)
+                          delta_norm=dn, random_norm=rn, clean_acc=clean_acc, random_norm_matched=matched,
+                          region_change=reg if neural else None, random_region_change=reg_rnd if neural else None,
+                          region_sd=region_sd, n_sigma=n_sigma)
 
 
 def evaluate(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torch.Tensor | None,
              out_dir: str | os.PathLike, *, eps: float | Sequence[float] = 1.0, norm: str = "l2", steps: int = 10,
              step_size: float | None = None, restarts: int = 1, objective: str = "change", batch_size: int = 128,
-             input_sizes: Mapping[str, int] | None = None, key_prefix: str = "eval/transfer", seed: int | None = 0,
-             progress: bool = True) -> dict:
+             sigma_images: torch.Tensor | None = None, input_sizes: Mapping[str, int] | None = None,
+             key_prefix: str = "eval/transfer", seed: int | None = 0, progress: bool = True) -> dict:
     """Transfer matrices at each eps; writes ``transfer_<norm>_<eps>.csv`` and ``.png`` (heatmaps of the
     attack and the random control side by side) into ``out_dir``.
 
@@ -233,6 +294,10 @@ def evaluate(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torc
     (metric ``acc_drop`` or ``change``), and per eps ``diag_mean`` (white-box), ``offdiag_mean``
     (transfer), ``random_mean`` (control) and ``random_norm_matched`` (the lowest, over sources, fraction
     of images whose control reaches the attack's norm within 1%; 1.0 unless too few pixels can move).
+    Neural outputs also give ``.../{source}/{target}/region_change_sd`` and ``.../random_region_change_sd`` (the
+    change of the target's mean output in its sd over ``sigma_images``, the unit of effect-matched transfer and
+    control), per eps ``diag_mean_region_change_sd``, ``offdiag_mean_region_change_sd``,
+    ``random_mean_region_change_sd``, and ``{key_prefix}/n_sigma_images``.
     ``seed`` fixes the random starts and the control directions.
     """
     eps_list = check_eps_list(eps, "eval.transfer.eps", norm)  # sorted, distinct
@@ -240,8 +305,8 @@ def evaluate(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torc
     metrics: dict = {}
     for e in eps_list:
         res = transfer_matrix(models, images, labels, eps=e, norm=norm, steps=steps, step_size=step_size,
-                              restarts=restarts, objective=objective, batch_size=batch_size, input_sizes=input_sizes,
-                              progress=progress,
+                              restarts=restarts, objective=objective, batch_size=batch_size,
+                              sigma_images=sigma_images, input_sizes=input_sizes, progress=progress,
                               generator=torch.Generator().manual_seed(seed) if seed is not None else None)
         tag = eps_tag(res.norm, e)
         write_csv(out_dir / f"transfer_{tag}.csv", res.rows())
@@ -254,14 +319,23 @@ def evaluate(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torc
                 base = f"{key_prefix}/{tag}/{safe_name(s)}/{safe_name(t)}"
                 metrics[f"{base}/{res.metric}"] = float(res.adversarial[i, j])
                 metrics[f"{base}/random_{res.metric}"] = float(res.random[i, j])
+                if res.region_change is not None:
+                    metrics[f"{base}/region_change_sd"] = float(res.region_change[i, j])
+                    metrics[f"{base}/random_region_change_sd"] = float(res.random_region_change[i, j])
         S = len(res.names)
         off = ~np.eye(S, dtype=bool)
         metrics[f"{key_prefix}/{tag}/diag_mean"] = float(np.diag(res.adversarial).mean())
         metrics[f"{key_prefix}/{tag}/offdiag_mean"] = float(res.adversarial[off].mean()) if S > 1 else float("nan")
         metrics[f"{key_prefix}/{tag}/random_mean"] = float(res.random.mean())
         metrics[f"{key_prefix}/{tag}/random_norm_matched"] = float(res.random_norm_matched.min())
+        if res.region_change is not None:
+            metrics[f"{key_prefix}/{tag}/diag_mean_region_change_sd"] = float(np.diag(res.region_change).mean())
+            metrics[f"{key_prefix}/{tag}/offdiag_mean_region_change_sd"] = (
+                float(res.region_change[off].mean()) if S > 1 else float("nan"))
+            metrics[f"{key_prefix}/{tag}/random_mean_region_change_sd"] = float(res.random_region_change.mean())
+            metrics[f"{key_prefix}/n_sigma_images"] = res.n_sigma
     return metrics
 
 
 __all__ = ["transfer_matrix", "evaluate", "TransferResult", "random_like", "random_control", "perturbation_norms",
-           "check_input_sizes", "declared_input_size"]
+           "check_input_sizes", "declared_input_size", "natural_images"]
