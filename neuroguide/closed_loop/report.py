@@ -24,13 +24,14 @@ a finite ``d_j``, an upper bound on the mean absolute change, as in the paper. N
 
 with ``n_j, n'_j`` the finite repeats of the clean image and of its control, and ``s2_i`` the site's pooled
 trial variance (sum of squared deviations from each image's repeat mean over sum of ``(n - 1)``, over the
-clean images and controls entering the differences that have >= 2 repeats; images shown once count through
-``1/n`` but cannot tell noise from signal). ``ms_i`` is unbiased for the noise-free mean square when the
-site's trial variance is the same for all those images, or when they all have the same number of repeats;
+clean images and controls entering the differences that have >= 2 repeats; an image shown once adds its noise
+through ``1/n`` but nothing to ``s2``). ``ms_i`` is unbiased for the noise-free mean square when the
+site's trial variance is the same for all those images, or when they all have the same number of repeats (each
+clean image is in one pair per control and eps);
 otherwise the correction uses their repeat-weighted mean variance. ``ms_i`` can be negative (its noise), and
 the report keeps it as ``*_ms_corrected_norm`` (``ms_i / sigma_i^2``). ``*_rms_norm`` is
-``sqrt(max(0, ms_i)) / sigma_i``: clipped per site, so its mean over sites is biased upwards (with truth 0 and
-10 controls a site, about half the sites read 0 and the mean is ~0.3); the summary's
+``sqrt(max(0, ms_i)) / sigma_i``: clipped per site, so its mean over sites is biased upwards (with truth 0, 10
+controls a site, 2 repeats and noise sd = sigma_i, half the sites read 0 and the mean is ~0.3); the summary's
 ``*_rms_from_mean_ms_norm`` is ``sqrt(max(0, mean over sites of *_ms_corrected_norm))``, clipped once after
 averaging. ``*_rms_raw_norm`` keeps ``sqrt(1/C sum_j d_j^2) / sigma_i``, which noise alone lifts to about
 ``noise sd * sqrt(1/n + 1/n')``. Without a finite ``d_j`` every control value of the site is NaN; without a
