@@ -35,7 +35,8 @@ def main() -> None:
         root = Path(tempfile.mkdtemp(prefix=f"ng-numbers-flip-seed{s}-"))
         m = run_entry("train.py", ["region=TO", "alpha=0.5", f"seed={s}"], root, root / "guided")
         acc.append(m["test/acc"])
-        evals.append(run_entry("evaluate.py", [f"ckpt={root / 'guided' / 'model.ckpt'}", "eval=[control]"], root,
+        ckpt = root / "guided" / "model.ckpt"
+        evals.append(run_entry("evaluate.py", [f"ckpt={ckpt}", "eval=[control]", "eval.control.layer=region"], root,
                                root / "eval"))
         shutil.rmtree(root, ignore_errors=True)
     values = {name: summary([e.get(key, float("nan")) for e in evals]) for name, key in KEYS.items()}

@@ -4,8 +4,9 @@
 
 For each seed, in its own temporary ``paths.root_dir``: ``python train.py task=predictor region=TO seed=S`` (12
 epochs), then ``python evaluate.py ckpt=<its model.ckpt> eval=[control]`` with the defaults of
-``conf/eval/control.yaml``. Table ``change_sd``: per eps the achieved change of the region's mean response up and
-down, in sd units over the natural held-out images, mean +- sd over the seeds; ``test_r_median`` of the predictors.
+``conf/eval/control.yaml`` (the region response named explicitly, ``eval.control.layer=region``). Table
+``change_sd``: per eps the achieved change of the region's mean response up and down, in sd units over the natural
+held-out images, mean +- sd over the seeds; ``test_r_median`` of the predictors.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def main() -> None:
         root = Path(tempfile.mkdtemp(prefix=f"ng-numbers-control-seed{s}-"))
         m = run_entry("train.py", ["task=predictor", "region=TO", f"seed={s}"], root, root / "predictor")
         r_median.append(m["test/r_median"])
-        evals.append(run_entry("evaluate.py", [f"ckpt={root / 'predictor' / 'model.ckpt'}", "eval=[control]"], root,
+        ckpt = root / "predictor" / "model.ckpt"
+        evals.append(run_entry("evaluate.py", [f"ckpt={ckpt}", "eval=[control]", "eval.control.layer=region"], root,
                                root / "eval"))
         shutil.rmtree(root, ignore_errors=True)
     tags = sorted({KEY.match(k).group(1) for k in evals[0] if KEY.match(k)}, key=eps_order)

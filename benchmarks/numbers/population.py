@@ -23,8 +23,8 @@ TRAIN = ["region=TO", "alpha=0.5", "task.max_epochs=4", "data.image_size=32", "d
          "data.synthetic_nsd.image_size=32", 'predictor.train_overrides=["task.max_epochs=4"]']
 N_IMAGES = 16
 EPS = ["0.25", "0.5", "1.0"]
-EVAL = ["eval=[population]", f"eval.population.eps_list=[{','.join(EPS)}]", "eval.population.steps=32",
-        "eval.population.n_units=8", f"eval.population.n_images={N_IMAGES}"]
+EVAL = ["eval=[population]", "eval.population.layer=region", f"eval.population.eps_list=[{','.join(EPS)}]",
+        "eval.population.steps=32", "eval.population.n_units=8", f"eval.population.n_images={N_IMAGES}"]
 COLUMNS = [("population sensitivity", "population_sensitivity"), ("mean unit sensitivity", "mean_unit_sensitivity"),
            ("max unit sensitivity", "max_unit_sensitivity"),
            ("population change, unit-targeted", "population_change_unit_attack"),
