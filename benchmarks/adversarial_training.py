@@ -29,6 +29,26 @@ def robust_correct(model, x: torch.Tensor, y: torch.Tensor, eps: float, steps: i
         return model(res.x_adv).argmax(1) == y
 
 
+def paired(plain: str, at: list[str], eps_list: list[float], steps: int = 10, n_images: int | None = None) -> list[dict]:
+    """For each eps and AT model against the plain one (checkpoint paths): their robust accuracies on the same
+    images, the discordant counts (right only under AT, right only plain) and the exact McNemar p-value."""
+    models = {"plain": load_model(plain), **{Path(p).parent.name: load_model(p) for p in at}}
+    stim = model_stimuli(models["plain"], n_images)
+    x, y = stim.images, stim.labels
+    rows = []
+    for eps in eps_list:
+        correct = {k: robust_correct(m, x, y, eps, steps) for k, m in models.items()}
+        for k in models:
+            if k == "plain":
+                continue
+            a, p = correct[k], correct["plain"]
+            b, c = int((a & ~p).sum()), int((~a & p).sum())
+            rows.append({"model": k, "eps": eps, "acc": float(a.float().mean()), "plain_acc": float(p.float().mean()),
+                         "only_at": b, "only_plain": c, "p": binomtest(b, b + c, 0.5).pvalue if b + c else 1.0,
+                         "n": len(y), "source": stim.source})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plain", required=True, help="model.ckpt of the plain run")
@@ -37,20 +57,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--n-images", default="all", help="test images spread over the held-out split (all: every one)")
     a = ap.parse_args()
-    models = {"plain": load_model(a.plain), **{Path(p).parent.name: load_model(p) for p in a.at}}
-    stim = model_stimuli(models["plain"], None if a.n_images == "all" else int(a.n_images))
-    x, y = stim.images, stim.labels
-    print(f"{len(y)} test images ({stim.source}), PGD L2 {a.steps} steps")
-    for eps in a.eps:
-        correct = {k: robust_correct(m, x, y, eps, a.steps) for k, m in models.items()}
-        for k in models:
-            if k == "plain":
-                continue
-            at, plain = correct[k], correct["plain"]
-            b, c = int((at & ~plain).sum()), int((~at & plain).sum())
-            p = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
-            print(f"L2 {eps}: {k} {at.float().mean():.3f} vs plain {plain.float().mean():.3f}; right only under AT {b}, "
-                  f"only plain {c}; exact McNemar p = {p:.2g}")
+    rows = paired(a.plain, a.at, a.eps, a.steps, None if a.n_images == "all" else int(a.n_images))
+    if rows:
+        print(f"{rows[0]['n']} test images ({rows[0]['source']}), PGD L2 {a.steps} steps")
+    for r in rows:
+        print(f"L2 {r['eps']}: {r['model']} {r['acc']:.3f} vs plain {r['plain_acc']:.3f}; right only under AT "
+              f"{r['only_at']}, only plain {r['only_plain']}; exact McNemar p = {r['p']:.2g}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import resource
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -90,16 +91,19 @@ def blob_voxels(shape3: tuple, n: int) -> np.ndarray:
     return np.sort(idx[np.argsort(d)[:n]])
 
 
-def measure(fn, repeat: int = 1):
+def measure(fn, repeat: int = 1, times: list | None = None):
     """(result, best wall seconds, best CPU seconds of this process, peak traced bytes). CPU time is
-    the steadier number on a shared machine."""
+    the steadier number on a shared machine. ``times``: a list each run's (wall, cpu) seconds are appended to."""
     best, best_cpu, peak, out = float("inf"), float("inf"), 0, None
     for _ in range(repeat):
         out = None
         tracemalloc.start()
         t, c = time.perf_counter(), time.process_time()
         out = fn()
-        best, best_cpu = min(best, time.perf_counter() - t), min(best_cpu, time.process_time() - c)
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        best, best_cpu = min(best, wall), min(best_cpu, cpu)
+        if times is not None:
+            times.append((wall, cpu))
         peak = max(peak, tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     return out, best, best_cpu, peak
@@ -114,7 +118,11 @@ def main():
     ap.add_argument("--skip-old", action="store_true", help="do not time the old implementation")
     ap.add_argument("--sessions", type=int, default=0,
                     help="also time reading this many copies of the session serially vs data.read_workers=auto")
+    ap.add_argument("--write-numbers", action="store_true",
+                    help="also write docs/numbers/nsd_session.json (times as mean +- sd over >= 3 --repeat runs)")
     args = ap.parse_args()
+    if args.write_numbers and (args.repeat < 3 or args.size != "real"):
+        ap.error("--write-numbers reports the real size's times over runs: give --size real --repeat 3 (or more)")
     shape = SIZES[args.size]
     path = args.file or Path(tempfile.gettempdir()) / f"nsd_bench_{args.size}" / "betas_session01.nii.gz"
     if not path.exists():
@@ -161,10 +169,11 @@ def main():
                   ("new read_session, isal", lambda: new_read(igzip))]
     if not args.skip_old:
         sides.append(("old read_session_old", lambda: read_session_old(path, flat, shape[:3])))
-    res = {}
+    res, runs, peaks = {}, {}, {}
     for name, fn in sides:
-        out, t, cpu, m = measure(fn, args.repeat)
-        res[name] = (out, t, cpu)
+        runs[name] = []
+        out, t, cpu, m = measure(fn, args.repeat, runs[name])
+        res[name], peaks[name] = (out, t, cpu), m
         print(f"{name:38s} {t:7.2f} s wall {cpu:7.2f} s cpu   peak {m / 2**20:6.0f} MiB", flush=True)
     new = res["new read_session, stdlib gzip"][0]
     if igzip is not None:
@@ -188,6 +197,16 @@ def main():
         if igzip is not None:
             print(f"speed-up old / new (isal)   : {ratio('old read_session_old', 'new read_session, isal')}")
     print(f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
+    if args.write_numbers:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "numbers"))
+        from _common import summary, write_numbers
+
+        rows = [[name, summary([w for w, _ in runs[name]], 2), summary([c for _, c in runs[name]], 2),
+                 round(peaks[name] / 2**20)] for name, _ in sides]
+        write_numbers("nsd_session", {
+            "table": {"columns": ["side", "wall s", "CPU s", "peak MiB (traced)"], "rows": rows},
+            "shape": list(shape), "voxels": int(len(flat)), "isal": igzip is not None,
+            "bit_identical": not args.skip_old, "repeats": args.repeat})
     if args.sessions:
         parallel_sessions(path, flat, shape, args.sessions)
 

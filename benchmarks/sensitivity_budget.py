@@ -130,7 +130,11 @@ def main():
     ap.add_argument("--batch-size", type=int, default=500, help="rows (jobs x restarts) per forward pass")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the CPU here is shared)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--write-numbers", action="store_true",
+                    help="also write docs/numbers/sensitivity_budget.json (the docs' numbers; not with --quick)")
     args = ap.parse_args()
+    if args.write_numbers and args.quick:
+        ap.error("--write-numbers writes the docs' numbers: run without --quick")
     if args.quick:
         args.units, args.images, args.eps, args.train_epochs = 1, 1, [0.5], 1
         args.budgets = args.budgets or QUICK_BUDGETS
@@ -183,7 +187,7 @@ def main():
     header = (f"{'budget':>9} {'grad evals':>11} {'/ full':>7} {'mean s/s_full':>14} {'min s/s_full':>13} "
               f"{'mean s / mean s_full':>21} {'time s':>7}")
     lines = [header, "-" * len(header)]
-    chosen = None
+    chosen, table, default_row = None, [], None
     for k, (steps, restarts) in enumerate(budgets):
         res, t = run(steps, restarts, seed=args.seed + 1 + k)
         ratio = res.per_image[ok] / s_full[ok]
@@ -194,6 +198,11 @@ def main():
         lines.append(f"{f'{steps}x{restarts}':>9} {res.grad_evals:>11d} {evals:>7.4f} {frac_mean:>14.4f} "
                      f"{frac_min:>13.4f} {agg:>21.4f} {t:>7.1f}{mark}")
         print(lines[-1], file=sys.stderr, flush=True)  # progress
+        table.append([f"{steps}x{restarts}{mark}", res.grad_evals, round(evals, 5), round(frac_mean, 4),
+                      round(frac_min, 4), round(agg, 4)])
+        if default == (steps, restarts):
+            default_row = {"default_mean_ratio": round(frac_mean, 4), "default_min_ratio": round(frac_min, 4),
+                           "default_ratio_of_means": round(agg, 4), "default_eval_fraction": f"1/{1 / evals:.0f}"}
         if chosen is None and evals <= args.max_evals and min(frac_mean, agg) >= args.target:
             chosen = (steps, restarts, frac_mean, agg, evals)
     lines.append(f"{args.full:>9} {full.grad_evals:>11d} {1.0:>7.4f} {1.0:>14.4f} {1.0:>13.4f} {1.0:>21.4f} "
@@ -210,6 +219,16 @@ def main():
     if default:
         print(f"conf/eval/sensitivity.yaml default: steps {default[0]}, restarts {default[1]}")
     print(f"total {time.perf_counter() - t0:.0f} s")
+    if args.write_numbers:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "numbers"))
+        from _common import write_numbers
+
+        table.append([f"{args.full} (full)", full.grad_evals, 1.0, 1.0, 1.0, 1.0])
+        write_numbers("sensitivity_budget", {
+            "table": {"columns": ["budget (steps x restarts)", "gradient evaluations", "/ full", "mean s / s_full",
+                                  "min s / s_full", "mean s / mean s_full"], "rows": table},
+            **(default_row or {}), "chosen": f"{chosen[0]}x{chosen[1]}" if chosen else "none",
+            "units": len(units), "images": len(images), "eps": list(args.eps), "size": args.size, "seed": args.seed})
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def peak_growth(method: str, size: int, k_out: int, args) -> float:
     return json.loads(out)["peak_growth_mb"]
 
 
-def compare(size: int, k_out: int, args) -> None:
+def compare(size: int, k_out: int, args) -> dict:
     x = image(size)
     D = x.numel()
     model = region_model(k_out, args.width)
@@ -152,6 +152,24 @@ def compare(size: int, k_out: int, args) -> None:
     print(f"  top eigenvalues {np.array2string(lam_mf[:3], precision=5)} (matrix-free) vs "
           f"{np.array2string(lam_ex[:3], precision=5)} (explicit); max relative difference over the {K_EIG}: "
           f"{rel:.2e}; subspace similarity {sim:.6f} -> same: {'yes' if rel < 1e-3 and sim > 0.999 else 'NO'}")
+    return {"size": size, "K": k_out, "t_mf": t_mf, "t_ex": t_ex, "m_mf": m_mf, "m_ex": m_ex, "rel": rel, "sim": sim,
+            "products": n_prod}
+
+
+def write_numbers_file(rows: list[dict]) -> None:
+    """docs/numbers/subspace.json: per (size, K) the times as mean +- sd over the repeats, memory, agreement."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "numbers"))
+    from _common import summary, write_numbers
+
+    table = []
+    for r in rows:
+        ratio = [e / m for e, m in zip(r["t_ex"], r["t_mf"])]
+        table.append([f"{r['size']} px", r["K"], summary(r["t_mf"], 2), summary(r["t_ex"], 2), summary(ratio, 1),
+                      round(r["m_mf"], 1), round(r["m_ex"], 1), f"{r['rel']:.1e}", round(r["sim"], 6), r["products"]])
+    write_numbers("subspace", {"table": {
+        "columns": ["image", "K outputs", "matrix-free s", "explicit s", "explicit / matrix-free", "matrix-free MB",
+                    "explicit MB", "max rel. eigenvalue diff.", "subspace similarity", "products J^T J v"],
+        "rows": table}, "repeats": len(rows[0]["t_mf"]) if rows else 0})
 
 
 def main():
@@ -164,17 +182,24 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared CPU is less noisy)")
     ap.add_argument("--child", nargs=3, metavar=("METHOD", "SIZE", "K"), help=argparse.SUPPRESS)
+    ap.add_argument("--write-numbers", action="store_true",
+                    help="also write docs/numbers/subspace.json (times as mean +- sd over >= 3 --repeats)")
     args = ap.parse_args()
+    if args.write_numbers and args.repeats < 3:
+        ap.error("--write-numbers reports times over repeats: give --repeats 3 or more")
     torch.set_num_threads(args.threads)
     if args.child:
         return child(args.child[0], int(args.child[1]), int(args.child[2]), args)
     print(f"top-{K_EIG} eigenpairs of J^T J at one image, ResNet-like CNN (width {args.width}, BasicBlock [2, 2, 2, 2]) "
           f"+ linear readout to K outputs; {torch.get_num_threads()} torch thread(s); times: minimum of "
           f"{args.repeats} interleaved repeats; memory: peak RSS growth of one call in a fresh process")
+    rows = []
     for size in args.sizes:
         warm_up(size, args)
         for k_out in args.outputs:
-            compare(size, k_out, args)
+            rows.append(compare(size, k_out, args))
+    if args.write_numbers:
+        write_numbers_file(rows)
 
 
 if __name__ == "__main__":
