@@ -64,8 +64,8 @@ def available_analyses() -> str:
     files = sorted(p.stem for p in (CONF_DIR / "eval").glob("*.yaml"))
     return (f"per-model analyses {sorted(PER_MODEL)}, multi-model analyses (models=[...], sweep_dir=...) "
             f"{sorted(MULTI_MODEL)}, without a model {sorted(STANDALONE)} (e.g. selection: backbones x layers); config files in "
-            f"{CONF_DIR / 'eval'}: {files} (e.g. eval=[sensitivity_guo2022] is the sensitivity analysis with "
-            "another budget)")
+            f"{CONF_DIR / 'eval'}: {files}; presets are experiments (e.g. experiment=guo2022_sensitivity: the "
+            "sensitivity analysis with the paper's budget)")
 
 
 def check_eval_overrides(overrides: list[str]) -> None:
