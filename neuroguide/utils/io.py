@@ -58,18 +58,22 @@ class DiskFull(OSError):
         path = Path(path)
         folder = path.parent
         free = _free_bytes(folder)
-        need = (f"the file needs {_mb(needed)}" if needed is not None else
-                f"more than the {_mb(written)} written before the disk filled" if written else "an unknown amount")
-        more = f" (free at least {_mb(needed - free)} more there)" if needed is not None and free is not None else ""
-        super().__init__(errno.ENOSPC, f"no room to write {path}: {folder} has "
-                         f"{_mb(free) if free is not None else 'unknown space'} free, {need}{more}. Nothing partial was "
-                         "kept under that name. Free space on that disk, or write the run elsewhere (paths.log_dir=... "
-                         "or hydra.run.dir=... on a disk with room)")
+        has = f"{folder} has {_size(free) if free is not None else 'an unknown amount'} free"
+        if needed is None:
+            need = f"more than the {_size(written or 0)} written before the disk filled are needed"
+        elif free is not None and free < needed:
+            need = f"the file needs {_size(needed)} (free at least {_size(needed - free)} more there)"
+        else:
+            need = (f"the file needs {_size(needed)}, but writing it ran out of room (a disk quota, or another process "
+                    "filling the disk)")
+        super().__init__(errno.ENOSPC, f"no room to write {path}: {has}, {need}. Nothing partial was kept under that "
+                         "name. Free space on that disk, or write the run elsewhere (paths.log_dir=... or "
+                         "hydra.run.dir=... on a disk with room)")
         self.path, self.needed, self.free = path, needed, free
 
 
-def _mb(n: int | None) -> str:
-    return f"{(n or 0) / 1e6:.1f} MB"
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if abs(n) >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def _free_bytes(folder: Path) -> int | None:
