@@ -14,9 +14,14 @@ log = logging.getLogger("neuroguide")
 def main(cfg: DictConfig) -> float | None:
     setup_console()  # each line once (console and train.log), no advertisement, no known-harmless warnings
     from neuroguide.train import run
+    from neuroguide.utils.io import DiskFull
+    from neuroguide.utils.run_lock import RunFolderBusy
 
     try:
         metrics = run(cfg)
+    except (RunFolderBusy, DiskFull) as e:  # the message says it all: into train.log without a traceback
+        log.error("train.py stopped: %s", e)
+        raise
     except Exception:  # Hydra prints the error on the console only: put it, with its traceback, into train.log
         log.exception("train.py failed")
         raise

@@ -6,8 +6,14 @@ predictor, :mod:`neuroguide.requirements`), then seed; 4. build the datamodule
 (``cfg.task.datamodule``) and the task from the registry; 5. fit with Lightning, resuming from
 ``<output>/checkpoints/last.ckpt`` when present (a task with ``closed_form = True``, e.g. encoding's ridge,
 is fitted when built and only validated here); 6. validate and test the selected checkpoint;
-7. write ``metrics.json``, ``config.yaml`` and ``learning_curves.png`` into the output folder and export the
-model (``model.ckpt``, plus task-specific places such as ``${paths.predictors_dir}/subjNN/<region>.ckpt``).
+7. write ``config.yaml``, export the model (``model.ckpt``, plus task-specific places such as
+``${paths.predictors_dir}/subjNN/<region>.ckpt``), then ``metrics.json`` (last: a folder holding it holds a
+finished run) and ``learning_curves.png`` into the output folder.
+
+One process writes a run folder at a time (:func:`neuroguide.utils.run_lock.one_writer`: a second run of the
+same folder is refused at once, naming the first); every file is written atomically, checkpoints included
+(:class:`neuroguide.callbacks.AtomicCheckpointIO`); an unreadable ``checkpoints/last.ckpt`` (cut short) is
+moved to ``<output>/last.ckpt.corrupt-<time>``, with a warning naming both, and the run starts afresh.
 """
 from __future__ import annotations
 
@@ -22,16 +28,18 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from neuroguide.callbacks import ExactResume
+from neuroguide.callbacks import AtomicCheckpointIO, ExactResume
 from neuroguide.config import output_dir
 from neuroguide.data import prepare_synthetic
 from neuroguide.learning_curves import write_learning_curves
 from neuroguide.logging_setup import log_outputs
-from neuroguide.loggers import finish_wandb
+from neuroguide.loggers import WandbLogger, finish_wandb
+from neuroguide.models.checkpoints import set_aside_unreadable
 from neuroguide.requirements import provide
 from neuroguide.slurm import preflight, slurm_allocation
 from neuroguide.tasks import get_task
 from neuroguide.utils.io import atomic_path, read_json, write_json
+from neuroguide.utils.run_lock import one_writer
 
 log = logging.getLogger("neuroguide")
 
@@ -69,6 +77,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     preflight(cfg.trainer.get("devices", 1), cfg.trainer.get("accelerator", "auto"))
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    with one_writer(out):  # a second run of this folder at once is refused, naming this process
+        return _run_in(out, cfg, task_cls)
+
+
+def _run_in(out: Path, cfg: DictConfig, task_cls) -> dict[str, float]:
     prepare_synthetic(cfg.data, cfg.task.get("needs", ()))  # the embedded default: written on first use
     cfg = task_cls.prepare_config(cfg)  # e.g. guidance: region=none forces alpha=0
     for need in task_cls.requirements(cfg):  # e.g. the region's predictor, trained first on synthetic data
@@ -85,16 +98,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")
     module = task_cls.from_config(cfg, datamodule)
 
-    extra = {}
+    extra = {"plugins": [AtomicCheckpointIO()]}  # checkpoints written beside their name, then renamed
     if slurm_allocation() is not None:  # requeue on timeout is submitit's job (once), not Lightning's
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-        extra["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+        extra["plugins"].append(SLURMEnvironment(auto_requeue=False))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg) or False,
                                      callbacks=build_callbacks(cfg) + [ExactResume(cfg.seed)],
                                      default_root_dir=str(out), **extra)
     _log_config(trainer, cfg)
     last = out / "checkpoints" / "last.ckpt"
+    if cfg.get("resume", True):
+        set_aside_unreadable(last, out)  # truncated (killed while copied?): moved into out/, warned; a fresh start
     ckpt_path = str(last) if cfg.get("resume", True) and last.exists() else None
     if ckpt_path:
         check_resumable(last, cfg)
@@ -195,14 +210,14 @@ def _finish(trainer: L.Trainer, module, cfg: DictConfig, out: Path, metrics: dic
         log.warning("non-finite metrics: %s", bad)
     with atomic_path(out / "config.yaml") as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    write_json(out / "metrics.json", metrics)
     module.export(out / "model.ckpt", metrics)
     for p in module.export_paths(cfg):
         module.export(p, metrics)
         log.info("saved %s model to %s", cfg.task.name, p)
+    write_json(out / "metrics.json", metrics)  # last: a folder with metrics.json holds a finished run
     figure = write_learning_curves(trainer, cfg, out)
     for lg in trainer.loggers:
-        if type(lg).__name__ == "WandbLogger":
+        if isinstance(lg, WandbLogger):
             finish_wandb(lg.experiment, metrics, out)
     if not cfg.get("keep_checkpoints", False) and (out / "checkpoints").is_dir():
         # last/best hold the optimizer state for resuming and the selection; the run is finished and exported

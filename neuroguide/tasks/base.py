@@ -82,8 +82,10 @@ class Task(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resume / best-checkpoint reloads: parts kept by reference come back from their (hash-checked) files."""
         refs = (checkpoint.get("hyper_parameters") or {}).get("references") or {}
-        if refs:
-            state = referenced_state(refs, checkpoint.get("neuroguide_path", "the checkpoint being loaded"))
+        if refs:  # a referenced file that moved is looked up by content below this run's paths.predictors_dir
+            search = [((self.hparams.get("run_config") or {}).get("paths") or {}).get("predictors_dir")]
+            state = referenced_state(refs, checkpoint.get("neuroguide_path", "the checkpoint being loaded"),
+                                     [d for d in search if d])
             checkpoint["state_dict"].update({f"model.{k}": v for k, v in state.items()})
 
     # ------------------------------------------------------------------ optimizer
