@@ -13,7 +13,7 @@ from neuroguide.train import run
 
 # planted-depth synthetic NSD, larger than conftest's SMALL_NSD so that a 512-feature layer has enough images
 DEPTH = ["task=encoding", "backbone=planted", "data.synthetic_nsd.planted=depth", "data.synthetic_nsd.n_stimuli=460",
-         "data.synthetic_nsd.n_subject_images=400", "data.synthetic_nsd.n_shared=60", "task.cv=3",
+         "data.synthetic_nsd.n_subject_images=400", "data.synthetic_nsd.n_shared=60",
          "task.alphas=[1,10,100,1000,10000,100000]"]
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
 
@@ -84,7 +84,7 @@ def test_ridge_equals_closed_form_and_penalty_ignores_test_images():
 
     X, Y = _problem()
     Xf, Yf, Xv, Yv, Xt, Yt = X[:80], Y[:80], X[80:100], Y[80:100], X[100:], Y[100:]
-    fit = fit_ridge(Xf, Yf, cv=5)
+    fit = fit_ridge(Xf, Yf)
     assert len(set(fit.alphas.tolist())) > 2  # a penalty per voxel, not one for all
     ours, ref = fit.predict(Xt), _closed_form(Xf, Yf, fit.alphas, Xt)
     r_ours = pearson_r(torch.as_tensor(ours), torch.as_tensor(Yt)).numpy()
@@ -237,3 +237,4 @@ def test_shared515_from_the_design_and_each_subjects_sessions(tmp_path, compose_
     expected = [i for i in design.shared_images if (seen == i).sum() >= 3]
     fewer = shared_by_all(root, 150)
     assert 0 < len(fewer) < len(everyone) and np.array_equal(fewer, np.sort(expected))
+

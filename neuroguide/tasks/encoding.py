@@ -6,7 +6,7 @@ its layers, and a voxelwise ridge readout to one NSD region, fitted in closed fo
 1. The backbone's weights come from a local file only (:mod:`neuroguide.models.zoo`); ``weights=random`` is a
    loud control. 2. Features of every listed layer on the subject's images, pooled (``task.pool``), come from
    the feature cache (:mod:`neuroguide.models.feature_cache`). 3. Per layer, a ridge per voxel with its penalty
-   cross-validated on the *fit* images (the training images minus a validation tenth,
+   chosen by exact leave-one-out error on the *fit* images (the training images minus a validation tenth,
    :mod:`neuroguide.models.ridge`); the layer whose median r on the validation images is highest is exported.
    4. The exported model (backbone to the layer + pooling + linear readout, :mod:`neuroguide.models.encoding`)
    is validated and tested through Lightning like a predictor: the same keys (``test/r_median``,
@@ -112,8 +112,6 @@ class EncodingTask(RegressionTask):
         if not layer_list(cfg.backbone.layer):
             raise ValueError("backbone.layer is empty: name a layer (backbone.layer=layer4) or a list "
                              "(backbone.layer=[layer2,layer3,layer4])")
-        if int(cfg.task.cv) < 2:
-            raise ValueError(f"task.cv={cfg.task.cv}: the per-voxel penalty needs >= 2 cross-validation folds")
         alphas = list(cfg.task.alphas)
         if not alphas or min(float(a) for a in alphas) <= 0:
             raise ValueError(f"task.alphas={alphas}: expected a non-empty list of positive ridge penalties")
@@ -153,8 +151,8 @@ class EncodingTask(RegressionTask):
         rows = {k: np.searchsorted(all_ids, v) for k, v in ids.items()}
         per_layer = {layer: {k: np.asarray(feats[layer][r]) for k, r in rows.items()} for layer in layers}
         y = {k: ds.responses.numpy() for k, ds in sets.items()}
-        fits = fit_layers(per_layer, y["fit"], y["val"], y["test"], [float(a) for a in t.alphas], int(t.cv),
-                          str(t.ridge_backend))
+        fits = fit_layers(per_layer, y["fit"], y["val"], y["test"], [float(a) for a in t.alphas],
+                          str(t.get("ridge_device", "auto")))
         chosen = best_layer(fits)
         log.info("layer %s chosen on the validation images (median r %.3f)", chosen.layer, chosen.val_r_median)
 
