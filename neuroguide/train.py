@@ -3,7 +3,8 @@
 1. check the config (the shared keys here, the task's own keys by the task); 2. write the synthetic
 data the task ``needs`` (``task.needs``); 3. provide the task's requirements (e.g. a trained
 predictor, :mod:`neuroguide.requirements`), then seed; 4. build the datamodule
-(``cfg.task.datamodule``) and the task from the registry; 5. fit with Lightning, resuming from
+(``cfg.task.datamodule``) and the task from the registry (``Task.from_configs``; a config may make several runs
+that are built together, ``Task.run_configs``, e.g. encoding's ``task.regions``); 5. fit with Lightning, resuming from
 ``<output>/checkpoints/last.ckpt`` when present (a task with ``closed_form = True``, e.g. encoding's ridge,
 is fitted when built and only validated here); 6. validate and test the selected checkpoint;
 7. write ``config.yaml``, export the model (``model.ckpt``, plus task-specific places such as
@@ -70,7 +71,9 @@ def _float_metrics(metrics: dict) -> dict[str, float]:
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train (and test) the task of ``cfg``; returns the final metrics (also in metrics.json)."""
+    """Train (and test) the task of ``cfg``; returns the final metrics (also in metrics.json). A config that
+    makes several runs (:meth:`Task.run_configs`; encoding with ``task.regions``: one per region, each in its own
+    folder) returns all of them, each key prefixed by its run folder's name (``FFA/test/r_median``)."""
     check_config(cfg)
     task_cls = get_task(cfg.task.name)
     task_cls.check_config(cfg)
@@ -86,18 +89,32 @@ def _run_in(out: Path, cfg: DictConfig, task_cls) -> dict[str, float]:
     cfg = task_cls.prepare_config(cfg)  # e.g. guidance: region=none forces alpha=0
     for need in task_cls.requirements(cfg):  # e.g. the region's predictor, trained first on synthetic data
         cfg = provide(need, cfg, train=run)
-    done = completed_metrics(out, cfg) if cfg.get("resume", True) else None
-    if done is not None:
-        log.info("%s already holds the finished run of this config (metrics.json, model.ckpt): nothing to do "
-                 "(resume=false trains it again)", out)
-        return done
-    # seeded after the requirements: the same command gives the same run whether or not they existed
-    L.seed_everything(int(cfg.seed), workers=True)
-    datamodule = instantiate(cfg.task.datamodule, _recursive_=False)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    module = task_cls.from_config(cfg, datamodule)
+    runs = task_cls.run_configs(cfg)  # one, or several sharing one fit (encoding: task.regions)
+    results: list[dict | None] = []
+    for c in runs:
+        done = completed_metrics(output_dir(c), c) if c.get("resume", True) else None
+        if done is not None:
+            log.info("%s already holds the finished run of this config (metrics.json, model.ckpt): nothing to do "
+                     "(resume=false trains it again)", output_dir(c))
+        results.append(done)
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo:
+        # seeded after the requirements: the same command gives the same run whether or not they existed
+        L.seed_everything(int(cfg.seed), workers=True)
+        datamodules = [instantiate(runs[i].task.datamodule, _recursive_=False) for i in todo]
+        modules = task_cls.from_configs([runs[i] for i in todo], datamodules)
+        for i, datamodule, module in zip(todo, datamodules, modules):
+            results[i] = _fit_and_test(runs[i], datamodule, module)
+    if len(runs) == 1:
+        return results[0]
+    return {f"{output_dir(c).name}/{k}": v for c, m in zip(runs, results) for k, v in m.items()}
 
+
+def _fit_and_test(cfg: DictConfig, datamodule, module) -> dict[str, float]:
+    """Steps 5-7 of :func:`run` for one run: fit (or validate a closed-form fit), validate and test the selected
+    checkpoint, write the run folder and export the model; returns its metrics."""
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     extra = {"plugins": [AtomicCheckpointIO()]}  # checkpoints written beside their name, then renamed
     if slurm_allocation() is not None:  # requeue on timeout is submitit's job (once), not Lightning's
         from lightning.pytorch.plugins.environments import SLURMEnvironment

@@ -69,6 +69,21 @@ class Task(L.LightningModule):
         """Build the task from the composed run config and its (set-up) datamodule."""
         raise NotImplementedError
 
+    @classmethod
+    def run_configs(cls, cfg) -> list:
+        """The runs one command makes, each a full run config with its own ``paths.output_dir``: ``[cfg]`` (the
+        encoding task with ``task.regions``: one per region)."""
+        return [cfg]
+
+    @classmethod
+    def from_configs(cls, cfgs: list, datamodules: list) -> list["Task"]:
+        """The tasks of the runs ``cfgs``, their datamodules not yet set up: each datamodule prepared and set up,
+        then :meth:`from_config` one by one (a task may build them together, e.g. sharing a fit)."""
+        for d in datamodules:
+            d.prepare_data()
+            d.setup("fit")
+        return [cls.from_config(c, d) for c, d in zip(cfgs, datamodules)]
+
     def forward(self, x):
         return self.model(x)
 
