@@ -171,7 +171,10 @@ def _add_criterion_c(rows: list[dict], networks, images, layers: Sequence[str], 
         log.info("selection: no brain given (selection.brain=null, no brain_stimuli / brain_recordings): criterion C "
                  "(transfer of layer-targeted perturbations to the brain) is not computed")
         return False
-    budget = {"eps": float(cfg.get("brain_eps", 1.0)), "norm": str(cfg.get("brain_norm", "l2")),
+    from neuroguide.evaluation.plots import check_eps_list
+
+    norm = str(cfg.get("brain_norm", "l2"))
+    budget = {"eps": check_eps_list([cfg.get("brain_eps", 1.0)], "eval.selection.brain_eps", norm)[0], "norm": norm,
               "steps": int(cfg.get("brain_steps", 32)), "restarts": int(cfg.get("brain_restarts", 1)),
               "n_images": int(cfg.get("brain_n_images") or 64), "image_size": int(cfg.get("image_size", 224)),
               "seed": int(cfg.get("seed", 0))}
