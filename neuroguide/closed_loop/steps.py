@@ -176,6 +176,10 @@ class Loop:
         """Refit day t's model on days 0..t -> ``day_{t+1}/model.pt`` (skipped when it exists)."""
         folder = self.day(t)
         if recordings is not None:
+            if not Path(recordings).expanduser().is_file():  # the key the user gave (not paths.it_file)
+                raise FileNotFoundError(f"recordings={recordings}: no such file. Give the lab's IT file of day {t}'s "
+                                        f"stimuli (step=refit day={t} recordings=<IT file>, format in "
+                                        "neuroguide/data/it.py)")
             self.store_recordings(t, recordings)
         if not (folder / RECORDINGS).is_file():
             raise FileNotFoundError(f"{folder / RECORDINGS} does not exist: pass the day's recordings "

@@ -263,12 +263,12 @@ def run_selection(config: Mapping) -> dict:
     eps_list = [float(e) for e in (cfg.get("eps") or sorted(table))]
     if not eps_list:
         raise ValueError("selection config: give eps=[...] or robust_weights={eps: path}")
-    rec = read_it(cfg["it_file"])
+    rec = read_it(cfg["it_file"], key="eval.selection.it_file")
     rows_idx = np.arange(rec.n_images)
     if cfg.get("max_images"):
         perm = np.random.default_rng(int(cfg.get("seed", 0))).permutation(rec.n_images)
         rows_idx = np.sort(perm[:int(cfg["max_images"])])
-    images = ITImages(rec.path, rows_idx, int(cfg.get("image_size", 224)))  # read batch by batch
+    images = ITImages(rec.path, rec.file_rows(rows_idx), int(cfg.get("image_size", 224)))  # read batch by batch
     responses = torch.from_numpy(rec.mean_response(rows_idx))
     reliability = torch.from_numpy(split_half_reliability(rec.responses[rows_idx], seed=int(cfg.get("seed", 0))))
 
