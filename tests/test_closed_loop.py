@@ -198,6 +198,17 @@ def test_lab_workflow_propose_record_refit_report(tmp_path):
     assert "closed_loop/day_0/l2_0.5/lower_bound_norm" in metrics
 
 
+def test_a_missing_recordings_file_names_the_recordings_key(tmp_path):
+    """closed_loop.py step=refit recordings=<missing file>: the message names recordings=, the key the user gave
+    (it said paths.it_file, a key of train.py)."""
+    from neuroguide.closed_loop.run import run
+
+    absent = tmp_path / "day0_it.h5"
+    with pytest.raises(FileNotFoundError, match=rf"recordings={absent}: no such file.*step=refit day=0 recordings=") as e:
+        run(compose(tmp_path / "loop", *TINY, "step=refit", "day=0", f"recordings={absent}"))
+    assert "paths.it_file" not in str(e.value)
+
+
 def test_recordings_that_do_not_match_the_proposals_are_refused(tmp_path):
     from neuroguide.closed_loop.run import run
 

@@ -174,3 +174,62 @@ def test_bad_responses_and_ids_are_refused(tmp_path):
         read_it(tmp_path / "nope.h5")
     ints = {**v, "responses": np.ones((6, 3, 2), dtype=np.int32)}  # spike counts are fine
     assert read_it(_write(tmp_path / "g.h5", **ints)).responses.dtype == np.float32
+
+
+# ---------------------------------------------------------------------- issue 21: nothing lost, nothing silently wrong
+def test_duplicate_image_ids_are_refused_naming_the_file_count_ids_and_fix(tmp_path):
+    v = _valid(n=8)
+    ids = v["image_ids"].copy()
+    ids[5], ids[6], ids[7] = ids[0], ids[0], ids[1]  # i0 three times, i1 twice
+    p = _write(tmp_path / "dup.h5", **{**v, "image_ids": ids})
+    with pytest.raises(ValueError, match=rf"{p}: 2 image ids occur more than once \(5 of 8 rows\), e\.g\. i0, i1; "
+                                         r".*average the repeats of an image into one row.*distinct ids"):
+        read_it(p)
+    with pytest.raises(ValueError, match="occur more than once"):  # the datamodule (train.py task=it_encoding) too
+        ITDataModule(str(p), image_size=8).setup("fit")
+
+
+def test_images_without_any_response_are_dropped_with_one_warning(tmp_path, caplog):
+    """50 of 200 images all NaN: left out with one warning naming the file and the count; the kept rows still
+    show their own images (the file rows map through ITRecordings.rows)."""
+    import logging
+
+    v = _valid(n=200, sites=3, reps=2, size=8)
+    v["images"][:] = np.arange(200, dtype=np.uint8)[:, None, None, None]  # image of file row j: every pixel j
+    blank = np.random.default_rng(1).choice(200, 50, replace=False)
+    v["responses"][blank] = np.nan
+    p = _write(tmp_path / "blank.h5", **v)
+    with caplog.at_level(logging.WARNING, logger="neuroguide"):
+        rec = read_it(p)
+    msgs = [r.getMessage() for r in caplog.records if "no recorded response" in r.getMessage()]
+    assert len(msgs) == 1 and msgs[0].startswith(f"{p}: 50 of 200 images have no recorded response")
+    assert rec.n_images == 150 and not np.isnan(rec.responses).all(axis=(1, 2)).any()
+    assert not set(rec.file_rows()) & set(blank) and len(set(rec.file_rows())) == 150
+    np.testing.assert_array_equal(rec.image_ids, v["image_ids"].astype(str)[rec.file_rows()])
+    dm = ITDataModule(str(p), image_size=8, batch_size=4, val_fraction=0.1, test_fraction=0.2)
+    dm.setup("fit")
+    assert sum(len(dm.sets[s]) for s in ("train", "val", "test")) == 150
+    ds, rows = dm.sets["train"], dm.rows["train"]
+    for i in (0, 7, len(ds) - 1):  # image and target of the same file row
+        j = int(rec.file_rows(rows)[i])
+        x, y = ds[i]
+        assert round(float(x[0, 0, 0]) * 255) == j and j not in blank
+        np.testing.assert_allclose(y.numpy(), np.nanmean(v["responses"][j], axis=1), rtol=1e-6)
+    kept = read_it(p, unrecorded="keep")  # the closed loop keeps every proposal's row
+    assert kept.n_images == 200 and np.isnan(kept.responses[blank]).all()
+
+
+def test_a_file_without_any_response_is_refused(tmp_path):
+    v = _valid()
+    v["responses"][:] = np.nan
+    p = _write(tmp_path / "none.h5", **v)
+    with pytest.raises(ValueError, match=rf"{p}: none of its 6 images has a recorded response"):
+        read_it(p)
+
+
+def test_a_missing_file_names_the_key_that_gave_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"set paths\.it_file= .*data=synthetic"):
+        read_it(tmp_path / "nope.h5")
+    with pytest.raises(FileNotFoundError, match=r"set recordings= to an existing") as e:
+        read_it(tmp_path / "nope.h5", key="recordings")
+    assert "paths.it_file" not in str(e.value) and "synthetic" not in str(e.value)

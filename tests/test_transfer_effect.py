@@ -192,7 +192,7 @@ def test_some_images_unreachable_are_counted_and_left_out(caplog):
 def test_outputs_and_keys(tmp_path):
     models = {"A": cnn(0), "B": cnn(1)}
     x = images(6)
-    m = transfer_effect.evaluate(models, x, tmp_path, target=[0.5, 1.0], eps_max=3.0, bisection_steps=4, steps=5,
+    m = transfer_effect.evaluate(models, x, tmp_path, target=[0.5, 1.0], eps_max=0.5, bisection_steps=4, steps=5,  # Linf < 1: a Linf eps >= 1 is the whole pixel box, refused
                                  direction="down", norm="linf", progress=False)
     for tag in ("effect_0.5sd_down_linf", "effect_1.0sd_down_linf"):
         base = f"eval/transfer/{tag}"

@@ -40,6 +40,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from neuroguide.attacks.eps import check_eps_units
 from neuroguide.attacks.steps import AttackerStep, get_step_class, per_row
 from neuroguide.models.features import evaluation_mode
 
@@ -65,18 +66,21 @@ class AttackResult:
     grad_evals: int
 
 
-def _check_eps(eps: float | torch.Tensor, n: int) -> float | torch.Tensor:
+def _check_eps(eps: float | torch.Tensor, n: int, norm: str = "l2") -> float | torch.Tensor:
+    """``eps`` checked: finite, >= 0, one per row if a tensor; a Linf eps >= 1 (the whole [0, 1] pixel range) is
+    refused by :func:`neuroguide.attacks.eps.check_eps_units` (no warning here: the callers warn, naming the key)."""
     if isinstance(eps, torch.Tensor) and eps.ndim > 0:
         if eps.shape != (n,):
             raise ValueError(f"eps: expected a float or a ({n},) tensor (one radius per input row), "
                              f"got {tuple(eps.shape)}")
         if not torch.isfinite(eps).all() or (eps < 0).any():
             raise ValueError(f"eps: every radius must be finite and >= 0, got min {eps.min().item():g}")
+        check_eps_units(float(eps.max()), norm, "eps", warn=False)
         return eps
     e = float(eps)
     if not math.isfinite(e) or e < 0:
         raise ValueError(f"eps must be a finite number >= 0 (L2 in [0,1] pixel units, Linf as k/255); got {eps!r}")
-    return e
+    return check_eps_units(e, norm, "eps", warn=False)
 
 
 def _check_inputs(x: torch.Tensor) -> None:
@@ -207,7 +211,7 @@ def pgd_attack(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     """
     _check_inputs(x)
     B = x.shape[0]
-    eps = _check_eps(eps, B)
+    eps = _check_eps(eps, B, norm)
     if isinstance(eps, torch.Tensor):
         eps = eps.to(device=x.device, dtype=x.dtype) if eps.ndim else float(eps)
     Step = get_step_class(norm)

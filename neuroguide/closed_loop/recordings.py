@@ -30,9 +30,10 @@ def aligned_responses(path: str | os.PathLike, stimuli: dict, site_ids: list[str
     Raises a ValueError naming the file and the fix when proposed images were not recorded (naming the
     missing ids), when it holds images that were not proposed, when a site is missing, when the pixels of an
     id differ from the proposed image, or when a site has no response at all (only NaN repeats), unless
-    ``allow_empty_sites`` (its lower bound is then NaN).
+    ``allow_empty_sites`` (its lower bound is then NaN). An image without any response stays a NaN row (with a
+    warning): every proposal keeps its place. Messages name the file by closed_loop.py's key, ``recordings=``.
     """
-    rec = read_it(path)
+    rec = read_it(path, key="recordings", unrecorded="keep")
     proposed = list(stimuli["image_ids"])
     index = {i: r for r, i in enumerate(rec.image_ids)}
     missing = [i for i in proposed if i not in index]

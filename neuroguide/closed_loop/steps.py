@@ -42,7 +42,9 @@ class Loop:
         self.loop, self.out = dict(loop), Path(out_dir)
         self.device, self.progress, self.robust_weights = device, bool(progress), dict(robust_weights or {})
         self.allow_empty_sites = bool(allow_empty_sites)
-        self.eps = check_eps_list(loop.get("eps"), "loop.eps", norm="l2")  # sorted, distinct: the grid every step uses
+        # sorted, distinct: the grid every step uses; L2 only (a k/255 value is warned about)
+        self.eps = check_eps_list(loop.get("eps"), "loop.eps", norm="l2",
+                                  fix="the closed loop attacks in L2 balls only (Guo et al.), it has no Linf norm")
         for tmp in self.out.glob("**/.*.tmp*") if self.out.is_dir() else []:  # left by a killed run (one writer
             if tmp.is_file():                                                 # per out_dir): never complete
                 tmp.unlink()
@@ -174,6 +176,10 @@ class Loop:
         """Refit day t's model on days 0..t -> ``day_{t+1}/model.pt`` (skipped when it exists)."""
         folder = self.day(t)
         if recordings is not None:
+            if not Path(recordings).expanduser().is_file():  # the key the user gave (not paths.it_file)
+                raise FileNotFoundError(f"recordings={recordings}: no such file. Give the lab's IT file of day {t}'s "
+                                        f"stimuli (step=refit day={t} recordings=<IT file>, format in "
+                                        "neuroguide/data/it.py)")
             self.store_recordings(t, recordings)
         if not (folder / RECORDINGS).is_file():
             raise FileNotFoundError(f"{folder / RECORDINGS} does not exist: pass the day's recordings "

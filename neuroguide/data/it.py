@@ -8,6 +8,10 @@ File format (DESIGN.md; written for tests by :mod:`neuroguide.data.synthetic.it`
 - attributes describing the response window, e.g. ``time_window_ms = [70, 170]`` (Guo et al. count
   spikes 70-170 ms after image onset), read into :attr:`ITRecordings.attrs`.
 
+Each image id appears once (a file with repeated ids is refused: average the repeats into one row, or stack them
+along the repeats axis). An image whose responses are all NaN (no site, no repeat recorded) is left out with one
+warning naming the file and the count; a file where no image has any response is refused.
+
 The target of a site on an image is the mean over its recorded repeats. The noise ceiling is the
 split-half reliability ``R`` of that mean: the repeats of each image are split at random into two halves,
 the half means are correlated over images (Pearson r, averaged over ``n_splits`` random splits), and r is
@@ -85,6 +89,7 @@ class ITRecordings:
     image_ids: np.ndarray
     image_shape: tuple[int, int]
     attrs: dict = field(default_factory=dict)
+    rows: np.ndarray | None = None  # (N,) the row of ``images`` in the file of each row here (None: the same rows)
 
     @property
     def n_images(self) -> int:
@@ -93,6 +98,11 @@ class ITRecordings:
     @property
     def n_sites(self) -> int:
         return self.responses.shape[1]
+
+    def file_rows(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """The rows of the file's ``images`` that ``rows`` of these recordings (default: all) show."""
+        index = np.arange(self.n_images) if self.rows is None else np.asarray(self.rows)
+        return index if rows is None else index[np.asarray(rows)]
 
     def mean_response(self, rows: np.ndarray | None = None) -> np.ndarray:
         """(N, sites) mean over the recorded repeats (NaN where none was recorded)."""
@@ -108,12 +118,23 @@ def nanmean(x: np.ndarray, axis: int) -> np.ndarray:
         return np.where(n > 0, s / np.maximum(n, 1), np.nan).astype(np.float32)
 
 
-def read_it(path: str | os.PathLike) -> ITRecordings:
-    """Read and check the IT file at ``path`` (see the module docstring for the format)."""
+def _listed(ids, n: int = 5) -> str:
+    ids = [str(i) for i in ids]
+    return ", ".join(ids[:n]) + (", ..." if len(ids) > n else "")
+
+
+def read_it(path: str | os.PathLike, key: str = "paths.it_file", unrecorded: str = "drop") -> ITRecordings:
+    """Read and check the IT file at ``path`` (see the module docstring for the format); ``key`` is the config key
+    that named it (for the messages: ``paths.it_file``, ``recordings``, ``eval.selection.it_file``).
+
+    ``unrecorded``: images whose responses are all NaN are left out (``"drop"``, with one warning naming the file
+    and the count; :attr:`ITRecordings.rows` then maps the kept rows to the file's images) or kept as NaN rows
+    (``"keep"``, also with a warning). Every image unrecorded: a ValueError."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"IT recordings file {path} does not exist: set paths.it_file to the HDF5 file "
-                                "(format in neuroguide/data/it.py), or use data=synthetic")
+        extra = ", or use data=synthetic" if key == "paths.it_file" else ""
+        raise FileNotFoundError(f"IT recordings file {path} does not exist: set {key}= to an existing HDF5 file "
+                                f"(format in neuroguide/data/it.py){extra}")
     with h5py.File(path, "r") as f:
         missing = [k for k in REQUIRED if k not in f]
         if missing:
@@ -129,10 +150,31 @@ def read_it(path: str | os.PathLike) -> ITRecordings:
         raise ValueError(f"{path}: site_ids has {len(site_ids)} entries but responses has {responses.shape[1]} sites")
     if len(image_ids) != n:
         raise ValueError(f"{path}: image_ids has {len(image_ids)} entries but there are {n} images")
+    uniq, counts = np.unique(image_ids, return_counts=True)
+    dup = uniq[counts > 1]
+    if len(dup):
+        raise ValueError(f"{path}: {len(dup)} image ids occur more than once ({int(counts[counts > 1].sum())} of {n} rows"
+                         f"), e.g. {_listed(dup)}; one row per unique image is expected (a row's repeats go along the "
+                         "last axis of responses). Fix: average the repeats of an image into one row (or stack them "
+                         "as repeats of its row), or give different images distinct ids")
     empty = np.where(np.isnan(responses).all(axis=(0, 2)))[0]
     if len(empty):
         log.warning("%s: sites %s have no recorded response at all", path, site_ids[empty][:10].tolist())
-    return ITRecordings(path, responses, site_ids, image_ids, (int(h), int(w)), attrs)
+    if unrecorded not in ("drop", "keep"):
+        raise ValueError(f"unrecorded={unrecorded!r}: expected 'drop' or 'keep'")
+    blank = np.isnan(responses).all(axis=(1, 2))
+    rows = None
+    if blank.all():
+        raise ValueError(f"{path}: none of its {n} images has a recorded response (responses are all NaN): check the "
+                         "file (responses (N, sites, repeats), NaN only where a repeat is missing)")
+    if blank.any():
+        what = "left out" if unrecorded == "drop" else "kept as NaN rows"
+        log.warning("%s: %d of %d images have no recorded response (all sites and repeats NaN), e.g. ids %s: %s",
+                    path, int(blank.sum()), n, _listed(image_ids[blank]), what)
+        if unrecorded == "drop":
+            rows = np.flatnonzero(~blank)
+            responses, image_ids = responses[rows], image_ids[rows]
+    return ITRecordings(path, responses, site_ids, image_ids, (int(h), int(w)), attrs, rows)
 
 
 class ITImages(HDF5Images):
@@ -281,7 +323,8 @@ class ITDataModule(L.LightningDataModule):
         self.rows = split_by_image(rec.image_ids, self.val_fraction, self.test_fraction, self.seed)
         self.sets, self.reliability = {}, {}
         for split, rows in self.rows.items():
-            self.sets[split] = ITResponseDataset(ITImages(self.path, rows, self.image_size), rec.mean_response(rows))
+            images = ITImages(self.path, rec.file_rows(rows), self.image_size)
+            self.sets[split] = ITResponseDataset(images, rec.mean_response(rows))
             if len(rows) >= 3:
                 self.reliability[split] = split_half_reliability(rec.responses[rows], self.reliability_splits,
                                                                  self.seed)

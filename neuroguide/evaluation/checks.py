@@ -60,3 +60,46 @@ def check_input_sizes(models: Mapping[str, nn.Module], images: torch.Tensor,
 def safe_name(name: str) -> str:
     """``name`` with ``/`` replaced by ``_`` (a model or run name as one part of a metric key or a file name)."""
     return str(name).replace("/", "_")
+
+
+# Every attack radius of conf/eval/*.yaml: analysis -> (key in its section, the norm: a fixed one, or "@<key>" for the
+# section's norm key). :func:`check_eval_eps` checks them all before any model is loaded; tests/test_eps_units.py
+# checks that every key of conf/eval/*.yaml whose name holds "eps" is listed here or in NOT_RADII.
+EPS_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
+    "robustness": (("eps_l2", "l2"), ("eps_linf", "linf")),
+    "sensitivity": (("eps_list", "@norm"),),
+    "population": (("eps_list", "@norm"),),
+    "control": (("eps_l2", "l2"), ("eps_linf", "linf"), ("category_flip.eps_list", "@category_flip.norm"),
+                ("superstimulus.eps", "@superstimulus.norm")),
+    "transfer": (("eps", "@norm"), ("effect.eps_max", "@effect.norm")),
+    "smoothness": (("eps", "@norm"),),
+    "selection": (("brain_eps", "@brain_norm"),),
+}
+# eps keys that are no attack radius: selection.eps names the AT eps of robust checkpoints (keys of robust_weights)
+NOT_RADII = ("selection.eps",)
+
+
+def _get(section: Mapping, dotted: str):
+    node = section
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_eval_eps(analyses: Mapping[str, Mapping]) -> None:
+    """Check the units of every eps of the chosen analyses (``{name: cfg.eval.<name>}``) with
+    :func:`neuroguide.evaluation.plots.check_eps_list` (a Linf eps >= 1 refused, naming the key and ``8/255``; a
+    k/255 value as an L2 eps warned about). Unset keys (null, ``auto``, an empty list) are left to the analyses."""
+    from neuroguide.evaluation.plots import check_eps_list
+
+    for analysis, section in analyses.items():
+        for key, norm_spec in EPS_KEYS.get(analysis, ()):
+            value = _get(section or {}, key)
+            if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+                continue
+            if not isinstance(value, (str, int, float)) and len(list(value)) == 0:
+                continue
+            norm = _get(section, norm_spec[1:]) if norm_spec.startswith("@") else norm_spec
+            check_eps_list(value, f"eval.{analysis}.{key}", norm=str(norm or "l2"))

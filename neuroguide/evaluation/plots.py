@@ -15,11 +15,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from neuroguide.attacks.eps import linf_k, parse_eps, parse_eps_for  # noqa: E402
+from neuroguide.attacks.eps import check_eps_units, linf_k, parse_eps, parse_eps_for  # noqa: E402
 from neuroguide.utils.io import atomic_path  # noqa: E402
 
 
-def check_eps_list(eps_list, name: str = "eps_list", norm: str | None = None) -> list[float]:
+def check_eps_list(eps_list, name: str = "eps_list", norm: str | None = None, fix: str | None = None) -> list[float]:
     """The eps grid sorted ascending: a non-empty list of distinct finite eps > 0, or a ValueError naming ``name``,
     what was found and the fix.
 
@@ -27,7 +27,9 @@ def check_eps_list(eps_list, name: str = "eps_list", norm: str | None = None) ->
     with ``norm="linf"`` each is snapped to the nearest k/255 within a tolerance
     (:func:`neuroguide.attacks.eps.snap_linf`), so ``0.0313725`` and ``8/255`` are the same eps (and given
     together, a duplicate). Every analysis computes on the returned, sorted grid, so ``[2, 0.5, 1]`` and
-    ``[0.5, 1, 2]`` give the same results and "the largest eps" is the last one."""
+    ``[0.5, 1, 2]`` give the same results and "the largest eps" is the last one. Each eps's units are checked
+    (:func:`neuroguide.attacks.eps.check_eps_units`: a Linf eps >= 1 is refused, a k/255 value as an L2 eps warned
+    about; ``fix`` says how to make it Linf in that warning)."""
     if eps_list is None:
         raise ValueError(f"{name} is None: give a non-empty list of positive eps, e.g. {name}=[0.5, 1.0, 2.0]")
     if isinstance(eps_list, (int, float, str)):
@@ -46,7 +48,7 @@ def check_eps_list(eps_list, name: str = "eps_list", norm: str | None = None) ->
         if not math.isfinite(f) or f <= 0:
             raise ValueError(f"{name} holds {v!r}: every eps must be a finite number > 0 (found {vals}); "
                              "remove it (clean results are reported separately)")
-        out.append(f)
+        out.append(check_eps_units(f, norm or "l2", name, v, fix=fix, in_list=True))
     dup = sorted({f for f in out if out.count(f) > 1})
     if dup:
         snapped = " and snapped to k/255" if str(norm).lower() in ("linf", "fgsm", "inf") else ""

@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from neuroguide.config import CONF_DIR, output_dir
+from neuroguide.evaluation.checks import check_eval_eps
 from neuroguide.evaluation.registry import (  # noqa: F401  (per_model, multi_model, FAILED: the public names)
     FAILED, MULTI_MODEL, PER_MODEL, PER_RUN_IN_SWEEPS, STANDALONE, _recorded, failures, multi_model, per_model,
     registered)
@@ -160,6 +161,7 @@ def _runs_below(sweep_dir: Path, unfinished: Mapping[Path, str] | None = None) -
 def run(cfg: DictConfig) -> dict:
     """Run the chosen analyses in the chosen mode; writes metrics.json, config.yaml and figures."""
     analyses = _analyses(cfg)
+    check_eval_eps(analyses)  # eps units (eval.robustness.eps_linf=[8] is not 8/255) before any model is loaded
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     modes = [k for k in ("ckpt", "models", "sweep_dir") if cfg.get(k)]

@@ -197,8 +197,10 @@ class GuidanceTask(Task):
 
 def at_eps(at) -> float:
     """``at.eps`` as a float >= 0: a number, or ``k/255`` (a string, as Hydra reads ``at.eps=8/255``); with
-    ``at.norm=linf`` snapped to the nearest k/255 within a tolerance (``neuroguide.attacks.eps``)."""
-    from neuroguide.attacks.eps import parse_eps_for
+    ``at.norm=linf`` snapped to the nearest k/255 within a tolerance (``neuroguide.attacks.eps``). Its units are
+    checked (:func:`neuroguide.attacks.eps.check_eps_units`): ``at.eps=8 at.norm=linf`` is refused, ``at.eps=8/255``
+    under the default L2 norm warned about."""
+    from neuroguide.attacks.eps import check_eps_units, parse_eps_for
 
     value, norm = at.get("eps", 0.0), str(at.get("norm", "l2"))
     try:
@@ -208,7 +210,7 @@ def at_eps(at) -> float:
                          "at.eps=1.0, or k/255 for Linf, e.g. at.eps=8/255 at.norm=linf)") from None
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"at.eps must be >= 0 (0 = plain training); got at.eps={value!r}")
-    return eps
+    return check_eps_units(eps, norm, "at.eps", value) if eps > 0 else eps
 
 
 def _number(cfg: DictConfig, key: str) -> float:

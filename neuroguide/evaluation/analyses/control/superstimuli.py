@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
-from neuroguide.attacks.eps import parse_eps_for
+from neuroguide.attacks.eps import check_eps_units, parse_eps_for
 from neuroguide.evaluation.analyses.control.region_control import responses
 from neuroguide.evaluation.plots import amplified, curve_figure, image_grid_figure, write_csv
 from neuroguide.evaluation.responses import spread
@@ -151,7 +151,9 @@ def superstimulus(forward: nn.Module, starts: torch.Tensor, *, eps: float | None
     if eps is None:
         eps, norm = diameter, "l2"
     else:
-        eps = parse_eps_for(eps, norm, f"{KEY}.eps")  # a number or k/255
+        given, eps = eps, parse_eps_for(eps, norm, f"{KEY}.eps")  # a number or k/255
+        if float(eps) > 0:
+            check_eps_units(eps, norm, f"{KEY}.eps", given)  # Linf >= 1 refused, k/255 as L2 warned about
     if not (float(eps) > 0 and math.isfinite(float(eps))):
         raise ValueError(f"{KEY}.eps must be a number > 0 or null (no limit), got {eps!r}")
     device = device_of(forward)

@@ -171,7 +171,10 @@ def _add_criterion_c(rows: list[dict], networks, images, layers: Sequence[str], 
         log.info("selection: no brain given (selection.brain=null, no brain_stimuli / brain_recordings): criterion C "
                  "(transfer of layer-targeted perturbations to the brain) is not computed")
         return False
-    budget = {"eps": float(cfg.get("brain_eps", 1.0)), "norm": str(cfg.get("brain_norm", "l2")),
+    from neuroguide.evaluation.plots import check_eps_list
+
+    norm = str(cfg.get("brain_norm", "l2"))
+    budget = {"eps": check_eps_list([cfg.get("brain_eps", 1.0)], "eval.selection.brain_eps", norm)[0], "norm": norm,
               "steps": int(cfg.get("brain_steps", 32)), "restarts": int(cfg.get("brain_restarts", 1)),
               "n_images": int(cfg.get("brain_n_images") or 64), "image_size": int(cfg.get("image_size", 224)),
               "seed": int(cfg.get("seed", 0))}
@@ -260,12 +263,12 @@ def run_selection(config: Mapping) -> dict:
     eps_list = [float(e) for e in (cfg.get("eps") or sorted(table))]
     if not eps_list:
         raise ValueError("selection config: give eps=[...] or robust_weights={eps: path}")
-    rec = read_it(cfg["it_file"])
+    rec = read_it(cfg["it_file"], key="eval.selection.it_file")
     rows_idx = np.arange(rec.n_images)
     if cfg.get("max_images"):
         perm = np.random.default_rng(int(cfg.get("seed", 0))).permutation(rec.n_images)
         rows_idx = np.sort(perm[:int(cfg["max_images"])])
-    images = ITImages(rec.path, rows_idx, int(cfg.get("image_size", 224)))  # read batch by batch
+    images = ITImages(rec.path, rec.file_rows(rows_idx), int(cfg.get("image_size", 224)))  # read batch by batch
     responses = torch.from_numpy(rec.mean_response(rows_idx))
     reliability = torch.from_numpy(split_half_reliability(rec.responses[rows_idx], seed=int(cfg.get("seed", 0))))
 

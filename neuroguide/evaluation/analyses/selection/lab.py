@@ -113,7 +113,7 @@ def read_brain_recordings(stimuli: str | os.PathLike, recordings: str | os.PathL
     if missing_c:
         raise ValueError(f"{stimuli} has no perturbations for candidates {missing_c} (it holds {sorted(have)}): it was "
                          "made with other eps or layers; write new stimuli for this configuration")
-    rec = read_it(recordings)
+    rec = read_it(recordings, key="eval.selection.brain_recordings")
     row_of = {i: r for r, i in enumerate(rec.image_ids.tolist())}
     absent = [i for i in ids if i not in row_of]
     if absent:

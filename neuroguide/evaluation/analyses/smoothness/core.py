@@ -82,8 +82,9 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels, out_dir: str | os.P
     ``{key_prefix}/loss_clean``, ``{key_prefix}/loss_adv`` (mean cross-entropy). Writes
     ``smoothness.csv`` (per image) and ``smoothness.png`` (histograms) into ``out_dir``.
     """
-    from neuroguide.evaluation.plots import eps_label, plt, save_figure, write_csv
+    from neuroguide.evaluation.plots import check_eps_list, eps_label, plt, save_figure, write_csv
 
+    eps = check_eps_list([eps], "eval.smoothness.eps", norm)[0]  # > 0, k/255 for Linf, units checked
     labels = _check(images, labels)
     g_clean, l_clean = input_gradient_sq_norms(model, images, labels, batch_size=batch_size)
     gen = torch.Generator(device=device_of(model)).manual_seed(seed)
