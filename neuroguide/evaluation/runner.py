@@ -137,9 +137,38 @@ def _runs_below(sweep_dir: Path) -> list[Path]:
     return runs
 
 
+def model_file(path: str, key: str = "ckpt") -> str:
+    """The checkpoint a ``ckpt=`` / ``models=`` entry names, absolute (a relative path is the caller's folder's, see
+    :func:`neuroguide.command_line.caller_path`): a file as given; a run folder by its ``model.ckpt``. A folder
+    without one is a FileNotFoundError naming what it holds and the fix."""
+    from neuroguide.command_line import caller_path
+
+    p = caller_path(path)
+    if not p.is_dir():
+        return str(p)
+    if (p / "model.ckpt").is_file():
+        log.info("%s=%s is a run folder: evaluating its model.ckpt", key, path)
+        return str(p / "model.ckpt")
+    last = p / "checkpoints" / "last.ckpt"
+    hint = (f" It holds {last}: the run has not finished (rerun its train.py command to finish it), or evaluate "
+            f"that checkpoint with {key}={last}" if last.is_file() else "")
+    raise FileNotFoundError(f"{key}={path} is a folder ({p}) without a model.ckpt: expected a checkpoint file, a run's "
+                            f"model.ckpt or a predictor's .ckpt (e.g. {key}={p / 'model.ckpt'}).{hint}")
+
+
 def run(cfg: DictConfig) -> dict:
-    """Run the chosen analyses in the chosen mode; writes metrics.json, config.yaml and figures."""
+    """Run the chosen analyses in the chosen mode; writes metrics.json, config.yaml and figures. ``ckpt``,
+    ``models`` and ``sweep_dir`` are resolved first (:func:`model_file`; config.yaml holds them absolute)."""
+    from neuroguide.command_line import caller_path
+
     analyses = _analyses(cfg)
+    cfg = cfg.copy()
+    if cfg.get("ckpt"):
+        cfg.ckpt = model_file(cfg.ckpt)
+    if cfg.get("models"):
+        cfg.models = [model_file(m, "models") for m in cfg.models]
+    if cfg.get("sweep_dir"):
+        cfg.sweep_dir = str(caller_path(cfg.sweep_dir))
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     modes = [k for k in ("ckpt", "models", "sweep_dir") if cfg.get(k)]
