@@ -1,26 +1,26 @@
-"""Encoding-model fits: himalaya's torch backend against scikit-learn, and the feature cache's win.
+"""Encoding-model ridge: neuroguide's exact leave-one-out fit against scikit-learn's RidgeCV, in one process.
 
-1. Ridge: ``V`` voxels on ``N`` images x ``D`` features (planted linear responses plus noise of varied size),
-   80% of the images to fit, 20% to test. neuroguide's fit (``neuroguide.models.ridge.fit_ridge``: himalaya
-   ``solve_ridge_cv_svd``, torch backend, 5-fold CV, a penalty per voxel) against scikit-learn's
-   ``RidgeCV(alpha_per_target=True)`` (its efficient leave-one-out mode) on the same alpha grid and the same
-   standardized features, in this process. Prints the time ratio and the median and largest difference of the
-   per-voxel test Pearson r.
-2. Feature cache: a 3-region sweep (V1, TO, FFA; one subject; ``task=encoding``, random ResNet-18, two layers)
-   run through ``neuroguide.train.run`` with ``task.feature_cache_dir`` on and off; prints both times and their
-   ratio (the synthetic NSD and its regions are prepared before either is timed).
+``V`` voxels on ``N`` images x ``D`` features (planted linear responses plus noise of varied size), 80% of the
+images to fit, 20% to test. neuroguide's fit (``neuroguide.models.ridge.fit_ridge``: one eigendecomposition, every
+penalty's exact leave-one-out error in closed form, a penalty per voxel; torch, float32 residuals for float32
+features) against scikit-learn's ``RidgeCV(alpha_per_target=True)`` (its efficient leave-one-out mode, float64) on the
+same alpha grid and the same standardized features, back to back. The last line is the summary:
+``ridge vs scikit-learn RidgeCV: <ratio>x faster, median |dr| <d>, largest |dr| <d>`` (ratio = scikit-learn's time /
+neuroguide's; dr = the difference of a voxel's test Pearson r).
 
-    python benchmarks/encoding_fit.py                      # small: 500 voxels x 1000 images x 256 features
-    python benchmarks/encoding_fit.py --full               # 5000 voxels x 8000 images x 2048 features
-    python benchmarks/encoding_fit.py --skip-cache --voxels 2000
+    python benchmarks/encoding_fit.py                                        # 500 voxels x 1000 images x 256 features
+    python benchmarks/encoding_fit.py --voxels 2000 --images 4000 --features 1024
+    python benchmarks/encoding_fit.py --full                                 # 5000 voxels x 8000 images x 2048 features
+    python benchmarks/encoding_fit.py --full --chunks 5                      # in 5 parts of 1000 voxels, each side
+    python benchmarks/encoding_fit.py --dtype float64                        # float64 residuals (slower, for comparison)
+
+The feature cache and several regions in one fit: ``benchmarks/encoding_regions.py``.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,54 +40,52 @@ def ridge_problem(n: int, d: int, v: int, seed: int = 0):
     return X, Y
 
 
-def compare_ridge(n: int, d: int, v: int, backend: str) -> None:
+def _r(pred, y) -> np.ndarray:
+    return pearson_r(torch.as_tensor(pred, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)).numpy()
+
+
+def compare_ridge(n: int, d: int, v: int, device: str, dtype: torch.dtype | None, repeat: int = 1,
+                  chunks: int = 1) -> str:
     from sklearn.linear_model import RidgeCV
 
     X, Y = ridge_problem(n, d, v)
     n_fit = int(0.8 * n)
     Xf, Yf, Xt, Yt = X[:n_fit], Y[:n_fit], X[n_fit:], Y[n_fit:]
+    del X, Y
+    parts = np.array_split(np.arange(v), chunks)  # each part an independent problem (its own decomposition), both sides
     print(f"ridge: {v} voxels, {n} images ({n_fit} fit / {n - n_fit} test) x {d} features, "
-          f"{len(DEFAULT_ALPHAS)} alphas, torch threads {torch.get_num_threads()}")
-    fit_ridge(Xf[:50, :10], Yf[:50, :3], cv=5, backend=backend)  # imports and backend start-up, not timed
-    t = time.perf_counter()
-    ours = fit_ridge(Xf, Yf, DEFAULT_ALPHAS, cv=5, backend=backend)
-    t_ours = time.perf_counter() - t
-    r_ours = pearson_r(torch.as_tensor(ours.predict(Xt)), torch.as_tensor(Yt, dtype=torch.float64)).numpy()
-
-    t = time.perf_counter()
-    Xs = (Xf - ours.x_mean) / ours.x_scale  # the same standardized features
-    sk = RidgeCV(alphas=np.asarray(DEFAULT_ALPHAS), alpha_per_target=True, fit_intercept=True).fit(Xs, Yf)
-    t_sk = time.perf_counter() - t
-    pred_sk = sk.predict((Xt - ours.x_mean) / ours.x_scale)
-    r_sk = pearson_r(torch.as_tensor(pred_sk, dtype=torch.float64), torch.as_tensor(Yt, dtype=torch.float64)).numpy()
-    diff = np.abs(r_ours - r_sk)
-    same = float(np.mean(np.isclose(ours.alphas, np.asarray(sk.alpha_, np.float64))))
-    print(f"  himalaya ({backend}, 5-fold CV): {t_ours:.2f} s   scikit-learn RidgeCV (LOO): {t_sk:.2f} s   "
-          f"ratio sklearn/himalaya {t_sk / t_ours:.2f}x")
-    print(f"  test r: median {np.median(r_ours):.4f} vs {np.median(r_sk):.4f}; |difference| median {np.median(diff):.2e}, "
-          f"largest {diff.max():.2e}; same alpha chosen for {100 * same:.0f}% of voxels")
-
-
-def cache_sweep(tmp: Path, regions=("V1", "TO", "FFA")) -> None:
-    from neuroguide.config import compose_config
-    from neuroguide.data.nsd_regions import extract_regions, load_region
-    from neuroguide.data.synthetic.nsd import write_synthetic_nsd
-    from neuroguide.train import run
-
-    small = dict(n_stimuli=900, n_subject_images=700, n_shared=100, n_repeats=3, trials_per_session=300, image_size=64)
-    base = [f"paths.data_dir={tmp}/data", f"paths.log_dir={tmp}/out", "trainer.accelerator=cpu", "logger=csv",
-            "callbacks=none", "task=encoding", "backbone=resnet18", "backbone.weights=random",
-            "backbone.layer=[layer3,layer4]", "data.image_size=64"] + [f"data.synthetic_nsd.{k}={v}" for k, v in small.items()]
-    root = write_synthetic_nsd(tmp / "data" / "synthetic" / "nsd", **small)
-    extract_regions(root, 1, [load_region(r) for r in regions], cache_dir=tmp / "data" / "cache", progress=False)
-    times = {}
-    for label, extra in (("without cache", ["task.feature_cache_dir=null"]), ("with cache", [])):
+          f"{len(DEFAULT_ALPHAS)} alphas, torch threads {torch.get_num_threads()}, device {device}"
+          + (f", {chunks} parts of {len(parts[0])} voxels fitted one after the other by each side" if chunks > 1 else ""))
+    fit_ridge(Xf[:50, :10], Yf[:50, :3], device=device, dtype=dtype)  # imports and start-up, not timed
+    RidgeCV(alphas=np.asarray(DEFAULT_ALPHAS), alpha_per_target=True).fit(Xf[:50, :10], Yf[:50, :3])
+    mean, scale = Xf.mean(0, dtype=np.float64), Xf.std(0, dtype=np.float64)
+    Xs = ((Xf - mean) / scale).astype(np.float32)  # the same standardized features for scikit-learn (not timed)
+    Xts = ((Xt - mean) / scale).astype(np.float32)
+    t_ours, t_sk = [], []
+    for _ in range(repeat):  # interleaved, so that a burst of load on a shared machine hits both sides alike
         t = time.perf_counter()
-        for r in regions:
-            run(compose_config("train", base + extra + [f"region={r}"], output_dir=tmp / "out" / label / r))
-        times[label] = time.perf_counter() - t
-    print(f"feature cache: {len(regions)}-region sweep {times['without cache']:.1f} s without, {times['with cache']:.1f} s "
-          f"with (features extracted once): {times['without cache'] / times['with cache']:.2f}x")
+        ours = [fit_ridge(Xf, Yf[:, p], DEFAULT_ALPHAS, device=device, dtype=dtype) for p in parts]
+        t_ours.append(time.perf_counter() - t)
+        pred_ours, alpha_ours = np.hstack([f.predict(Xt) for f in ours]), np.hstack([f.alphas for f in ours])
+        del ours
+        t = time.perf_counter()
+        sk = [RidgeCV(alphas=np.asarray(DEFAULT_ALPHAS), alpha_per_target=True, fit_intercept=True).fit(Xs, Yf[:, p])
+              for p in parts]
+        t_sk.append(time.perf_counter() - t)
+        pred_sk, alpha_sk = np.hstack([m.predict(Xts) for m in sk]), np.hstack([m.alpha_ for m in sk])
+        del sk
+    times = f" (fastest of {', '.join(f'{a:.1f}/{b:.1f}' for a, b in zip(t_ours, t_sk))} s)" if repeat > 1 else ""
+    t_ours, t_sk = min(t_ours), min(t_sk)
+    r_ours, r_sk = _r(pred_ours, Yt), _r(pred_sk, Yt)
+    diff = np.abs(r_ours - r_sk)
+    same = float(np.mean(np.isclose(alpha_ours, np.asarray(alpha_sk, np.float64))))
+    name = {None: "float32", torch.float32: "float32", torch.float64: "float64"}[dtype]
+    print(f"  neuroguide (exact LOO, {name} residuals): {t_ours:.2f} s   scikit-learn RidgeCV (LOO, float64): "
+          f"{t_sk:.2f} s{times}")
+    print(f"  test r: median {np.median(r_ours):.4f} vs {np.median(r_sk):.4f}; same alpha chosen for "
+          f"{100 * same:.1f}% of voxels")
+    return (f"ridge vs scikit-learn RidgeCV: {t_sk / t_ours:.2f}x faster, median |dr| {np.median(diff):.1e}, "
+            f"largest |dr| {diff.max():.1e}")
 
 
 def main() -> None:
@@ -96,16 +94,26 @@ def main() -> None:
     ap.add_argument("--voxels", type=int, default=500)
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--features", type=int, default=256)
-    ap.add_argument("--backend", default="auto", help="himalaya backend: auto (torch_cuda with a GPU) | torch")
-    ap.add_argument("--skip-cache", action="store_true", help="only the ridge comparison")
+    ap.add_argument("--device", default="cpu", help="where neuroguide's ridge runs: cpu (default) | cuda | auto")
+    ap.add_argument("--repeat", type=int, default=1, help="fits of each side, interleaved; the fastest of each counts")
+    ap.add_argument("--chunks", type=int, default=1,
+                    help="fit the voxels in this many independent parts, each side (bounds scikit-learn's memory, "
+                         "~2 GB at the full size in one part)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads of both sides (torch and numpy's BLAS); default: torch's")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "float64"),
+                    help="neuroguide's residuals: auto (the features' float32) | float32 | float64")
     a = ap.parse_args()
     if a.full:
         a.voxels, a.images, a.features = 5000, 8000, 2048
     logging.getLogger("neuroguide").setLevel(logging.WARNING)
-    compare_ridge(a.images, a.features, a.voxels, a.backend)
-    if not a.skip_cache:
-        with tempfile.TemporaryDirectory() as tmp:
-            cache_sweep(Path(tmp))
+    dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
+    from threadpoolctl import threadpool_limits
+
+    threads = a.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    with threadpool_limits(threads):  # scikit-learn's BLAS: as many threads as torch
+        print(compare_ridge(a.images, a.features, a.voxels, a.device, dtype, a.repeat, a.chunks))
 
 
 if __name__ == "__main__":

@@ -17,12 +17,29 @@ What a resumed run needs beyond the weights, optimizer and loop counters Lightni
 ``neuroguide.train.run`` always adds it (also with ``callbacks=none``): it changes no number of an
 uninterrupted run's steps but their random draws. Checkpoints are written at the end of an epoch
 (after validation), which is where a resumed run starts.
+
+``AtomicCheckpointIO``: how every Lightning checkpoint (``last.ckpt``, ``best.ckpt``) is written, also added
+always. Lightning's own writer stages the file in the system's temporary folder and moves it, across file
+systems, under its final name: a disk that fills during the copy leaves a partial checkpoint under that name
+(which a rerun then fails to resume from). Here the checkpoint is written by
+:func:`neuroguide.models.checkpoints.save_torch`: checked against the free space first, written beside its
+final name and renamed, a full disk one :class:`~neuroguide.utils.io.DiskFull` error.
 """
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from neuroguide.utils.seeding import derive_seed, seed_all
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        from neuroguide.models.checkpoints import save_torch
+
+        save_torch(checkpoint, path)
 
 
 class ExactResume(L.Callback):

@@ -1,21 +1,31 @@
-"""Loggers: Weights & Biases that never prompts; a CSV logger that keeps its rows across a resume.
+"""Loggers: Weights & Biases that never prompts nor loses a run; a CSV logger that keeps its rows across a resume.
 
 Mode: ``WANDB_MODE`` when set (online / offline / disabled); otherwise online when an API key is
 available (``WANDB_API_KEY`` or a ``~/.netrc`` entry for api.wandb.ai) and offline when not, with a
-message telling how to sync later.
+message telling how to sync later. Online mode first probes the server (``WANDB_BASE_URL``, default
+https://api.wandb.ai: name lookup and TCP connect, :data:`PROBE_TIMEOUT_S` seconds): one that does not
+answer makes the run offline, with one warning saying how to upload it later (``wandb sync``), instead of
+wandb's 90 s wait and the ``CommError`` that ended the training. A run whose online start fails anyway
+falls back to offline the same way: training is never lost to the logger.
 """
 from __future__ import annotations
 
 import csv
 import logging
 import os
+import socket
+import threading
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
+
+from neuroguide.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +40,72 @@ def _has_api_key() -> bool:
         return False
 
 
-def wandb_mode() -> str:
+PROBE_TIMEOUT_S = 3.0
+
+
+def _unreachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the server of ``url`` cannot be reached within ``timeout`` seconds (name lookup and TCP connect,
+    in a thread: a lookup without network can hang far longer), or None when it answers."""
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "", parsed.port or (80 if parsed.scheme == "http" else 443)
+    result: dict = {}
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result["ok"] = True
+        except OSError as e:
+            result["error"] = f"{type(e).__name__}: {e}"
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return None if result.get("ok") else result.get("error", f"no answer within {timeout:g} s")
+
+
+def _warn_offline(why: str, save_dir: str | Path | None) -> None:
+    where = Path(save_dir or ".") / "wandb"
+    log.warning("W&B: %s; logging offline into %s. Upload later with `wandb sync %s/offline-run-*`",
+                why, where, where)
+
+
+def wandb_mode(save_dir: str | Path | None = None) -> str:
+    """The W&B mode (see the module docstring); offline ones are warned about, naming ``save_dir``'s offline runs."""
     mode = os.environ.get("WANDB_MODE")
-    if mode:
-        return mode
-    return "online" if _has_api_key() else "offline"
+    if not mode:
+        mode = "online" if _has_api_key() else "offline"
+        if mode == "offline":
+            _warn_offline("no API key found", save_dir)
+    if mode == "online":
+        url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+        why = _unreachable(url)
+        if why:
+            _warn_offline(f"the server {url} is not reachable ({why})", save_dir)
+            mode = "offline"
+    return mode
+
+
+class OfflineFallbackWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` whose online start, when it fails, is retried offline (one warning)."""
+
+    @property
+    def experiment(self):
+        try:
+            return super().experiment
+        except Exception as e:  # noqa: BLE001 - wandb.errors.CommError, timeouts, ...: training goes on
+            if self._wandb_init.get("mode") != "online":
+                raise
+            _warn_offline(f"the online run did not start ({type(e).__name__}: {str(e)[:300]})", self.save_dir)
+            self._wandb_init["mode"], self._offline, self._experiment = "offline", True, None
+            os.environ["WANDB_MODE"] = "offline"
+            return super().experiment
 
 
 def wandb_logger(project: str = "neuroguide", group: str | None = None, job_type: str | None = None,
                  tags: list | None = None, save_dir: str = ".", name: str | None = None, **kwargs):
     """A Lightning ``WandbLogger`` in the mode chosen by :func:`wandb_mode`; the run id is kept in
     ``<save_dir>/wandb_run_id.txt`` so a resumed run continues the same W&B run."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    mode = wandb_mode()
+    mode = wandb_mode(save_dir)
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ["WANDB_MODE"] = mode  # also keeps wandb.login from prompting
     Path(save_dir).mkdir(parents=True, exist_ok=True)
@@ -53,13 +115,11 @@ def wandb_logger(project: str = "neuroguide", group: str | None = None, job_type
     else:
         run_id = uuid.uuid4().hex[:8]
         if mode != "disabled":
-            id_file.write_text(run_id)
-    if mode == "offline":
-        log.warning("W&B: no API key found, logging offline into %s; upload later with "
-                    "`wandb sync %s/wandb/offline-run-*`", save_dir, save_dir)
-    logger = WandbLogger(project=project, group=group, job_type=job_type, tags=[str(t) for t in (tags or [])],
-                         save_dir=save_dir, id=run_id, mode=mode,
-                         offline=mode == "offline", name=name, **kwargs)
+            with atomic_path(id_file) as tmp:
+                tmp.write_text(run_id)
+    logger = OfflineFallbackWandbLogger(project=project, group=group, job_type=job_type,
+                                        tags=[str(t) for t in (tags or [])], save_dir=save_dir, id=run_id, mode=mode,
+                                        offline=mode == "offline", name=name, **kwargs)
     init = getattr(logger, "_wandb_init", {})
     if "anonymous" in init and init["anonymous"] is None:  # Lightning passes anonymous=None, which wandb >= 0.19
         del init["anonymous"]                               # warns about ("The anonymous setting has no effect")
@@ -87,7 +147,20 @@ def finish_wandb(run, metrics: dict, figures_dir: str | Path | None = None) -> N
 
 class _KeepingWriter(ExperimentWriter):
     """Lightning's CSV writer without deleting an existing ``metrics.csv``: new rows are appended (the
-    header widened when new keys come); :meth:`keep_until` trims the file."""
+    header widened when new keys come); :meth:`keep_until` trims the file. A rewrite (widened header, trim)
+    writes a new file and renames it: a crash during it keeps the old rows."""
+
+    def _rewrite(self, rows: list[dict], fieldnames: list[str]) -> None:
+        with atomic_path(self.metrics_file_path) as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fieldnames)
+                w.writeheader()
+                w.writerows(rows)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            rows = list(csv.DictReader(f))
+        self._rewrite(rows, fieldnames)
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
@@ -108,10 +181,7 @@ class _KeepingWriter(ExperimentWriter):
         with self._fs.open(self.metrics_file_path, "r", newline="") as f:
             rows = list(csv.DictReader(f))
         kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
-        with self._fs.open(self.metrics_file_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.metrics_keys)
-            w.writeheader()
-            w.writerows(kept)
+        self._rewrite(kept, self.metrics_keys)
 
 
 class CSVLogger(_CSVLogger):

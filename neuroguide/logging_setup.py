@@ -7,10 +7,15 @@ Why lines came twice: importing ``lightning`` adds a console handler of its own 
 handler and the run's ``train.log`` / ``evaluate.log``. (``lightning.pytorch`` and ``lightning.fabric`` add one
 more each, and stop propagating, when imported before Hydra sets up logging.) :func:`setup_console` removes
 Lightning's console handlers and lets its records propagate: each line once on the console, once in the file.
+
+A log file that cannot be written any more (a full disk) is said once on stderr and then left alone: the
+console keeps every line (Python's logging would print a "--- Logging error ---" traceback per record).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Iterable
@@ -57,6 +62,18 @@ def quiet_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=categories[category])
 
 
+def _quiet_when_unwritable(handler: logging.FileHandler) -> None:
+    """On the first failed write, one line on stderr; the handler then drops every record."""
+    def handle_error(record: logging.LogRecord) -> None:
+        handler.setLevel(logging.CRITICAL + 1)
+        with contextlib.suppress(Exception):
+            handler.close()
+        sys.stderr.write(f"cannot write the log file {handler.baseFilename} ({sys.exc_info()[1]}): its lines from "
+                         "here on are on the console only\n")
+
+    handler.handleError = handle_error
+
+
 def setup_console() -> None:
     """Call first thing inside a Hydra task function (after Hydra has set up the root logger's handlers)."""
     import lightning  # noqa: F401  (importing it adds the handlers replaced here)
@@ -69,6 +86,9 @@ def setup_console() -> None:
                 if type(h) is logging.StreamHandler:  # Lightning's console handlers (not a FileHandler)
                     lg.removeHandler(h)
             lg.propagate = True
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            _quiet_when_unwritable(h)
     for name, prefixes in HIDDEN_MESSAGES.items():
         lg = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in lg.filters):

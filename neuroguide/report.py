@@ -6,18 +6,27 @@ Every folder below the given one that holds a ``metrics.json`` and the ``config.
 shuffle, seed, subject; an encoding model's backbone). Folders written by ``evaluate.py`` are not runs. Writes ``report.csv`` and
 ``report.md`` (one row per run) and figures comparing regions, alphas and eps for the chosen metrics.
 Regions are ordered as their configs say (``conf/region/*.yaml``: baselines first, then by ``order``).
+
+A run folder that cannot be reported (a ``metrics.json`` or ``config.yaml`` cut short; a run that did not
+finish or is still running: a train.py folder without ``metrics.json``) is left out of the table, named with
+the reason in the log and at the end of ``report.md``, and counted; the other runs are reported.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import functools
+import json
+import logging
 import math
 from pathlib import Path
 
 import yaml
 
 from neuroguide.utils.io import atomic_path, read_json
+from neuroguide.utils.run_lock import lock_holder
+
+log = logging.getLogger("neuroguide")
 
 FACTORS = ["task", "region", "alpha", "at_eps", "shuffle", "seed", "subject", "backbone"]
 
@@ -86,42 +95,82 @@ def _get(d, keys):
     return d
 
 
-def collect(root: str | Path) -> list[dict]:
+def _nested(run: Path, root: Path) -> bool:
+    """A predictor trained on the way by a guidance run (``predictor_*`` folder): not a run of the sweep."""
+    return any(part.startswith("predictor_") for part in run.relative_to(root).parts)
+
+
+def unfinished_runs(root: str | Path, marker: str = "metrics.json") -> dict[Path, str]:
+    """The train.py run folders below ``root`` (a ``config.yaml`` or ``.hydra/config.yaml`` with a ``task``)
+    that hold no ``marker`` file, each with why: still running (the process holding its run lock) or did not
+    finish. ``marker``: ``metrics.json`` (written last by train.py) or ``model.ckpt``."""
+    root = Path(root)
+    found = {}
+    for cfg_file in sorted(root.rglob("config.yaml")):
+        run = cfg_file.parent.parent if cfg_file.parent.name == ".hydra" else cfg_file.parent
+        if run in found or (run / marker).exists() or _nested(run, root) or "wandb" in run.relative_to(root).parts:
+            continue  # wandb/*/files/config.yaml: W&B's copy of a run's config
+        try:
+            if "task" not in (yaml.safe_load(cfg_file.read_text()) or {}):
+                continue
+        except (OSError, yaml.YAMLError):
+            pass  # a cut-short config of a folder without results: still a folder that did not finish
+        holder = lock_holder(run)
+        found[run] = (f"still running (pid {holder.get('pid')} on {holder.get('host')}, started "
+                      f"{holder.get('started')})" if holder is not None else
+                      f"the run did not finish (crashed or killed: see {run / 'train.log'})")
+    return found
+
+
+def collect(root: str | Path, skipped: list[tuple[str, str]] | None = None) -> list[dict]:
     """One dict per training run below ``root``: the factors, ``run`` (its folder) and its flat metrics.
 
     A run is a folder with ``metrics.json`` and the ``config.yaml`` of train.py (it has a ``task``);
     predictors trained on the way (``predictor_*`` folders) and evaluate.py's output folders are not runs.
-    Raises :class:`NotASweep` (a FileNotFoundError) naming what was found when there is no run.
+    A run whose files cannot be read, and a run folder without ``metrics.json`` (:func:`unfinished_runs`),
+    is left out and appended to ``skipped`` as ``(run, why)``. Raises :class:`NotASweep` (a
+    FileNotFoundError) naming what was found when there is no run.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder; give the sweep folder (e.g. outputs/multirun/<name>)")
-    rows, evaluations, no_config = [], [], []
+    rows, evaluations, no_config, bad = [], [], [], []
     for mfile in sorted(root.rglob("metrics.json")):
         run = mfile.parent
-        if any(part.startswith("predictor_") for part in run.relative_to(root).parts):
-            continue  # predictors trained on the way by a guidance run are not runs of this sweep
+        if _nested(run, root):
+            continue
         cfg_file = run / "config.yaml"
         if not cfg_file.exists():
             no_config.append(run)
             continue
-        config = yaml.safe_load(cfg_file.read_text()) or {}
-        if "task" not in config:
-            evaluations.append((run, config))  # evaluate.py's output: figures and metrics of runs, not a run
+        try:
+            config = yaml.safe_load(cfg_file.read_text()) or {}
+            if "task" not in config:
+                evaluations.append((run, config))  # evaluate.py's output: figures and metrics of runs, not a run
+                continue
+            row = {"run": str(run.relative_to(root)) or ".", **factors_of(config)}
+            row.update(read_json(mfile))
+            if (run / "eval_metrics.json").exists():  # written by evaluate.py sweep_dir=...
+                row.update(read_json(run / "eval_metrics.json"))
+        except (json.JSONDecodeError, yaml.YAMLError, OSError) as e:  # read_json names the file
+            why = str(e) if isinstance(e, json.JSONDecodeError) else f"{cfg_file}: {type(e).__name__}: {e}"
+            bad.append((str(run.relative_to(root)) or ".", f"{why}; skipped"))
             continue
-        row = {"run": str(run.relative_to(root)) or ".", **factors_of(config)}
-        row.update(read_json(mfile))
-        if (run / "eval_metrics.json").exists():  # written by evaluate.py sweep_dir=...
-            row.update(read_json(run / "eval_metrics.json"))
         rows.append(row)
+    bad += [(str(run.relative_to(root)) or ".", f"no metrics.json: {why}") for run, why in unfinished_runs(root).items()]
+    if skipped is not None:
+        skipped.extend(bad)
     if not rows:
-        raise NotASweep(_not_a_sweep(root, evaluations, no_config))
+        raise NotASweep(_not_a_sweep(root, evaluations, no_config, bad))
     return rows
 
 
-def _not_a_sweep(root: Path, evaluations: list[tuple[Path, dict]], no_config: list[Path]) -> str:
+def _not_a_sweep(root: Path, evaluations: list[tuple[Path, dict]], no_config: list[Path],
+                 bad: list[tuple[str, str]] = ()) -> str:
     msg = (f"{root} is not a sweep or run folder: no metrics.json below it has the config.yaml of a train.py run "
            "(with a `task`) beside it.")
+    if bad:
+        msg += f" {len(bad)} run folder(s) could not be reported: " + "; ".join(f"{r}: {w}" for r, w in bad[:5]) + "."
     if evaluations:
         names = ", ".join(str(r) for r, _ in evaluations[:3]) + (" ..." if len(evaluations) > 3 else "")
         msg += f" Found {len(evaluations)} evaluate.py output folder(s) ({names}), which are not runs."
@@ -140,7 +189,9 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def write_tables(rows: list[dict], out_dir: Path, metrics: list[str] | None = None) -> tuple[Path, Path]:
+def write_tables(rows: list[dict], out_dir: Path, metrics: list[str] | None = None,
+                 skipped: list[tuple[str, str]] = ()) -> tuple[Path, Path]:
+    """``report.csv`` and ``report.md`` (one row per run; ``report.md`` then lists the ``skipped`` run folders)."""
     keys = FACTORS + ["run"]
     metric_keys = metrics or sorted({k for r in rows for k in r if "/" in k})
     cols = keys + metric_keys
@@ -153,6 +204,9 @@ def write_tables(rows: list[dict], out_dir: Path, metrics: list[str] | None = No
                 w.writerow({k: r.get(k) for k in cols})
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |" for r in rows]
+    if skipped:
+        lines += ["", f"**{len(skipped)} run folder(s) not in the table:**", ""]
+        lines += [f"- `{run}`: {why}" for run, why in skipped]
     with atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return out_dir / "report.csv", out_dir / "report.md"
@@ -210,10 +264,17 @@ DEFAULT_FIGURE_METRICS = ["test/r_median", "val/acc", "val/neural_r", "test/acc"
 
 
 def report(root: str | Path, out_dir: str | Path | None = None, metrics: list[str] | None = None) -> dict:
-    """Tables and figures for all runs below ``root``; returns the written paths."""
-    rows = collect(root)
+    """Tables and figures for all runs below ``root``; returns the written paths, the number of runs and the
+    ``skipped`` run folders ``(run, why)`` (warned about, listed in report.md)."""
+    skipped: list[tuple[str, str]] = []
+    rows = collect(root, skipped)
+    for run, why in skipped:
+        log.warning("report: left out %s: %s", run, why)
+    if skipped:
+        log.warning("report: %d run(s) reported, %d run folder(s) left out (listed in report.md)", len(rows),
+                    len(skipped))
     out = Path(out_dir or root)
-    csv_path, md_path = write_tables(rows, out, metrics)
+    csv_path, md_path = write_tables(rows, out, metrics, skipped)
     figs = []
     present = {k for r in rows for k in r}
     wanted = metrics or [m for m in DEFAULT_FIGURE_METRICS if m in present] + sorted(
@@ -222,7 +283,7 @@ def report(root: str | Path, out_dir: str | Path | None = None, metrics: list[st
         p = plot_by_region(rows, m, out / "figures" / (m.replace("/", "_") + ".png"))
         if p:
             figs.append(p)
-    return {"csv": csv_path, "markdown": md_path, "figures": figs, "runs": len(rows)}
+    return {"csv": csv_path, "markdown": md_path, "figures": figs, "runs": len(rows), "skipped": skipped}
 
 
 def robustness_by_region(sweep_dir: str | Path, out: str | Path) -> Path | None:
@@ -268,7 +329,8 @@ def main(argv=None):
     except FileNotFoundError as e:  # not a folder, or no run in it: say so, exit non-zero
         ap.exit(2, f"python -m neuroguide.report: error: {e}\n")
     print(Path(res["markdown"]).read_text())
-    print(f"{res['runs']} runs -> {res['csv']}, {res['markdown']}, {len(res['figures'])} figures")
+    left_out = f", {len(res['skipped'])} run folder(s) left out (listed above)" if res["skipped"] else ""
+    print(f"{res['runs']} runs -> {res['csv']}, {res['markdown']}, {len(res['figures'])} figures{left_out}")
 
 
 if __name__ == "__main__":

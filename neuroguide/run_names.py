@@ -9,8 +9,8 @@ Rules (one place, used by ``conf/hydra/{default,evaluate}.yaml`` through the ``n
 
 * The task's core factors are always named, with the values of the composed config (so ``alpha=.5`` and
   ``alpha=0.5`` name the same folder): guidance region, alpha, eps (at.eps); predictor region;
-  it_encoding backbone, bb.eps (backbone.at_eps), layer; encoding region, backbone, layer; evaluate.py the
-  analyses (eval). A backbone chosen by its config (``backbone=resnet50_l2_eps1``) is named by that option.
+  it_encoding backbone, bb.eps (backbone.at_eps), layer; encoding region (``task.regions`` when given, e.g.
+  ``regions-FFA+EBA+PPA``), backbone, layer; evaluate.py the analyses (eval). A backbone chosen by its config (``backbone=resnet50_l2_eps1``) is named by that option.
 * The other named factors (task, norm when not l2, shuffle, seed, subject, experiment, ckpt, models,
   sweep_dir) are named when given on the command line. Paths never enter the name: a checkpoint is named
   by its run folder (``ckpt-region-TO_alpha-0.5_eps-0``), several models by their count.
@@ -38,6 +38,7 @@ from typing import Any, Iterable
 FACTORS: tuple[tuple[str, str, str | None], ...] = (
     ("task", "task", "task.name"),
     ("region", "region", "region.name"),
+    ("task.regions", "regions", "task.regions"),
     ("alpha", "alpha", "alpha"),
     ("at.eps", "eps", "at.eps"),
     ("at.norm", "norm", "at.norm"),
@@ -94,6 +95,7 @@ MAY_MOVE = ("paths",)
 SMOKE_KEYS = {"fast_dev_run": False, "limit_train_batches": 1.0, "limit_val_batches": 1.0,
               "limit_test_batches": 1.0, "max_steps": -1, "max_time": None, "overfit_batches": 0.0}
 DEFAULTS_HIDDEN = {"at.norm": "l2"}  # named only when not this value
+REPLACES = {"task.regions": "region"}  # set (given or by an experiment), names the run in place of that one
 MAX_LEN = 120
 
 
@@ -194,9 +196,12 @@ def run_name(overrides: Iterable[str], config: Any = None, exclude: Iterable[str
     if config is not None and task is None and OmegaConf.select(config, "eval") is not None:  # evaluate.py
         evals = OmegaConf.select(config, "eval")
         given.setdefault("eval", list(evals.keys()) if OmegaConf.is_dict(evals) else evals)
+    paths = {key: path for key, _, path in FACTORS}
+    set_ = {k for k in REPLACES if value(k, paths[k]) not in (None, [], "")}  # given, or set by an experiment
+    replaced = {REPLACES[k] for k in set_}
     parts = []
     for key, label, path in FACTORS:
-        if key not in given and key not in core:
+        if (key not in given and key not in core and key not in set_) or key in replaced:
             continue
         v = value(key, path) if key not in PATHS else _path_label(key, given[key])
         if key in DEFAULTS_HIDDEN and _fmt(v) == DEFAULTS_HIDDEN[key]:

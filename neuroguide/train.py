@@ -3,11 +3,18 @@
 1. check the config (the shared keys here, the task's own keys by the task); 2. write the synthetic
 data the task ``needs`` (``task.needs``); 3. provide the task's requirements (e.g. a trained
 predictor, :mod:`neuroguide.requirements`), then seed; 4. build the datamodule
-(``cfg.task.datamodule``) and the task from the registry; 5. fit with Lightning, resuming from
+(``cfg.task.datamodule``) and the task from the registry (``Task.from_configs``; a config may make several runs
+that are built together, ``Task.run_configs``, e.g. encoding's ``task.regions``); 5. fit with Lightning, resuming from
 ``<output>/checkpoints/last.ckpt`` when present (a task with ``closed_form = True``, e.g. encoding's ridge,
 is fitted when built and only validated here); 6. validate and test the selected checkpoint;
-7. write ``metrics.json``, ``config.yaml`` and ``learning_curves.png`` into the output folder and export the
-model (``model.ckpt``, plus task-specific places such as ``${paths.predictors_dir}/subjNN/<region>.ckpt``).
+7. write ``config.yaml``, export the model (``model.ckpt``, plus task-specific places such as
+``${paths.predictors_dir}/subjNN/<region>.ckpt``), then ``metrics.json`` (last: a folder holding it holds a
+finished run) and ``learning_curves.png`` into the output folder.
+
+One process writes a run folder at a time (:func:`neuroguide.utils.run_lock.one_writer`: a second run of the
+same folder is refused at once, naming the first); every file is written atomically, checkpoints included
+(:class:`neuroguide.callbacks.AtomicCheckpointIO`); an unreadable ``checkpoints/last.ckpt`` (cut short) is
+moved to ``<output>/last.ckpt.corrupt-<time>``, with a warning naming both, and the run starts afresh.
 
 A run's identity is its config less :data:`neuroguide.run_names.NOT_IDENTITY` (where, how and how long it runs)
 and ``paths.*`` (where its inputs are): a rerun whose identity matches the folder's finished run returns its
@@ -28,17 +35,19 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from neuroguide.callbacks import ExactResume
+from neuroguide.callbacks import AtomicCheckpointIO, ExactResume
 from neuroguide.config import output_dir
 from neuroguide.data import prepare_synthetic
 from neuroguide.learning_curves import write_learning_curves
 from neuroguide.logging_setup import log_outputs
-from neuroguide.loggers import finish_wandb
+from neuroguide.loggers import WandbLogger, finish_wandb
+from neuroguide.models.checkpoints import set_aside_unreadable
 from neuroguide.requirements import provide
 from neuroguide.run_names import MAY_MOVE, NOT_IDENTITY, listed, smoke_settings
 from neuroguide.slurm import preflight, slurm_allocation
 from neuroguide.tasks import get_task
 from neuroguide.utils.io import atomic_path, read_json, write_json
+from neuroguide.utils.run_lock import one_writer
 
 log = logging.getLogger("neuroguide")
 
@@ -73,13 +82,20 @@ def _float_metrics(metrics: dict) -> dict[str, float]:
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train (and test) the task of ``cfg``; returns the final metrics (also in metrics.json)."""
+    """Train (and test) the task of ``cfg``; returns the final metrics (also in metrics.json). A config that
+    makes several runs (:meth:`Task.run_configs`; encoding with ``task.regions``: one per region, each in its own
+    folder) returns all of them, each key prefixed by its run folder's name (``FFA/test/r_median``)."""
     check_config(cfg)
     task_cls = get_task(cfg.task.name)
     task_cls.check_config(cfg)
     preflight(cfg.trainer.get("devices", 1), cfg.trainer.get("accelerator", "auto"))
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    with one_writer(out):  # a second run of this folder at once is refused, naming this process
+        return _run_in(out, cfg, task_cls)
+
+
+def _run_in(out: Path, cfg: DictConfig, task_cls) -> dict[str, float]:
     prepare_synthetic(cfg.data, cfg.task.get("needs", ()))  # the embedded default: written on first use
     cfg = task_cls.prepare_config(cfg)  # e.g. guidance: region=none forces alpha=0
     for need in task_cls.requirements(cfg):  # e.g. the region's predictor, trained first on synthetic data
@@ -87,29 +103,45 @@ def run(cfg: DictConfig) -> dict[str, float]:
     smoke = smoke_settings(cfg.trainer)
     if smoke:
         log.info("smoke run (%s): never taken as finished (a rerun runs it again) and exported nowhere but %s",
-                 ", ".join(f"trainer.{k}={v}" for k, v in smoke.items()), out / "model.ckpt")
-    done = completed_metrics(out, cfg) if cfg.get("resume", True) and not smoke else None
-    if done is not None:
-        log.info("%s already holds the finished run of this config (metrics.json, model.ckpt): nothing to do "
-                 "(resume=false trains it again)", out)
-        return done
-    # seeded after the requirements: the same command gives the same run whether or not they existed
-    L.seed_everything(int(cfg.seed), workers=True)
-    datamodule = instantiate(cfg.task.datamodule, _recursive_=False)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    module = task_cls.from_config(cfg, datamodule)
+                 ", ".join(f"trainer.{k}={v}" for k, v in smoke.items()), out)
+    runs = task_cls.run_configs(cfg)  # one, or several sharing one fit (encoding: task.regions)
+    results: list[dict | None] = []
+    for c in runs:
+        done = completed_metrics(output_dir(c), c) if c.get("resume", True) and not smoke else None
+        if done is not None:
+            log.info("%s already holds the finished run of this config (metrics.json, model.ckpt): nothing to do "
+                     "(resume=false trains it again)", output_dir(c))
+        results.append(done)
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo:
+        # seeded after the requirements: the same command gives the same run whether or not they existed
+        L.seed_everything(int(cfg.seed), workers=True)
+        datamodules = [instantiate(runs[i].task.datamodule, _recursive_=False) for i in todo]
+        modules = task_cls.from_configs([runs[i] for i in todo], datamodules)
+        for i, datamodule, module in zip(todo, datamodules, modules):
+            results[i] = _fit_and_test(runs[i], datamodule, module)
+    if len(runs) == 1:
+        return results[0]
+    return {f"{output_dir(c).name}/{k}": v for c, m in zip(runs, results) for k, v in m.items()}
 
-    extra = {}
+
+def _fit_and_test(cfg: DictConfig, datamodule, module) -> dict[str, float]:
+    """Steps 5-7 of :func:`run` for one run: fit (or validate a closed-form fit), validate and test the selected
+    checkpoint, write the run folder and export the model; returns its metrics."""
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = {"plugins": [AtomicCheckpointIO()]}  # checkpoints written beside their name, then renamed
     if slurm_allocation() is not None:  # requeue on timeout is submitit's job (once), not Lightning's
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-        extra["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+        extra["plugins"].append(SLURMEnvironment(auto_requeue=False))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg) or False,
                                      callbacks=build_callbacks(cfg) + [ExactResume(cfg.seed)],
                                      default_root_dir=str(out), **extra)
     _log_config(trainer, cfg)
     last = out / "checkpoints" / "last.ckpt"
+    if cfg.get("resume", True):
+        set_aside_unreadable(last, out)  # truncated (killed while copied?): moved into out/, warned; a fresh start
     ckpt_path = str(last) if cfg.get("resume", True) and last.exists() else None
     if ckpt_path:
         check_resumable(last, cfg)
@@ -243,7 +275,6 @@ def _finish(trainer: L.Trainer, module, cfg: DictConfig, out: Path, metrics: dic
         log.warning("non-finite metrics: %s", bad)
     with atomic_path(out / "config.yaml") as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    write_json(out / "metrics.json", metrics)
     module.export(out / "model.ckpt", metrics)
     smoke = smoke_settings(cfg.trainer)
     for p in module.export_paths(cfg):
@@ -253,9 +284,10 @@ def _finish(trainer: L.Trainer, module, cfg: DictConfig, out: Path, metrics: dic
             continue
         module.export(p, metrics)
         log.info("saved %s model to %s", cfg.task.name, p)
+    write_json(out / "metrics.json", metrics)  # last: a folder with metrics.json holds a finished run
     figure = write_learning_curves(trainer, cfg, out)
     for lg in trainer.loggers:
-        if type(lg).__name__ == "WandbLogger":
+        if isinstance(lg, WandbLogger):
             finish_wandb(lg.experiment, metrics, out)
     if not cfg.get("keep_checkpoints", False) and (out / "checkpoints").is_dir():
         # last/best hold the optimizer state for resuming and the selection; the run is finished and exported

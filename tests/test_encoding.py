@@ -13,7 +13,7 @@ from neuroguide.train import run
 
 # planted-depth synthetic NSD, larger than conftest's SMALL_NSD so that a 512-feature layer has enough images
 DEPTH = ["task=encoding", "backbone=planted", "data.synthetic_nsd.planted=depth", "data.synthetic_nsd.n_stimuli=460",
-         "data.synthetic_nsd.n_subject_images=400", "data.synthetic_nsd.n_shared=60", "task.cv=3",
+         "data.synthetic_nsd.n_subject_images=400", "data.synthetic_nsd.n_shared=60",
          "task.alphas=[1,10,100,1000,10000,100000]"]
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
 
@@ -84,7 +84,7 @@ def test_ridge_equals_closed_form_and_penalty_ignores_test_images():
 
     X, Y = _problem()
     Xf, Yf, Xv, Yv, Xt, Yt = X[:80], Y[:80], X[80:100], Y[80:100], X[100:], Y[100:]
-    fit = fit_ridge(Xf, Yf, cv=5)
+    fit = fit_ridge(Xf, Yf)
     assert len(set(fit.alphas.tolist())) > 2  # a penalty per voxel, not one for all
     ours, ref = fit.predict(Xt), _closed_form(Xf, Yf, fit.alphas, Xt)
     r_ours = pearson_r(torch.as_tensor(ours), torch.as_tensor(Yt)).numpy()
@@ -237,3 +237,52 @@ def test_shared515_from_the_design_and_each_subjects_sessions(tmp_path, compose_
     expected = [i for i in design.shared_images if (seen == i).sum() >= 3]
     fewer = shared_by_all(root, 150)
     assert 0 < len(fewer) < len(everyone) and np.array_equal(fewer, np.sort(expected))
+
+
+def test_regions_fitted_together_equal_each_fitted_alone(tmp_path, monkeypatch):
+    """task.regions=[TO,V1]: one decomposition per layer for both regions, and each region's exported model, scores
+    and per-layer table are those of the run of that region alone."""
+    import csv
+
+    import yaml
+    from conftest import small_overrides
+
+    import neuroguide.models.ridge as ridge
+    import neuroguide.tasks.encoding as encoding
+
+    base = small_overrides(tmp_path) + ["task=encoding", "backbone=resnet18", "backbone.weights=random",
+                                        "backbone.layer=[layer2,layer3]", "task.feature_cache_dir=null"]
+    calls = []
+    column_space = ridge.column_space
+    monkeypatch.setattr(ridge, "column_space", lambda xc: calls.append(xc.shape) or column_space(xc))
+    extracted = []
+    features = encoding.cached_features
+    monkeypatch.setattr(encoding, "cached_features", lambda *a, **k: extracted.append(a[4]) or features(*a, **k))
+    joint = run(compose_config("train", base + ["task.regions=[TO,V1]"], output_dir=tmp_path / "joint"))
+    n_voxels = {}
+    assert len(calls) == 2 and extracted == [["layer2", "layer3"]]  # one decomposition per layer, features once
+    x = torch.rand(4, 3, 32, 32)
+    for region in ("TO", "V1"):
+        alone = run(compose_config("train", base + [f"region={region}"], output_dir=tmp_path / region))
+        folder = tmp_path / "joint" / "regions" / region
+        a, b = neuroguide.load_model(folder / "model.ckpt"), neuroguide.load_model(tmp_path / region / "model.ckpt")
+        assert a.neuroguide_info["facts"]["region"] == region
+        n_voxels[region] = a.neuroguide_info["facts"]["n_voxels"]
+        with torch.no_grad():
+            pa, pb = a(x), b(x)
+        print(region, "largest |prediction difference| joint vs alone:", float((pa - pb).abs().max()))
+        assert pa.shape == pb.shape and float((pa - pb).abs().max()) <= 1e-5
+        for k in ("test/r_median", "test/r_nc_median", "val/r_median", "test/layer/layer2/r_nc_median"):
+            assert joint[f"{region}/{k}"] == pytest.approx(alone[k], abs=1e-5)
+        assert json.loads((folder / "metrics.json").read_text())["test/r_median"] == pytest.approx(alone["test/r_median"],
+                                                                                                   abs=1e-5)
+        rows = [list(csv.DictReader(open(f / "layers.csv"))) for f in (folder, tmp_path / region)]
+        assert [r["layer"] for r in rows[0]] == ["layer2", "layer3"]
+        for ra, rb in zip(*rows):
+            assert float(ra["val_r_median"]) == pytest.approx(float(rb["val_r_median"]), abs=1e-6)
+            assert ra["alpha_median"] == rb["alpha_median"] and ra["selected"] == rb["selected"]
+        written = yaml.safe_load((folder / "config.yaml").read_text())  # the config of the run region=<region>
+        assert written["region"]["name"] == region and written["task"]["regions"] is None
+    assert n_voxels["TO"] != n_voxels["V1"]
+    again = run(compose_config("train", base + ["task.regions=[TO,V1]"], output_dir=tmp_path / "joint"))
+    assert len(calls) == 2 + 2 * 2 and again == joint  # finished: read back (the alone runs decomposed 2 x 2)

@@ -96,7 +96,7 @@ def test_bad_modes_and_names(trained):
     tmp, _, guided, _ = trained
     with pytest.raises(ValueError, match="exactly one of ckpt"):
         _eval(tmp, "e5", "eval=[robustness]")
-    with pytest.raises(KeyError, match=r"unknown analyses \['nonsense'\].*'shape_bias'.*sensitivity_guo2022"):
+    with pytest.raises(KeyError, match=r"unknown analyses \['nonsense'\].*'shape_bias'.*experiment=guo2022_sensitivity"):
         _eval(tmp, "e6", f"ckpt={guided}", "+eval.nonsense={}")
     assert not (tmp / "e6").exists()  # refused before anything ran
     with pytest.raises(EvaluationFailed, match="eval/sensitivity/failed: KeyError: .*Valid layer names"):
@@ -196,7 +196,7 @@ def test_cli_unknown_analysis_fails_before_loading(tmp_path):
              f"hydra.run.dir={tmp_path}/run")
     assert p.returncode == 1
     assert "unknown analyses ['nonexistent'] in eval=[robustness,nonexistent]" in p.stderr
-    for name in ("'sensitivity'", "'shape_bias'", "'transfer'", "'sensitivity_guo2022'", "conf/eval"):
+    for name in ("'sensitivity'", "'shape_bias'", "'transfer'", "experiment=guo2022_sensitivity", "conf/eval"):
         assert name in p.stderr
     assert "no_model.ckpt" not in p.stderr and not (tmp_path / "run").exists()  # nothing loaded, no run folder
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from neuroguide.evaluation.metrics import ranks as ranks_mod
 from neuroguide.evaluation.metrics import rdm as rdm_mod
 from neuroguide.evaluation.analyses.rsa import core as rsa
 from neuroguide.metrics import pearson_r
@@ -62,7 +63,7 @@ def test_compare_equals_rsatoolbox(method, comparison):
     ra, rb = calc_rdm(Dataset(a), method=method), calc_rdm(Dataset(b), method=method)
     ours = rsa.compare(rsa.rdm(torch.from_numpy(a), method), rsa.rdm(torch.from_numpy(b), method), comparison)
     theirs = float(rsa_compare(ra, rb, method=comparison)[0, 0])
-    assert abs(ours - theirs) < 1e-6
+    assert abs(ours - theirs) < 1e-12
     assert abs(ours) > 0.05  # related patterns: a similarity that could be wrong
 
 
@@ -73,7 +74,7 @@ def test_compare_with_ties_equals_rsatoolbox(comparison):
     x = rng.integers(0, 6, m).astype(float)  # many ties in both vectors, and joint ties
     y = (x + rng.integers(0, 4, m)).astype(float)
     theirs = float(rsa_compare(RDMs(x[None]), RDMs(y[None]), method=comparison)[0, 0])
-    assert abs(rsa.compare(torch.from_numpy(x), torch.from_numpy(y), comparison) - theirs) < 1e-6
+    assert abs(rsa.compare(torch.from_numpy(x), torch.from_numpy(y), comparison) - theirs) < 1e-12
 
 
 def brute_force_discordant(x, y):
@@ -83,20 +84,93 @@ def brute_force_discordant(x, y):
     return int(np.triu(dx * dy < 0, 1).sum())
 
 
-@pytest.mark.parametrize("seed,levels", [(0, 3), (1, 6), (2, 40), (3, 10_000)])
+@pytest.mark.parametrize("seed,levels", [(0, 3), (1, 6), (2, 40), (3, 10_000), (4, None)])
 def test_discordant_pairs_equal_brute_force(seed, levels):
-    """The public (kendalltau-based) discordant count equals the O(n^2) count, with many or no ties."""
+    """The numpy discordant count equals the O(n^2) count, with many, few or no ties (levels=None: continuous),
+    whichever vector is the first."""
     rng = np.random.default_rng(seed)
     m = 30 * 29 // 2
-    x = rng.integers(0, levels, m).astype(float)
-    y = np.where(rng.random(m) < 0.5, x, rng.integers(0, levels, m)).astype(float)  # related, with joint ties
+    x = rng.integers(0, levels, m).astype(float) if levels else rng.standard_normal(m)
+    y = np.where(rng.random(m) < 0.5, x, rng.integers(0, levels, m) if levels else rng.standard_normal(m))
     a, b = rdm_mod.prepare(torch.from_numpy(x)), rdm_mod.prepare(torch.from_numpy(y))
     expected = brute_force_discordant(x, y)
     assert expected > 0
-    assert rdm_mod._discordant_pairs(a, b) == expected
-    assert rdm_mod._discordant_pairs(b, a) == expected
+    assert ranks_mod.discordant_pairs(a.info, b.info) == expected
+    assert ranks_mod.discordant_pairs(b.info, a.info) == expected
     const = rdm_mod.prepare(torch.ones(m, dtype=torch.float64))
-    assert rdm_mod._discordant_pairs(const, b) == 0
+    assert ranks_mod.discordant_pairs(const.info, b.info) == 0
+
+
+def brute_force_inversions(p):
+    return int(np.triu(p[:, None] > p[None, :], 1).sum())
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 31, 32, 33, 100, 255, 256, 257, 1000])
+def test_inversions_equal_brute_force(n):
+    """Sizes around the padding to 2^B, the direct-comparison rows (32) and the 8-bit switch (256)."""
+    rng = np.random.default_rng(n)
+    p = rng.permutation(n)
+    assert ranks_mod.inversions(p) == brute_force_inversions(p)
+    assert ranks_mod.inversions(np.arange(n)) == 0
+    assert ranks_mod.inversions(np.arange(n)[::-1]) == n * (n - 1) // 2
+    near = np.argsort(np.arange(n) + 3 * rng.standard_normal(n))  # nearly sorted, as for related RDMs
+    assert ranks_mod.inversions(near) == brute_force_inversions(near)
+
+
+@pytest.mark.parametrize("kind", ["normal", "levels", "close", "signed_zeros", "exponents"])
+def test_sort_order_and_ties_equal_numpy(kind):
+    """The packed-key sort is an exact argsort with exact tie flags, also where values agree in their top ~40
+    bits (``close``: spread 1e-12 around 1, so most keys collide and are reordered by the full values),
+    for -0.0 == 0.0, and across the whole float range."""
+    rng = np.random.default_rng(len(kind))
+    m = 5000
+    v = {"normal": lambda: rng.standard_normal(m),
+         "levels": lambda: rng.integers(0, 7, m).astype(float),
+         "close": lambda: 1 + 1e-12 * rng.integers(-500, 500, m),
+         "signed_zeros": lambda: np.where(rng.random(m) < 0.5, -0.0, 0.0) + rng.integers(-2, 2, m),
+         "exponents": lambda: rng.standard_normal(m) * 10.0 ** rng.integers(-300, 300, m)}[kind]()
+    order, new = ranks_mod.sort_order(v)
+    assert np.array_equal(np.sort(order), np.arange(m))  # a permutation
+    sv = np.sort(v)
+    assert np.array_equal(v[order], sv)
+    assert np.array_equal(new, np.r_[True, sv[1:] != sv[:-1]])
+    info = ranks_mod.rank_info(v)
+    from scipy.stats import rankdata
+
+    np.testing.assert_array_equal(info.dense, rankdata(v, method="dense") - 1)
+    np.testing.assert_array_equal(info.average_ranks(), rankdata(v))
+
+
+@pytest.mark.parametrize("n", [70_000, 2 ** 17])
+def test_inversions_of_long_permutations_equal_scipy(n):
+    """Past the 16-bit switch (2^16): against scipy.stats.kendalltau of (0..n-1, p), whose tau-a = tau-b
+    (no ties) = 1 - 4 inversions / (n (n - 1)); its float error is far below one inversion here."""
+    from scipy.stats import kendalltau
+
+    p = np.random.default_rng(n).permutation(n)
+    tau = kendalltau(np.arange(n), p).statistic
+    assert ranks_mod.inversions(p) == round((1 - tau) * n * (n - 1) / 4)
+    assert ranks_mod.inversions(p[::-1]) == n * (n - 1) // 2 - ranks_mod.inversions(p)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_long_rdms_equal_rsatoolbox_and_scipy(ties):
+    """420 stimuli (87,990 pairs: every bit width of the count), all three comparisons against rsatoolbox to
+    1e-12; Spearman against scipy.stats.spearmanr, and tau-a against scipy's tau-b where there are no ties."""
+    from scipy.stats import kendalltau, spearmanr
+
+    a, b = patterns(n=420, k=16, seed=9, noise=2.0)
+    va, vb = rsa.rdm(torch.from_numpy(a)).numpy(), rsa.rdm(torch.from_numpy(b)).numpy()
+    if ties:  # a model predicting 12 levels of dissimilarity: many ties, and ties in both
+        va = np.digitize(va, np.quantile(va, np.linspace(0, 1, 13)[1:-1])).astype(float)
+    ours = rsa.compare_all({"a": torch.from_numpy(va), "b": torch.from_numpy(vb)})
+    rdms = RDMs(np.stack([va, vb]))
+    for c in rsa.COMPARISONS:
+        np.testing.assert_allclose(ours[c], rsa_compare(rdms, rdms, method=c), atol=1e-12, rtol=0)
+    assert abs(ours["spearman"][0, 1] - spearmanr(va, vb).statistic) < 1e-12
+    if not ties:
+        assert abs(ours["tau-a"][0, 1] - kendalltau(va, vb).statistic) < 1e-12
+    assert 0.05 < ours["tau-a"][0, 1] < 0.95
 
 
 def test_no_private_scipy_import():
@@ -121,7 +195,7 @@ def test_compare_all_matrix_equals_rsatoolbox():
     ours = rsa.compare_all({k: torch.from_numpy(v) for k, v in vecs.items()})
     rdms = RDMs(np.stack(list(vecs.values())))
     for c in rsa.COMPARISONS:
-        np.testing.assert_allclose(ours[c], rsa_compare(rdms, rdms, method=c), atol=1e-6)
+        np.testing.assert_allclose(ours[c], rsa_compare(rdms, rdms, method=c), atol=1e-12, rtol=0)
         np.testing.assert_allclose(ours[c], ours[c].T)
 
 
@@ -142,7 +216,7 @@ def test_nan_positions_left_out():
     assert int((~keep).sum()) == 11
     for c in rsa.COMPARISONS:
         theirs = float(rsa_compare(RDMs(va[keep].numpy()[None]), RDMs(vb[keep].numpy()[None]), method=c)[0, 0])
-        assert abs(rsa.compare(va, vb, c) - theirs) < 1e-6
+        assert abs(rsa.compare(va, vb, c) - theirs) < 1e-12
 
 
 def test_different_stimulus_sets_refused():

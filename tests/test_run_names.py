@@ -94,10 +94,19 @@ def test_run_name_without_a_config_uses_the_override_values():
 
 
 def test_every_job_of_the_encoding_sweep_has_its_own_folder(folder):
-    """The zoo's robust ResNet-50s share backbone.name resnet50: the option chosen names them apart."""
+    """The zoo's robust ResNet-50s share backbone.name resnet50: the option chosen names them apart. Each job fits
+    the experiment's regions together (task.regions), and its folder is named by them, not by the default region."""
     base = compose("train", overrides=["experiment=mcneal2024_encoding"], return_hydra_config=True)  # inside folder's
     params = base.hydra.sweeper.params
-    names = {folder("train", "experiment=mcneal2024_encoding", f"region={r}", f"backbone={b}", "subject=1")
-             for r in str(params.region).split(",") for b in str(params.backbone).split(",")}
-    assert len(names) == len(str(params.region).split(",")) * len(str(params.backbone).split(","))
+    assert list(base.task.regions) == ["FFA", "EBA", "PPA"]
+    names = {folder("train", "experiment=mcneal2024_encoding", f"backbone={b}", f"subject={s}")
+             for b in str(params.backbone).split(",") for s in str(params.subject).split(",")}
+    assert len(names) == len(str(params.backbone).split(",")) * len(str(params.subject).split(","))
     assert any("backbone-resnet50_l2_eps1_" in n or n.endswith("backbone-resnet50_l2_eps1") for n in names)
+    assert all("regions-FFA+EBA+PPA" in n and "region-" not in n for n in names)
+
+
+def test_regions_fitted_together_name_the_run_in_place_of_region(folder):
+    assert folder("train", "task=encoding", "task.regions=[FFA,EBA]").startswith(
+        "task-encoding_regions-FFA+EBA_backbone-resnet50_layer-")
+    assert folder("train", "task=encoding", "region=FFA").startswith("task-encoding_region-FFA_backbone-resnet50")

@@ -351,13 +351,13 @@ def test_evaluate_takes_sigma_over_all_held_out_images_at_avgpool(guided_ckpt):
 
 
 def test_guo2022_preset_fills_eval_sensitivity(guided_ckpt):
-    """eval=[sensitivity_guo2022] is keyed like eval=[sensitivity] with the paper's budget; the default is
+    """experiment=guo2022_sensitivity is eval=[sensitivity] with the paper's budget; the default is
     at most 1/10 of its gradient evaluations; the preset's keys run through the runner (budget cut here)."""
     from neuroguide.config import compose_config
     from neuroguide.evaluation.runner import _analyses
 
     tmp, ckpt = guided_ckpt
-    guo = compose_config("evaluate", ["eval=[sensitivity_guo2022]"], output_dir=tmp / "c1")
+    guo = compose_config("evaluate", ["experiment=guo2022_sensitivity"], output_dir=tmp / "c1")
     assert list(_analyses(guo)) == ["sensitivity"]
     p = guo.eval.sensitivity
     assert (p.steps, p.restarts, p.schedule, list(p.directions), p.norm) == (250, 100, "guo", ["up", "down"], "l2")
@@ -365,7 +365,7 @@ def test_guo2022_preset_fills_eval_sensitivity(guided_ckpt):
     assert list(p.eps_list) == [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0] and p.layer == "auto" and p.n_sigma_images is None
     fast = compose_config("evaluate", [], output_dir=tmp / "c2").eval.sensitivity
     assert fast.steps * fast.restarts <= 0.1 * p.steps * p.restarts and fast.schedule == "guo"
-    m, out, _ = _evaluate(tmp, "e_guo", f"ckpt={ckpt}", "eval=[sensitivity_guo2022]", "n_images=4",
+    m, out, _ = _evaluate(tmp, "e_guo", f"ckpt={ckpt}", "experiment=guo2022_sensitivity", "n_images=4",
                           "eval.sensitivity.n_images=1", "eval.sensitivity.units=2", "eval.sensitivity.steps=2",
                           "eval.sensitivity.restarts=2", "eval.sensitivity.eps_list=[0.5,2.5]")
     assert {"eval/sensitivity/l2_0.5/mean_norm", "eval/sensitivity/l2_2.5/mean_norm"} <= set(m)

@@ -5,7 +5,12 @@ Three modes, one set of analyses (``eval=[...]``, each configured under ``cfg.ev
 - ``ckpt=<path>``: every analysis on one model, on its own evaluation stimuli;
 - ``models=[a, b, ...]``: the analyses that compare models (transfer, model-vs-model RSA);
 - ``sweep_dir=<dir>``: every run below the folder (each holding ``model.ckpt``); each run gets an
-  ``eval_metrics.json`` beside its ``metrics.json``, and the sweep one comparison table and figures.
+  ``eval_metrics.json`` beside its ``metrics.json``, and the sweep one comparison table and figures. A
+  train.py run folder without ``model.ckpt`` (crashed, killed, still running) is a failure
+  ``<run>/eval/model/failed = "no model.ckpt: ..."``, also listed in report.md.
+
+A guided model keeps its predictor by reference (:mod:`neuroguide.models.checkpoints`): one whose predictor
+file moved is looked up by content below ``paths.predictors_dir``.
 
 Results: the evaluation run's ``metrics.json`` (keys ``eval/<analysis>/...``; per model in the multi-model
 modes), the W&B summary, and PNG figures in the output folder.
@@ -64,8 +69,8 @@ def available_analyses() -> str:
     files = sorted(p.stem for p in (CONF_DIR / "eval").glob("*.yaml"))
     return (f"per-model analyses {sorted(PER_MODEL)}, multi-model analyses (models=[...], sweep_dir=...) "
             f"{sorted(MULTI_MODEL)}, without a model {sorted(STANDALONE)} (e.g. selection: backbones x layers); config files in "
-            f"{CONF_DIR / 'eval'}: {files} (e.g. eval=[sensitivity_guo2022] is the sensitivity analysis with "
-            "another budget)")
+            f"{CONF_DIR / 'eval'}: {files}; presets are experiments (e.g. experiment=guo2022_sensitivity: the "
+            "sensitivity analysis with the paper's budget)")
 
 
 def check_eval_overrides(overrides: list[str]) -> None:
@@ -112,7 +117,7 @@ def evaluate_model(path: str | Path, analyses: Mapping[str, dict], out: Path, cf
     metrics: dict = {}
     model = stim = None
     with _recorded(metrics, "model", str(path)):
-        model = load_model(path, map_location=_device(cfg))
+        model = _load(path, cfg)
     if model is not None:
         with _recorded(metrics, "stimuli", str(path)):
             stim = model_stimuli(model, cfg.get("n_images"), cfg.get("stimuli") or {})
@@ -129,11 +134,26 @@ def evaluate_model(path: str | Path, analyses: Mapping[str, dict], out: Path, cf
     return metrics
 
 
-def _runs_below(sweep_dir: Path) -> list[Path]:
+def _load(path: str | Path, cfg: DictConfig):
+    """``load_model`` on the chosen device; a part kept by reference that moved is looked up by content below
+    ``paths.predictors_dir``."""
+    try:
+        search = [p for p in [OmegaConf.select(cfg, "paths.predictors_dir", default=None)] if p]
+    except Exception:  # noqa: BLE001 - an unresolvable interpolation: no folder to look in
+        search = []
+    return load_model(path, map_location=_device(cfg), search=search)
+
+
+def _runs_below(sweep_dir: Path, unfinished: Mapping[Path, str] | None = None) -> list[Path]:
+    """The run folders holding a model.ckpt below ``sweep_dir`` (not the predictors trained on the way); a
+    FileNotFoundError listing the ``unfinished`` run folders when there is none."""
+    unfinished = unfinished or {}
     runs = sorted(p.parent for p in sweep_dir.rglob("model.ckpt")
                   if not any(part.startswith("predictor_") for part in p.parent.relative_to(sweep_dir).parts))
     if not runs:
-        raise FileNotFoundError(f"no run with a model.ckpt below sweep_dir={sweep_dir}")
+        more = "".join(f"\n  {r}: {why}" for r, why in unfinished.items())
+        raise FileNotFoundError(f"no run with a model.ckpt below sweep_dir={sweep_dir}"
+                                + (f"; {len(unfinished)} run folder(s) without one:{more}" if unfinished else ""))
     return runs
 
 
@@ -217,7 +237,7 @@ def evaluate_models(paths: list[str], analyses: Mapping[str, dict], out: Path, c
     for p in paths:
         key = _short_name(p, paths)
         with _recorded(metrics, "model", p, prefix=f"{key}/"):
-            models[key] = load_model(p, map_location=_device(cfg))
+            models[key] = _load(p, cfg)
     if not models:
         return metrics
     first = next(iter(models))
@@ -251,10 +271,14 @@ def _short_name(path: str, all_paths: list[str]) -> str:
 
 
 def evaluate_sweep(sweep_dir: Path, analyses: Mapping[str, dict], out: Path, cfg: DictConfig) -> dict:
-    from neuroguide.report import report, robustness_by_region
+    from neuroguide.report import report, robustness_by_region, unfinished_runs
 
-    runs = _runs_below(sweep_dir)
-    metrics = {}
+    unfinished = unfinished_runs(sweep_dir, marker="model.ckpt")
+    runs = _runs_below(sweep_dir, unfinished)
+    metrics = {f"{run_dir.relative_to(sweep_dir)}/eval/model/{FAILED}": f"no model.ckpt: {why}"
+               for run_dir, why in unfinished.items()}  # crashed, killed or still running: named, not dropped
+    for key, why in metrics.items():
+        log.error("%s: %s", key, why)
     per = {k: v for k, v in analyses.items() if k in PER_MODEL}
     from tqdm.auto import tqdm
 
@@ -290,7 +314,7 @@ def _wandb_summary(cfg: DictConfig, metrics: dict, out: Path) -> None:
         import wandb
 
         run = wandb.init(project="neuroguide", group=str(cfg.get("name", "eval")), job_type="evaluate",
-                         dir=str(out), mode=wandb_mode(), config=OmegaConf.to_container(cfg, resolve=True))
+                         dir=str(out), mode=wandb_mode(out), config=OmegaConf.to_container(cfg, resolve=True))
     except Exception as e:  # logging must never lose the results already written
         log.warning("W&B run not started: %s", e)
         return

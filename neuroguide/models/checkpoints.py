@@ -6,17 +6,25 @@ A neuroguide checkpoint (Lightning's ``.ckpt`` or the exported model file) holds
 takes, so :func:`load_model` rebuilds the network without Hydra, the data or the task; ``facts`` are
 the run facts a reader looks things up by (region, subject, alpha, at_eps, image_size, ...) and
 ``run_config`` the whole resolved run config. Every file is read with
-``torch.load(..., weights_only=True)``: a file holding a pickled callable is refused.
+``torch.load(..., weights_only=True)``: a file holding a pickled callable is refused. Every file is written by
+:func:`save_torch`: serialised in memory, checked against the folder's free space, written to a temporary name
+beside its final one and renamed (a full disk is one :class:`~neuroguide.utils.io.DiskFull` error naming the
+folder and the space needed, and nothing partial keeps the final name).
 
 Frozen parts stored elsewhere (a guided classifier's predictor, 45 MB, the same file for every run
 guided by that region) are kept **by reference**: ``hyper_parameters["references"] =
 {"predictor.": {"path", "sha256"}}`` and no weights under that prefix. :func:`load_model` reads the
-referenced file, checks its content hash and puts its weights back under the prefix.
+referenced file, checks its content hash and puts its weights back under the prefix. A referenced file that
+is not at its stored path any more (the predictors folder was moved) is looked up by content below the
+folders given as ``search`` (e.g. the current ``paths.predictors_dir``): first by its content-named copy
+``.by-sha256/<sha256>.ckpt``, then by hashing the other ``.ckpt`` files there.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +34,7 @@ import torch
 from torch import nn
 
 from neuroguide.models.registry import build_model, split_model_config
-from neuroguide.utils.io import atomic_path, file_sha256
+from neuroguide.utils.io import atomic_write_bytes, file_sha256
 
 FORMAT = "neuroguide-model-v2"
 FORMATS = ("neuroguide-model-v1", FORMAT)
@@ -76,9 +84,33 @@ def save_model_file(path: str | os.PathLike, model_kind: str, model_config: dict
                        if not any(k.startswith(p) for p in references)},
         "metrics": dict(metrics or {}),
     }
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-    return Path(path)
+    return save_torch(obj, path)
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` into ``path`` atomically, after checking its folder has room for the bytes
+    (:class:`~neuroguide.utils.io.DiskFull` naming the folder and the space needed if not)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getbuffer())
+
+
+def set_aside_unreadable(path: str | os.PathLike, folder: str | os.PathLike | None = None) -> Path | None:
+    """Move an unreadable checkpoint (truncated, corrupted) to ``<folder>/<name>.corrupt-<YYYYmmdd-HHMMSS>``
+    (``folder``: default beside it) and warn, naming both and what was wrong; returns the new path, or None
+    when ``path`` reads (or is absent)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        safe_torch_load(path)
+        return None
+    except ValueError as e:
+        aside = Path(folder or path.parent) / f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(path, aside)
+        log.warning("%s. Moved it aside to %s (kept for inspection; delete it when not needed) and starting the "
+                    "run afresh instead of resuming from it", e, aside)
+        return aside
 
 
 @dataclass
@@ -124,39 +156,60 @@ def read_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Checkpo
                       sd, dict(ckpt.get("metrics") or {}), dict(hp.get("references") or {}))
 
 
-def check_reference(prefix: str, ref: dict, owner: str | os.PathLike) -> Path:
-    """The referenced file of ``owner``'s part ``prefix``, after checking it exists and has the stored hash."""
+def find_by_content(sha256: str, suffix: str, search: tuple | list = ()) -> Path | None:
+    """A file below one of the ``search`` folders whose content has this SHA-256: its content-named copy
+    ``<sha256><suffix>`` (``.by-sha256/``) first, else any other ``*<suffix>`` file there (each one hashed)."""
+    roots = [Path(r) for r in search if r and Path(r).is_dir()]
+    named = [p for r in roots for p in sorted(r.rglob(f"{sha256}{suffix}"))]
+    others = [p for r in roots for p in sorted(r.rglob(f"*{suffix}")) if p.name != f"{sha256}{suffix}"]
+    return next((p for p in named + others if p.is_file() and file_sha256(p) == sha256), None)
+
+
+def check_reference(prefix: str, ref: dict, owner: str | os.PathLike, search: tuple | list = ()) -> Path:
+    """The referenced file of ``owner``'s part ``prefix``, after checking it exists and has the stored hash;
+    one missing or changed there is looked up by content below the ``search`` folders (:func:`find_by_content`)."""
     path = Path(ref["path"])
     what = f"{owner} keeps its frozen {prefix.rstrip('.')} by reference to {path}"
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}, which does not exist. Copy that file there (it is the trained model of "
-                                "the run's paths.predictors_dir), or retrain the guided model")
-    if ref.get("sha256") and file_sha256(path) != ref["sha256"]:
-        raise ValueError(f"{what}, but that file has changed since (content hash differs): it was retrained or "
-                         "replaced. Restore the original file, or retrain the guided model with the new one")
-    return path
+    missing = not path.is_file()
+    if not missing and (not ref.get("sha256") or file_sha256(path) == ref["sha256"]):
+        return path
+    found = find_by_content(ref["sha256"], path.suffix, search) if ref.get("sha256") else None
+    if found is not None:
+        log.info("%s, %s: using %s, the same content (sha256 %s...)", what,
+                 "which does not exist" if missing else "which has changed", found, ref["sha256"][:12])
+        return found
+    looked = f" nor anywhere below {', '.join(map(str, search))} (by content)" if search else ""
+    if missing:
+        raise FileNotFoundError(f"{what}, which does not exist{looked}. Copy that file there (it is the trained "
+                                "model of the run's paths.predictors_dir), pass the folder it moved to as "
+                                "paths.predictors_dir, or retrain the guided model")
+    raise ValueError(f"{what}, but that file has changed since (content hash differs){looked}: it was retrained or "
+                     "replaced. Restore the original file, or retrain the guided model with the new one")
 
 
-def referenced_state(references: dict, owner: str | os.PathLike) -> dict:
-    """The weights of every referenced part, keyed with their prefix (hash-checked)."""
+def referenced_state(references: dict, owner: str | os.PathLike, search: tuple | list = ()) -> dict:
+    """The weights of every referenced part, keyed with their prefix (hash-checked; ``search``: folders where
+    a moved file is looked up by content, see :func:`check_reference`)."""
     out = {}
     for prefix, ref in references.items():
-        sd = read_checkpoint(check_reference(prefix, ref, owner)).state_dict
+        sd = read_checkpoint(check_reference(prefix, ref, owner, search)).state_dict
         out.update({prefix + k: v for k, v in sd.items()})
     return out
 
 
 def load_model(path: str | os.PathLike, map_location: Any = "cpu", eval_mode: bool = True,
-               kind: str | None = None) -> nn.Module:
+               kind: str | None = None, search: tuple | list = ()) -> nn.Module:
     """Rebuild the model stored in ``path`` (no Hydra needed), with its weights, in eval mode.
 
     The returned module takes images (B, 3, H, W) in [0, 1] (a batch outside that range is warned
     about once). ``model.neuroguide_info`` holds ``task_name``, ``model_kind``, ``model_config``,
     ``facts`` and ``run_config`` of the checkpoint. ``kind``: refuse a model of another kind.
+    ``search``: folders where a part kept by reference that moved is looked up by content (e.g. the
+    current ``paths.predictors_dir``).
     """
     ck = read_checkpoint(path, kind)
     model = build_model(ck.model_kind, **ck.model_config)
-    missing, unexpected = model.load_state_dict({**ck.state_dict, **referenced_state(ck.references, path)},
+    missing, unexpected = model.load_state_dict({**ck.state_dict, **referenced_state(ck.references, path, search)},
                                                 strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:

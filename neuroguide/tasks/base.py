@@ -69,6 +69,21 @@ class Task(L.LightningModule):
         """Build the task from the composed run config and its (set-up) datamodule."""
         raise NotImplementedError
 
+    @classmethod
+    def run_configs(cls, cfg) -> list:
+        """The runs one command makes, each a full run config with its own ``paths.output_dir``: ``[cfg]`` (the
+        encoding task with ``task.regions``: one per region)."""
+        return [cfg]
+
+    @classmethod
+    def from_configs(cls, cfgs: list, datamodules: list) -> list["Task"]:
+        """The tasks of the runs ``cfgs``, their datamodules not yet set up: each datamodule prepared and set up,
+        then :meth:`from_config` one by one (a task may build them together, e.g. sharing a fit)."""
+        for d in datamodules:
+            d.prepare_data()
+            d.setup("fit")
+        return [cls.from_config(c, d) for c, d in zip(cfgs, datamodules)]
+
     def forward(self, x):
         return self.model(x)
 
@@ -82,8 +97,10 @@ class Task(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resume / best-checkpoint reloads: parts kept by reference come back from their (hash-checked) files."""
         refs = (checkpoint.get("hyper_parameters") or {}).get("references") or {}
-        if refs:
-            state = referenced_state(refs, checkpoint.get("neuroguide_path", "the checkpoint being loaded"))
+        if refs:  # a referenced file that moved is looked up by content below this run's paths.predictors_dir
+            search = [((self.hparams.get("run_config") or {}).get("paths") or {}).get("predictors_dir")]
+            state = referenced_state(refs, checkpoint.get("neuroguide_path", "the checkpoint being loaded"),
+                                     [d for d in search if d])
             checkpoint["state_dict"].update({f"model.{k}": v for k, v in state.items()})
 
     # ------------------------------------------------------------------ optimizer

@@ -6,7 +6,7 @@ its layers, and a voxelwise ridge readout to one NSD region, fitted in closed fo
 1. The backbone's weights come from a local file only (:mod:`neuroguide.models.zoo`); ``weights=random`` is a
    loud control. 2. Features of every listed layer on the subject's images, pooled (``task.pool``), come from
    the feature cache (:mod:`neuroguide.models.feature_cache`). 3. Per layer, a ridge per voxel with its penalty
-   cross-validated on the *fit* images (the training images minus a validation tenth,
+   chosen by exact leave-one-out error on the *fit* images (the training images minus a validation tenth,
    :mod:`neuroguide.models.ridge`); the layer whose median r on the validation images is highest is exported.
    4. The exported model (backbone to the layer + pooling + linear readout, :mod:`neuroguide.models.encoding`)
    is validated and tested through Lightning like a predictor: the same keys (``test/r_median``,
@@ -14,20 +14,29 @@ its layers, and a voxelwise ridge readout to one NSD region, fitted in closed fo
    ``layers.png`` in the run folder; ``val/layer/<layer>/r_median``, ``test/layer/<layer>/r_nc_median`` in
    metrics.json) are reported for every layer; the test images never choose anything.
 
+Several regions of one subject (``task.regions=[FFA,EBA,PPA]``, in place of ``region``) share the images and so
+the features: they are extracted once per layer and one ridge is solved per layer on all their voxels side by side
+(:meth:`EncodingTask.fit_regions`); each region is then an ordinary run of its own in ``<run>/regions/<region>/``
+(``model.ckpt``, ``metrics.json``, ``config.yaml`` of the run ``region=<region>``, ``layers.csv``), the same model
+it gets when fitted alone.
+
 The task has no gradient steps: ``closed_form = True`` tells :func:`neuroguide.train.run` to validate and
 test the model built by :meth:`EncodingTask.from_config` instead of fitting it.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from neuroguide.config import output_dir
+from neuroguide.data.nsd_datamodule import NSDDataModule
+from neuroguide.data.nsd_regions import extract_regions, load_region
 from neuroguide.data.nsd_stimuli import NSDStimuli
 from neuroguide.metrics import nanmedian, nc_normalized, voxel_score_summary, voxel_scores
 from neuroguide.models.backbones import build_network, check_layer, layer_root
@@ -42,6 +51,15 @@ from neuroguide.tasks.regression import RegressionTask
 from neuroguide.utils.io import atomic_path, file_fingerprint
 
 log = logging.getLogger("neuroguide")
+
+
+def region_list(regions) -> list[str]:
+    """``task.regions``: null (the run's ``region`` only), a list of region names, or a comma-separated string."""
+    if regions is None:
+        return []
+    if isinstance(regions, str):
+        return [s.strip() for s in regions.split(",") if s.strip()]
+    return [str(s) for s in regions]
 
 
 def layer_list(layer) -> list[str]:
@@ -112,22 +130,72 @@ class EncodingTask(RegressionTask):
         if not layer_list(cfg.backbone.layer):
             raise ValueError("backbone.layer is empty: name a layer (backbone.layer=layer4) or a list "
                              "(backbone.layer=[layer2,layer3,layer4])")
-        if int(cfg.task.cv) < 2:
-            raise ValueError(f"task.cv={cfg.task.cv}: the per-voxel penalty needs >= 2 cross-validation folds")
         alphas = list(cfg.task.alphas)
         if not alphas or min(float(a) for a in alphas) <= 0:
             raise ValueError(f"task.alphas={alphas}: expected a non-empty list of positive ridge penalties")
         if cfg.data.get("pca"):
             raise ValueError("task=encoding fits every voxel (no PCA): set data.pca=false")
+        regions = region_list(cfg.task.get("regions"))
+        for name in regions:
+            load_region(name)  # a KeyError naming the known regions
+        if len(set(regions)) != len(regions):
+            raise ValueError(f"task.regions={regions} names a region twice; list each once")
+
+    @classmethod
+    def run_configs(cls, cfg) -> list:
+        """``task.regions=[FFA,EBA,PPA]``: one run per region, ``<run>/regions/<name>/`` each (the config of the
+        single-region run ``region=<name>``, with ``task.regions`` null), all fitted together; else ``[cfg]``."""
+        regions = region_list(cfg.task.get("regions"))
+        if not regions:
+            return [cfg]
+        out, runs = output_dir(cfg), []
+        for name in regions:
+            c = copy.deepcopy(cfg)
+            with open_dict(c):
+                c.region = OmegaConf.create(load_region(name))
+                c.task.regions = None
+                c.paths.output_dir = str(out / "regions" / name)
+            runs.append(c)
+        log.info("task.regions: %d regions of subject %d fitted together (features once per layer, one ridge "
+                 "decomposition per layer), each exported to %s/regions/<region>/", len(runs), int(cfg.subject), out)
+        return runs
 
     @classmethod
     def from_config(cls, cfg, datamodule) -> "EncodingTask":
-        rd, b, t = datamodule.region_data, cfg.backbone, cfg.task
+        return cls.fit_regions([cfg], [datamodule])[0]
+
+    @classmethod
+    def from_configs(cls, cfgs: list, datamodules: list) -> list["EncodingTask"]:
+        """The regions' datamodules set up (the regions not yet in the cache extracted in one pass over the
+        sessions), then all fitted together by :meth:`fit_regions`."""
+        nsd = [d for d in datamodules if isinstance(d, NSDDataModule)]
+        if len(nsd) > 1 and nsd[0].cache_dir is not None and Path(str(nsd[0].nsd_root)).expanduser().is_dir():
+            d = nsd[0]
+            extract_regions(d.nsd_root, d.subject, [x.spec for x in nsd], cache_dir=d.cache_dir,
+                            betas_format=d.betas_format, max_sessions=d.max_sessions, pca=d.pca,
+                            pca_variance=d.pca_variance, read_workers=d.read_workers)
+        for d in datamodules:
+            d.prepare_data()
+            d.setup("fit")
+        return cls.fit_regions(cfgs, datamodules)
+
+    @classmethod
+    def fit_regions(cls, cfgs: list, datamodules: list) -> list["EncodingTask"]:
+        """The encoding models of several regions of one subject (``cfgs``: their run configs, equal but for
+        ``region`` and ``paths.output_dir``; ``datamodules``: set up): the backbone built once, its features on
+        the images extracted once per layer, and per layer one ridge on all the regions' voxels side by side (one
+        decomposition; each voxel's penalty and weights are its own, so each region's model is the one it would
+        get alone). Each region then chooses its layer on its validation r and gets its own model and table."""
+        cfg = cfgs[0]
+        b, t = cfg.backbone, cfg.task
         threshold = float(cfg.data.get("nc_threshold") or 0.0)
-        nc = np.asarray(rd.nc)
-        if t.get("test_images", "shared") == "shared515":
-            nc = restrict_test_split(datamodule, cfg)
-        check_nc(nc, threshold, cfg.region.name)
+        ncs = []
+        for c, dm in zip(cfgs, datamodules):
+            nc = np.asarray(dm.region_data.nc)
+            if t.get("test_images", "shared") == "shared515":
+                nc = restrict_test_split(dm, c)
+            check_nc(nc, threshold, c.region.name)
+            ncs.append(nc)
         layers, pool, size = layer_list(b.layer), parse_pool(t.pool), int(cfg.data.image_size)
         source = str(b.get("source") or "auto")
         weights = backbone_weights(b, cfg.paths.get("robust_weights"))
@@ -142,23 +210,38 @@ class EncodingTask(RegressionTask):
             log.warning("!!! backbone %s has RANDOM weights (backbone.weights=random): a control, not a pretrained "
                         "encoding model (metrics.json: backbone_random_weights=1) !!!", b.name)
 
-        sets = {"fit": datamodule.train_set, "val": datamodule.val_set, "test": datamodule.test_set}
-        ids = {k: np.asarray(ds.stimuli.ids) for k, ds in sets.items()}
+        splits = ("fit", "val", "test")
+        sets = [{"fit": dm.train_set, "val": dm.val_set, "test": dm.test_set} for dm in datamodules]
+        ids = {k: np.asarray(sets[0][k].stimuli.ids) for k in splits}
+        for c, s in zip(cfgs[1:], sets[1:]):
+            if any(not np.array_equal(np.asarray(s[k].stimuli.ids), ids[k]) for k in splits):
+                raise ValueError(f"task.regions: region {c.region.name} has other fit/val/test images than "
+                                 f"{cfg.region.name}; regions fitted together must share the subject's images")
         all_ids = np.unique(np.concatenate(list(ids.values())))
         identity = {"backbone": str(b.name), "source": source, "weights": weights_fingerprint(weights, net),
-                    "stimuli": file_fingerprint(sets["fit"].stimuli.path)}  # rewritten images: other features
-        feats = cached_features(net, root, NSDStimuli(sets["fit"].stimuli.path, all_ids, size), all_ids, layers,
+                    "stimuli": file_fingerprint(sets[0]["fit"].stimuli.path)}  # rewritten images: other features
+        feats = cached_features(net, root, NSDStimuli(sets[0]["fit"].stimuli.path, all_ids, size), all_ids, layers,
                                 backbone=str(b.name), identity=identity, pool=pool, image_size=size,
                                 cache_dir=t.get("feature_cache_dir"), batch_size=int(t.batch_size))
         rows = {k: np.searchsorted(all_ids, v) for k, v in ids.items()}
         per_layer = {layer: {k: np.asarray(feats[layer][r]) for k, r in rows.items()} for layer in layers}
-        y = {k: ds.responses.numpy() for k, ds in sets.items()}
-        fits = fit_layers(per_layer, y["fit"], y["val"], y["test"], [float(a) for a in t.alphas], int(t.cv),
-                          str(t.ridge_backend))
-        chosen = best_layer(fits)
-        log.info("layer %s chosen on the validation images (median r %.3f)", chosen.layer, chosen.val_r_median)
+        y = {k: np.concatenate([s[k].responses.numpy() for s in sets], 1) for k in splits}
+        fits = fit_layers(per_layer, y["fit"], y["val"], y["test"], [float(a) for a in t.alphas],
+                          str(t.get("ridge_device", "auto")))
+        edges = np.cumsum([0] + [s["fit"].responses.shape[1] for s in sets])
+        return [cls._region_model(c, dm, [f.columns(slice(lo, hi)) for f in fits], nc, net, layers, source, weights)
+                for c, dm, nc, lo, hi in zip(cfgs, datamodules, ncs, edges[:-1], edges[1:])]
 
-        model_config = {"backbone": str(b.name), "layer": chosen.layer, "source": source, "pool": pool,
+    @classmethod
+    def _region_model(cls, cfg, datamodule, fits, nc, net, layers, source, weights) -> "EncodingTask":
+        """One region's exported model: its layer chosen on its validation r, the backbone up to it + its readout."""
+        rd, b, t = datamodule.region_data, cfg.backbone, cfg.task
+        threshold = float(cfg.data.get("nc_threshold") or 0.0)
+        size = int(cfg.data.image_size)
+        chosen = best_layer(fits)
+        log.info("%s: layer %s chosen on the validation images (median r %.3f)", cfg.region.name, chosen.layer,
+                 chosen.val_r_median)
+        model_config = {"backbone": str(b.name), "layer": chosen.layer, "source": source, "pool": parse_pool(t.pool),
                         "n_outputs": int(rd.n_voxels), "image_size": size}
         model = cls.build_model(**model_config)
         model.backbone.network.load_state_dict(net.state_dict())

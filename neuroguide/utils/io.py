@@ -2,11 +2,14 @@
 
 Every file another process may read (caches, checkpoints, metrics) is written to a
 temporary name in the same folder and renamed into place, so a crash or a concurrent
-writer never leaves a half-written file behind.
+writer never leaves a half-written file behind. A write that finds the disk full raises
+:class:`DiskFull`, naming the folder, its free space and (where the size is known before
+writing, :func:`atomic_write_bytes`) the space the file needs; the temporary file is removed.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -43,12 +46,61 @@ def plain_permissions(path: str | os.PathLike) -> None:
     os.chmod(path, base & ~current_umask())
 
 
+NO_ROOM = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+class DiskFull(OSError):
+    """A file could not be written for lack of room (ENOSPC, or EDQUOT: a quota); the message names the
+    file, its folder's free space, the space the file needs when known, and the fix. Nothing partial is
+    left under the file's name (the writers write to a temporary name first and remove it)."""
+
+    def __init__(self, path: str | os.PathLike, needed: int | None = None, written: int | None = None):
+        path = Path(path)
+        folder = path.parent
+        free = _free_bytes(folder)
+        has = f"{folder} has {_size(free) if free is not None else 'an unknown amount'} free"
+        if needed is None:
+            need = f"more than the {_size(written or 0)} written before the disk filled are needed"
+        elif free is not None and free < needed:
+            need = f"the file needs {_size(needed)} (free at least {_size(needed - free)} more there)"
+        else:
+            need = (f"the file needs {_size(needed)}, but writing it ran out of room (a disk quota, or another process "
+                    "filling the disk)")
+        super().__init__(errno.ENOSPC, f"no room to write {path}: {has}, {need}. Nothing partial was kept under that "
+                         "name. Free space on that disk, or write the run elsewhere (paths.log_dir=... or "
+                         "hydra.run.dir=... on a disk with room)")
+        self.path, self.needed, self.free = path, needed, free
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if abs(n) >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Free bytes on the disk of ``folder`` (or of its nearest existing parent: it may not be made yet)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def check_room(path: str | os.PathLike, size: int) -> None:
+    """Raise :class:`DiskFull` before writing ``size`` bytes to ``path`` when its folder has less free space."""
+    free = _free_bytes(Path(path).parent)
+    if free is not None and free < size:
+        raise DiskFull(path, needed=size)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = "", size: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success, with the
     permissions a plain write would have under the user's umask.
 
-    On an exception the temporary file (or folder) is removed and ``path`` is untouched.
+    On an exception the temporary file (or folder) is removed and ``path`` is untouched; a full disk
+    (ENOSPC, EDQUOT) raises :class:`DiskFull` (``size``: the bytes the file needs, when known).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,13 +111,24 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp
         plain_permissions(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = tmp.stat().st_size if tmp.is_file() else None
         with contextlib.suppress(FileNotFoundError):
             if tmp.is_dir():
                 shutil.rmtree(tmp)
             else:
                 tmp.unlink()
+        if isinstance(e, OSError) and not isinstance(e, DiskFull) and e.errno in NO_ROOM:
+            raise DiskFull(path, needed=size, written=written) from e
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically, after checking its folder has room (:class:`DiskFull` if not)."""
+    check_room(path, len(data))
+    with atomic_path(path, size=len(data)) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 @contextlib.contextmanager
@@ -75,7 +138,8 @@ def atomic_dir(path: str | os.PathLike, complete: Callable[[Path], bool]) -> Ite
 
     If another writer renamed its folder into place first and ``complete(path)`` says it is whole,
     theirs is kept and ours removed; otherwise the rename error is raised. An empty folder at ``path``
-    is replaced. On an exception the temporary folder is removed and ``path`` is untouched.
+    is replaced. On an exception the temporary folder is removed and ``path`` is untouched (a full disk
+    raises :class:`DiskFull`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,8 +155,10 @@ def atomic_dir(path: str | os.PathLike, complete: Callable[[Path], bool]) -> Ite
             if not complete(path):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, DiskFull) and e.errno in NO_ROOM:
+            raise DiskFull(path) from e
         raise
 
 
@@ -128,13 +194,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
             return [clean(x) for x in v]
         return v
 
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(clean(json.loads(json.dumps(obj, default=_json_default))), indent=2, sort_keys=True))
-    return Path(path)
+    text = json.dumps(clean(json.loads(json.dumps(obj, default=_json_default))), indent=2, sort_keys=True)
+    return atomic_write_bytes(path, text.encode())
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+    """The JSON in ``path``; a file that is not valid JSON raises a ``json.JSONDecodeError`` naming it."""
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise json.JSONDecodeError(f"{path} is not valid JSON (cut short while being written or copied?): {e.msg}",
+                                   e.doc, e.pos) from None
 
 
 def hash_inputs(*parts: Any) -> str:

@@ -10,9 +10,9 @@ and of rsatoolbox's ``RDMs.get_vectors()``):
   labels it "squared euclidean"). The Euclidean distance is ``sqrt(K * d_ij)``; rank comparisons
   (Spearman, Kendall) are the same for both.
 
-Both are Gram matrices of (centered, normalized) patterns, computed in torch in row chunks straight
-into the upper-triangle vector: memory is ``chunk_size x N`` plus the output, never N x N x K, so
-10k stimuli (50M pairs) fit in memory.
+Both are Gram matrices of (centered, normalized) patterns, computed in row chunks (numpy BLAS on the CPU,
+torch on another device) straight into the upper-triangle vector: memory is ``chunk_size x N`` plus the
+output, never N x N x K, so 10k stimuli (50M pairs) fit in memory.
 
 Comparison of two RDMs on their upper triangles (rsatoolbox's ``rdm.compare`` methods):
 
@@ -21,9 +21,11 @@ Comparison of two RDMs on their upper triangles (rsatoolbox's ``rdm.compare`` me
   the denominator (Nili et al. 2014's choice when models predict tied dissimilarities);
 - ``"cosine"``: cosine similarity of the dissimilarity vectors.
 
-An RDM is ranked once (:func:`prepare`) and reused for every comparison it enters, so a
-model-vs-model matrix over M models costs M sorts, not M^2. Positions that are NaN in either RDM
-(e.g. a constant pattern has no correlation distance) are left out of that comparison.
+An RDM is ranked once (:func:`prepare`: one sort; its standardized ranks and norm also once) and reused
+for every comparison it enters, so a model-vs-model matrix over M models costs M sorts, not M^2; then a
+Spearman or cosine is one dot product and a tau-a one O(n log n) count of discordant pairs in numpy
+(:mod:`neuroguide.evaluation.metrics.ranks`). Positions that are NaN in either RDM (e.g. a constant pattern
+has no correlation distance) are left out of that comparison.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+
+from neuroguide.evaluation.metrics.ranks import RankInfo, discordant_pairs, joint_tie_pairs, rank_info
 
 log = logging.getLogger("neuroguide")
 
@@ -65,7 +69,11 @@ def check_patterns(x, name: str = "features") -> torch.Tensor:
         raise ValueError(f"{name}: an RDM needs at least 3 stimuli to compare, got {x.shape[0]}")
     if x.shape[1] < 1:
         raise ValueError(f"{name}: patterns have no features (shape {tuple(x.shape)})")
-    if not torch.isfinite(x).all():
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        finite = bool(np.isfinite(x.detach().numpy()).all())  # numpy: no torch thread pool for one pass
+    else:
+        finite = bool(torch.isfinite(x).all())
+    if not finite:
         raise ValueError(f"{name}: {int((~torch.isfinite(x)).sum())} non-finite values in the patterns; "
                          "fix the activations or responses (e.g. average repeats with nanmean) first")
     return x
@@ -78,40 +86,50 @@ def rdm(features, method: str = "correlation", *, chunk_size: int = 1024, dtype:
     Args:
         features: (N, K) patterns, one row per stimulus (extra dims are flattened).
         method: "correlation" (1 - Pearson r) or "euclidean" (squared distance / K, as rsatoolbox).
-        chunk_size: rows per block; memory is ``chunk_size * N`` entries besides the output.
-        dtype: computation and output dtype (float64 matches rsatoolbox to ~1e-12).
-        device: where to compute (default: the device of ``features``).
+        chunk_size: rows per block (at most 256 are used, so that the blocks' wasted lower triangles stay
+            small); memory is ``chunk_size * N`` entries besides the output.
+        dtype: computation and output dtype (float64 matches rsatoolbox to ~1e-15).
+        device: where to compute (default: the device of ``features``; on the CPU the blocks are numpy BLAS
+            products, which were faster than torch's on a shared CPU).
     Returns:
         (N (N - 1) / 2,) tensor on the CPU, pairs (i, j), i < j, row-major.
     """
     if method not in METHODS:
         raise ValueError(f"RDM method {method!r} is not known: expected one of {METHODS}")
-    x = check_patterns(features).to(device=device or torch.as_tensor(features).device, dtype=dtype)
+    x = check_patterns(features).detach().to(device=device or torch.as_tensor(features).device, dtype=dtype)
     n, k = x.shape
+    on_cpu = x.device.type == "cpu"
+    xs = x.numpy() if on_cpu else x  # numpy on the CPU (BLAS products, no torch thread pool), else torch
     if method == "correlation":
-        x = x - x.mean(dim=1, keepdim=True)
-        norm = x.norm(dim=1, keepdim=True)
+        xs = xs - xs.mean(1, keepdims=True) if on_cpu else xs - xs.mean(1, keepdim=True)
+        norm = np.sqrt(np.einsum("ij,ij->i", xs, xs))[:, None] if on_cpu else xs.norm(dim=1, keepdim=True)
         if (norm == 0).any():
             log.warning("RDM: %d stimuli have constant patterns; their correlation distances are NaN and are left out "
                         "of comparisons", int((norm == 0).sum()))
-        x = x / norm
+        with np.errstate(invalid="ignore", divide="ignore"):
+            xs = xs / norm
     else:
-        sq = (x * x).sum(dim=1)
-    out = torch.empty(n_pairs(n), dtype=dtype)
-    chunk_size = max(1, int(chunk_size))
+        sq = np.einsum("ij,ij->i", xs, xs) if on_cpu else (xs * xs).sum(dim=1).cpu().numpy()
+    out = np.empty(n_pairs(n), dtype=torch.empty((), dtype=dtype).numpy().dtype)
+    step = max(1, min(int(chunk_size), 256))
+    above = np.triu(np.ones((step, n), dtype=bool), 1)  # entry (r, c) of a block: row i = start + r, column start + c
     pos = 0
-    for start in range(0, n - 1, chunk_size):
-        stop = min(start + chunk_size, n - 1)
-        block = x[start:stop] @ x[start:].T  # (c, N - start): rows i = start.., columns j = start..
+    for start in range(0, n - 1, step):
+        stop = min(start + step, n - 1)
+        block = xs[start:stop] @ xs[start:].T  # (c, N - start)
+        block = block if on_cpu else block.cpu().numpy()
         if method == "correlation":
-            block = 1.0 - block
+            np.subtract(1.0, block, out=block)
         else:
-            block = (sq[start:stop, None] + sq[None, start:] - 2.0 * block) / k
-        mask = torch.ones(block.shape, dtype=torch.bool, device=block.device).triu_(1)
-        vals = block[mask]
-        out[pos:pos + vals.numel()] = vals.cpu()
-        pos += vals.numel()
-    return out
+            block *= -2.0
+            block += sq[start:stop, None]
+            block += sq[None, start:]
+            block /= k
+        mask = above[:stop - start, :n - start].ravel()
+        count = (n - start - 1) * (stop - start) - (stop - start) * (stop - start - 1) // 2
+        np.compress(mask, block.ravel(), out=out[pos:pos + count])
+        pos += count
+    return torch.from_numpy(out)
 
 
 def squareform(vec: torch.Tensor) -> torch.Tensor:
@@ -142,172 +160,127 @@ def sub_rdm(vec: torch.Tensor, idx) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- comparison
 class PreparedRDM:
-    """An RDM vector whose ranks are computed once (on first use) and reused by every comparison.
+    """An RDM vector with what its comparisons need, each computed once (on first use) and reused by every
+    comparison it enters: its ranking (:class:`~neuroguide.evaluation.metrics.ranks.RankInfo`: sorting
+    order, dense ranks, ties), its standardized average ranks (Spearman) and its norm (cosine).
 
     Attributes:
-        values: (M,) float64 dissimilarities (NaN where undefined).
-        ranks: (M,) average ranks (1-based, ties share their mean rank).
-        dense: (M,) int64 dense ranks (1-based: equal values share a rank, no gaps).
-        order: (M,) int64 permutation sorting ``values`` ascending.
-        tie_pairs: pairs of equal entries, sum over tie groups of t (t - 1) / 2.
-        tie_cubes: sum over tie groups of t^3 - t (the Spearman tie correction).
-    The rank attributes need finite values (see :func:`compare`, which drops NaN positions first).
+        values: (M,) float64 tensor of dissimilarities (NaN where undefined); ``array``: the same memory
+            as a numpy array.
+        info: the :class:`RankInfo` (needs finite values: :func:`compare` drops NaN positions first).
+        ranks: (M,) float64 tensor of average ranks (1-based; ties share their mean rank).
+        tie_pairs: pairs of equal entries, sum over tie groups of t (t - 1) / 2; ``tie_cubes``: sum of t^3 - t.
     """
 
     def __init__(self, values: torch.Tensor):
         self.values = values
-        self.all_finite = bool(torch.isfinite(values).all())
-        self._rank_info: tuple | None = None
-
-    def _ranked(self) -> tuple:
-        if self._rank_info is None:
-            if not self.all_finite:
-                raise ValueError("ranks of an RDM with NaN entries are undefined: compare() drops NaN positions first")
-            self._rank_info = _ranks(self.values)
-        return self._rank_info
+        self.array = values.numpy()
+        self.all_finite = bool(np.isfinite(self.array).all())
+        self._info: RankInfo | None = None
+        self._z: np.ndarray | None = None
+        self._norm: float | None = None
 
     @property
-    def ranks(self) -> torch.Tensor:
-        r = self._ranked()[0]
-        return self.dense.to(torch.float64) if r is None else r  # no ties: rank = dense rank (not stored)
+    def info(self) -> RankInfo:
+        if self._info is None:
+            if not self.all_finite:
+                raise ValueError("ranks of an RDM with NaN entries are undefined: compare() drops NaN positions first")
+            self._info = rank_info(self.array)
+        return self._info
 
-    dense = property(lambda self: self._ranked()[1])
-    order = property(lambda self: self._ranked()[2])
-    tie_pairs = property(lambda self: self._ranked()[3])
-    tie_cubes = property(lambda self: self._ranked()[4])
+    ranks = property(lambda self: torch.from_numpy(self.info.average_ranks()))
+    tie_pairs = property(lambda self: self.info.tie_pairs)
+    tie_cubes = property(lambda self: self.info.tie_cubes)
+
+    @property
+    def standardized_ranks(self) -> np.ndarray | None:
+        """(M,) ``(r - mean) / sqrt(S)``, r = average ranks, mean = (M + 1) / 2 and
+        ``S = sum (r - mean)^2 = ((M^3 - M) - sum_groups (t^3 - t)) / 12`` (t = size of a tie group), in closed
+        form; None for a constant RDM (S = 0)."""
+        if self._z is None:
+            m = self.array.size
+            s = ((m ** 3 - m) - self.tie_cubes) / 12
+            if s <= 0:
+                return None
+            z = self.info.average_ranks()
+            z -= (m + 1) / 2
+            z /= math.sqrt(s)
+            self._z = z
+        return self._z
+
+    @property
+    def norm(self) -> float:
+        if self._norm is None:
+            self._norm = math.sqrt(float(np.dot(self.array, self.array)))
+        return self._norm
 
     @property
     def n_stimuli(self) -> int:
-        return n_stimuli(self.values.numel())
-
-    @property
-    def finite(self) -> torch.Tensor:
-        return torch.isfinite(self.values)
+        return n_stimuli(self.array.size)
 
 
 def prepare(vec) -> PreparedRDM:
     """An RDM vector (N (N - 1) / 2,) as a :class:`PreparedRDM` (ranked lazily); one passes through."""
     if isinstance(vec, PreparedRDM):
         return vec
-    v = torch.as_tensor(vec).detach().cpu().to(torch.float64).reshape(-1)
+    v = torch.as_tensor(vec).detach().cpu().to(torch.float64).reshape(-1).contiguous()
     if v.numel() < 3:
         raise ValueError(f"an RDM vector needs at least 3 entries (3 stimuli), got {v.numel()}")
     n_stimuli(v.numel())
     return PreparedRDM(v)
 
 
-def _ranks(v: torch.Tensor) -> tuple:
-    """(average ranks, dense ranks, sorting order, tied pairs, sum of t^3 - t) of a finite 1-D float64
-    tensor (M,); without ties the average ranks are None (they equal the dense ranks)."""
-    m = v.numel()
-    sv, order = torch.sort(v)
-    tied = sv[1:] == sv[:-1]
-    if not bool(tied.any()):  # the usual case for continuous dissimilarities: rank = position + 1
-        dense = torch.empty(m, dtype=torch.int64)
-        dense[order] = torch.arange(1, m + 1)
-        return None, dense, order, 0, 0.0
-    new = torch.ones(m, dtype=torch.bool)
-    new[1:] = ~tied
-    gid = torch.cumsum(new, 0)  # dense rank (1-based) in sorted order
-    starts = torch.nonzero(new).squeeze(1)
-    ends = torch.cat([starts[1:], torch.tensor([m])])
-    counts = ends - starts
-    avg = (starts + ends - 1).to(torch.float64) / 2 + 1  # mean 1-based position of each tie group
-    dense = torch.empty(m, dtype=torch.int64)
-    dense[order] = gid
-    ranks = avg[dense - 1]
-    c = counts.to(torch.float64)
-    return ranks, dense, order, int((counts * (counts - 1) // 2).sum()), float((c ** 3 - c).sum())
-
-
 def _restricted(a: PreparedRDM, b: PreparedRDM) -> tuple[PreparedRDM, PreparedRDM]:
     """Both RDMs restricted to the entries finite in both (new objects only when something is dropped)."""
     if a.all_finite and b.all_finite:
         return a, b
-    keep = a.finite & b.finite
+    keep = np.isfinite(a.array) & np.isfinite(b.array)
     log.warning("RDM comparison: %d of %d entries are NaN in one of the RDMs and are left out",
-                int((~keep).sum()), keep.numel())
+                int((~keep).sum()), keep.size)
     if int(keep.sum()) < 3:
         raise ValueError("RDM comparison: fewer than 3 entries are finite in both RDMs (constant patterns?)")
-    return PreparedRDM(a.values[keep]), PreparedRDM(b.values[keep])
+    return PreparedRDM(torch.from_numpy(a.array[keep])), PreparedRDM(torch.from_numpy(b.array[keep]))
 
 
 def _check_same_size(a: PreparedRDM, b: PreparedRDM, names: tuple[str, str]) -> None:
-    if a.values.numel() != b.values.numel():
-        na, nb = n_stimuli(a.values.numel()), n_stimuli(b.values.numel())
+    if a.array.size != b.array.size:
+        na, nb = n_stimuli(a.array.size), n_stimuli(b.array.size)
         raise ValueError(f"cannot compare RDMs of different stimulus sets: {names[0]} has {na} stimuli "
-                         f"({a.values.numel()} pairs), {names[1]} has {nb} ({b.values.numel()} pairs). Compute both "
+                         f"({a.array.size} pairs), {names[1]} has {nb} ({b.array.size} pairs). Compute both "
                          "RDMs on the same stimuli, in the same order")
 
 
 def spearman(a: PreparedRDM, b: PreparedRDM) -> float:
-    """Spearman's rho: the Pearson r of the average ranks, from rank moments in one dot product.
-
-    Average ranks always have mean (m + 1) / 2 and sum of squared deviations
-    ``(m^3 - m) / 12 - sum_groups (t^3 - t) / 12`` (t = size of a tie group), so
-    ``rho = sum (ra - mean)(rb - mean) / sqrt(S_a S_b)``: the same number as
-    ``neuroguide.metrics.pearson_r(ra, rb)`` (tested), without its second pass over both vectors.
-    NaN when one RDM is constant.
-    """
-    m = a.values.numel()
-    mean = (m + 1) / 2
-    s_a = ((m ** 3 - m) - a.tie_cubes) / 12
-    s_b = ((m ** 3 - m) - b.tie_cubes) / 12
-    if s_a <= 0 or s_b <= 0:
+    """Spearman's rho: the Pearson r of the average ranks, as one dot product of the two RDMs'
+    :attr:`PreparedRDM.standardized_ranks` (the same number as ``neuroguide.metrics.pearson_r(ra, rb)``,
+    tested, and as rsatoolbox's to ~1e-16). NaN when one RDM is constant."""
+    za, zb = a.standardized_ranks, b.standardized_ranks
+    if za is None or zb is None:
         return float("nan")
-    return float(torch.dot(a.ranks - mean, b.ranks - mean) / math.sqrt(s_a * s_b))
+    return float(np.dot(za, zb))
 
 
 def cosine(a: PreparedRDM, b: PreparedRDM) -> float:
     """Cosine similarity of two dissimilarity vectors (0 when one of them is all zeros, as rsatoolbox)."""
-    na, nb = a.values.norm(), b.values.norm()
-    if na == 0 or nb == 0:
+    if a.norm == 0 or b.norm == 0:
         return 0.0
-    return float(a.values @ b.values / (na * nb))
-
-
-def _joint_tie_pairs(a: PreparedRDM, b: PreparedRDM) -> int:
-    """Pairs of entries tied in both RDMs."""
-    if a.tie_pairs == 0 or b.tie_pairs == 0:
-        return 0
-    key = a.dense * (int(b.dense.max()) + 1) + b.dense
-    counts = torch.unique(key, return_counts=True)[1]
-    return int((counts * (counts - 1) // 2).sum())
-
-
-def _discordant_pairs(a: PreparedRDM, b: PreparedRDM) -> int:
-    """Pairs of entries (i, j) ordered oppositely by the two RDMs (``a_i < a_j`` and ``b_i > b_j``, or
-    the reverse); a pair tied in either RDM is not counted. ``a``, ``b``: (M,) finite, same M.
-
-    From the public ``scipy.stats.kendalltau`` (tau-b, an O(M log M) merge count) and the tie counts
-    the RDMs already carry: ``n_c - n_d = tau_b sqrt((tot - ties_a)(tot - ties_b))`` and
-    ``n_c + n_d = tot - ties_a - ties_b + ties_ab`` (tot = all pairs; ties_ab = pairs tied in both), so
-    ``n_d = (n_c + n_d - (n_c - n_d)) / 2``, rounded (exact: every term is an integer below 2^53, the
-    float error of tau_b is ~1e-16 of tot).
-    """
-    from scipy.stats import kendalltau
-
-    m = a.values.numel()
-    tot = m * (m - 1) // 2
-    if a.tie_pairs == tot or b.tie_pairs == tot:
-        return 0  # one RDM is constant: no pair is ordered by it
-    tau_b = float(kendalltau(a.dense.numpy(), b.dense.numpy(), method="asymptotic").statistic)
-    con_minus_dis = tau_b * math.sqrt(tot - a.tie_pairs) * math.sqrt(tot - b.tie_pairs)
-    con_plus_dis = tot - a.tie_pairs - b.tie_pairs + _joint_tie_pairs(a, b)
-    return int(round((con_plus_dis - con_minus_dis) / 2))
+    return float(np.dot(a.array, b.array)) / a.norm / b.norm
 
 
 def kendall_tau_a(a: PreparedRDM, b: PreparedRDM) -> float:
-    """Kendall's tau-a: ``(n_c - n_d) / (n (n - 1) / 2)``, ties count as neither.
+    """Kendall's tau-a: ``(n_c - n_d) / (n (n - 1) / 2)``, ties count as neither (rsatoolbox's "tau-a":
+    no tie correction in the denominator, Nili et al. 2014's choice when models predict tied dissimilarities).
 
-    ``n_c - n_d = tot - ties_a - ties_b + ties_ab - 2 n_d`` (tot = all pairs; ties_ab = pairs tied in
-    both), with ``n_d`` from :func:`_discordant_pairs` in O(n log n).
+    ``n_c - n_d = tot - ties_a - ties_b + ties_ab - 2 n_d`` (tot = all pairs; ties_ab = pairs tied in both),
+    with ``n_d`` from :func:`~neuroguide.evaluation.metrics.ranks.discordant_pairs` in O(n log n): integer
+    counts, so the value is rsatoolbox's exactly.
     """
-    m = a.values.numel()
+    m = a.array.size
     tot = m * (m - 1) // 2
     if tot == 0:
         return float("nan")
-    con_minus_dis = tot - a.tie_pairs - b.tie_pairs + _joint_tie_pairs(a, b) - 2 * _discordant_pairs(a, b)
+    con_minus_dis = (tot - a.tie_pairs - b.tie_pairs + joint_tie_pairs(a.info, b.info)
+                     - 2 * discordant_pairs(a.info, b.info))
     return min(1.0, max(-1.0, con_minus_dis / tot))
 
 
@@ -336,8 +309,8 @@ def compare(rdm_a, rdm_b, method: str = "spearman", names: tuple[str, str] = ("r
 def _self_similarity(a: PreparedRDM, method: str) -> float:
     """An RDM compared with itself, without the O(n log n) work (tau-a < 1 when it has ties)."""
     if method == "cosine":
-        return 1.0 if bool((a.values != 0).any()) else 0.0
-    m = a.values.numel()
+        return 1.0 if a.norm > 0 else 0.0
+    m = a.array.size
     tot = m * (m - 1) // 2
     if method == "tau-a":
         return (tot - a.tie_pairs) / tot

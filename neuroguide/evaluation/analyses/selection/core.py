@@ -37,6 +37,7 @@ from torch import nn
 from neuroguide.metrics import nan_pearson_r, nanmedian
 from neuroguide.evaluation.metrics.cka import linear_cka
 from neuroguide.models.features import activations
+from neuroguide.models.ridge import ridge_loo_path
 
 log = logging.getLogger("neuroguide")
 
@@ -64,67 +65,25 @@ def _relative_alphas(alphas: Sequence[float] | None) -> torch.Tensor:
     return rel
 
 
-def _column_space(xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lam (r,), u (n, r)): the non-zero squared singular values of the centred xc (n, D) and an orthonormal basis
-    of its column space, from the eigendecomposition of the smaller of Xc^T Xc (D <= n) and Xc Xc^T. Directions with
-    eigenvalue <= max(n, D) x machine eps x the largest are null; so is the constant vector (Xc^T 1 = 0), which
-    is also dropped by its alignment, in case rounding lifts its eigenvalue above that threshold."""
-    n, d = xc.shape
-    if d <= n:
-        lam, v = torch.linalg.eigh(xc.T @ xc)
-    else:
-        lam, u = torch.linalg.eigh(xc @ xc.T)
-    keep = lam > lam.max().clamp_min(0) * max(n, d) * torch.finfo(lam.dtype).eps
-    if d <= n:
-        u = (xc @ v[:, keep]) / lam[keep].sqrt()
-    else:
-        u = u[:, keep]
-    lam = lam[keep]
-    along_one = u.sum(0).abs() / math.sqrt(n) > 0.5
-    return lam[~along_one], u[:, ~along_one]
-
-
 def ridge_loo(x: torch.Tensor, y: torch.Tensor, alphas: Sequence[float] | None = None,
               x_test: torch.Tensor | None = None) -> RidgeLOO:
     """Exact leave-one-out error of ridge with an unpenalized intercept, x (n, D) -> y (n, K), for each alpha.
 
     The fit at absolute penalty ``p`` minimises ``||y - b0 - X w||^2 + p ||w||^2``; ``p = alpha * s`` with
     ``s = ||Xc||_F^2 / min(n, D)`` (the trace of the centred Gram matrix over min(n, D); Xc = X - its column
-    means over these n rows), so one grid of relative ``alphas`` (default 10^-4 .. 10^4)
-    fits layers of any scale. The leave-one-out error of site k is ``mean_i (e_ik / (1 - h_i))^2``, e = the
-    residuals of the fit on all n rows and h the diagonal of the hat matrix ``11^T/n + Xc (Xc^T Xc + p I)^-1
-    Xc^T`` (the 1/n is the intercept's share): the exact squared error of predicting row i from the fit on
-    the other n - 1 rows at the same ``p`` (re-centred on them), by the Sherman-Morrison identity of
-    penalized least squares. Both e and 1 - h are summed in the eigenbasis of Xc (its null directions, among
-    them the constant vector, dropped) from terms ``p / (lam + p)`` that never cancel, so their ratio stays the
-    true one when D >= n - 1 and ``p`` is small, where both go to 0 together (as p -> 0 it tends to the
-    leave-one-out error of the minimum-norm interpolating fit).
+    means over these n rows), so one grid of relative ``alphas`` (default 10^-4 .. 10^4) fits layers of any
+    scale. The errors, the choice and the fit are :func:`neuroguide.models.ridge.ridge_loo_path`'s (float64):
+    ``mean_i (e_ik / (1 - h_i))^2`` with h the diagonal of the hat matrix ``11^T/n + Xc (Xc^T Xc + p I)^-1
+    Xc^T``, the exact squared error of predicting row i from the fit on the other n - 1 rows (re-centred on
+    them); as p -> 0 with D >= n - 1 it tends to the leave-one-out error of the minimum-norm interpolating fit.
     """
     x, y = x.double(), y.double()
     rel = _relative_alphas(alphas)
     n, d = x.shape
-    xm, ym = x.mean(0), y.mean(0)
-    xc, yc = x - xm, y - ym
-    lam, u = _column_space(xc)
-    penalty = rel * float(xc.pow(2).sum()) / min(n, d)
-    z = u.T @ yc  # (r, K)
-    u2 = u.pow(2)
-    if u.shape[1] == n - 1:  # the column space of Xc is all of 1^perp (D >= n - 1): nothing lies outside it
-        resid_out, lev_out = torch.zeros_like(yc), torch.zeros(n, dtype=torch.float64)
-    else:  # the part of y that no penalty fits (outside the column space of Xc and the constant), its share of 1 - h
-        resid_out, lev_out = yc - u @ z, (1 - 1 / n - u2.sum(1)).clamp_min(0)
-    loo = torch.empty(len(rel), y.shape[1], dtype=torch.float64)
-    for j, p in enumerate(penalty):
-        shrink = p / (lam + p)  # (r,): 1 - lam / (lam + p), the residual's share of each direction
-        resid = resid_out + u @ (shrink[:, None] * z)  # (n, K): e = (I - H) y
-        one_minus_h = lev_out + u2 @ shrink  # (n,)
-        loo[j] = (resid / one_minus_h[:, None]).pow(2).mean(0)
-    best = torch.argmin(loo, 0)  # the first (smallest) alpha among equal errors
-    pred = None
-    if x_test is not None:
-        coef = z / (lam[:, None] + penalty[best][None, :])  # (r, K): w_k = Xc^T u diag(coef_k)
-        pred = ((x_test.double() - xm) @ xc.T) @ u @ coef + ym
-    return RidgeLOO(loo, penalty, rel[best], pred)
+    penalty = rel * float((x - x.mean(0)).pow(2).sum()) / min(n, d)
+    fit = ridge_loo_path(x, y, penalty)
+    pred = None if x_test is None else fit.predict(x_test.double())
+    return RidgeLOO(fit.loo, penalty, rel[fit.best], pred)
 
 
 def ridge_cv_predictions(x: torch.Tensor, y: torch.Tensor, n_folds: int = 5, alphas: Sequence[float] | None = None,

@@ -21,7 +21,7 @@ for a classifier (task ``guidance``), the region response (voxels, IT sites) for
 The two directions ``max h_i(x + d) - h_i(x)`` ("up") and ``max h_i(x) - h_i(x + d)`` ("down") are
 solved separately and the larger is kept (sec. 3.2); each with ``restarts`` random starts and the
 Guo schedule (or plain PGD) of :mod:`neuroguide.attacks.pgd`. The paper's budget is 250 steps x best of
-100 restarts (``conf/eval/sensitivity_guo2022.yaml``); the default 128 steps x 1 restart found 97-98% of its
+100 restarts (``experiment=guo2022_sensitivity``); the default 128 steps x 1 restart found 97-98% of its
 sensitivity with 1/195 of the gradient evaluations (``benchmarks/sensitivity_budget.py``). Units,
 directions, eps, images and restarts are all stacked along the batch axis: each row's objective is its own
 unit, so one backward pass serves many units.
