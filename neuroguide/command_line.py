@@ -138,7 +138,7 @@ def offered(key: str, cfg: DictConfig) -> tuple[bool, list[str]]:
     schema = schema_keys()
     if key in schema or any(schema.get(".".join(parts[:i])) == {} for i in range(1, len(parts))):  # or an open map
         return True, []
-    return False, difflib.get_close_matches(key, sorted(candidates | set(schema)), n=3, cutoff=0.6)
+    return False, difflib.get_close_matches(key, sorted(candidates | set(schema)), n=3, cutoff=0.8)
 
 
 def check_added_keys(overrides: Iterable[str] | None, cfg: DictConfig) -> None:
@@ -157,13 +157,15 @@ def check_added_keys(overrides: Iterable[str] | None, cfg: DictConfig) -> None:
         if ok:
             continue
         value = o.input_line.split("=", 1)[1] if o.input_line and "=" in o.input_line else ""
-        fix = "; ".join((f"{k}={value}" if OmegaConf.select(cfg, k, default="__absent__") != "__absent__"
-                         else f"+{k}={value}") for k in near)
+        if near:  # a key the composed config has is set without '+'
+            has = OmegaConf.select(cfg, near[0], default="__absent__", throw_on_missing=False) != "__absent__"
+            fix = f"Did you mean {near[0]}? Fix: {'' if has else '+'}{near[0]}={value}" + (
+                f" (also near: {', '.join(near[1:])})" if near[1:] else "") + ". "
+        else:
+            fix = "Fix: check its spelling against the composed config (python train.py --cfg job). "
         raise ValueError(
-            f"{o.input_line}: nothing reads the key {o.key_or_group} (it is in no config file of {CONF_DIR}, and no "
-            f"object built from the config takes it), so the run would silently ignore it. "
-            + (f"Did you mean {' or '.join(near)}? Fix: {fix} (a key the config has is set without '+'). " if near
-               else "Fix: check the spelling against the composed config (python train.py --cfg job). ")
-            + "'+' adds only: keys of another option of a config group (+backbone.source=timm), arguments of an "
-              "object the config builds (+trainer.<lightning.Trainer argument>, +task.datamodule.unreadable=error) "
-              "and entries of an open map (+paths.robust_weights.2=<file>)")
+            f"{o.input_line}: nothing reads the key {o.key_or_group} (no config file of {CONF_DIR} has it, and no "
+            f"object built from the config takes it), so the run would silently ignore it. {fix}"
+            "'+' adds only keys of another option of a config group (+backbone.source=timm), arguments of an object "
+            "the config builds (+trainer.<lightning.Trainer argument>) and entries of an open map "
+            "(+paths.robust_weights.2=<file>)")

@@ -82,6 +82,7 @@ PATHS = ("ckpt", "models", "sweep_dir")
 NOT_IDENTITY = ("hydra", "logger", "resume", "keep_checkpoints", "paths.log_dir", "paths.cache_dir", "paths.output_dir",
                 "task.max_epochs", "trainer.max_epochs", "data.num_workers", "data.read_workers",
                 "task.datamodule.num_workers", "task.datamodule.read_workers", "callbacks.progress_bar",
+                "callbacks.last_checkpoint", "callbacks.model_checkpoint.dirpath", "callbacks.model_checkpoint.save_last",
                 "trainer", "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
                 "trainer.precision", "trainer.sync_batchnorm", "trainer.deterministic", "trainer.benchmark",
                 "trainer.plugins", "trainer.log_every_n_steps", "trainer.enable_progress_bar",

@@ -48,6 +48,7 @@ from neuroguide.slurm import preflight, slurm_allocation
 from neuroguide.tasks import get_task
 from neuroguide.utils.io import atomic_path, read_json, write_json
 from neuroguide.utils.run_lock import one_writer
+from neuroguide.utils.seeding import check_seed
 
 log = logging.getLogger("neuroguide")
 
@@ -57,10 +58,7 @@ def check_config(cfg: DictConfig) -> None:
     subject = cfg.get("subject")
     if subject is not None and not (isinstance(subject, int) and 1 <= subject <= 8):
         raise ValueError(f"subject must be an integer 1..8; got {subject!r}")
-    seed = cfg.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer (it seeds every generator and names the run), e.g. seed=0; got "
-                         f"{seed!r}. Fix: seed=<integer>")
+    check_seed(cfg.get("seed"))
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -143,6 +141,9 @@ def _fit_and_test(cfg: DictConfig, datamodule, module) -> dict[str, float]:
     if cfg.get("resume", True):
         set_aside_unreadable(last, out)  # truncated (killed while copied?): moved into out/, warned; a fresh start
     ckpt_path = str(last) if cfg.get("resume", True) and last.exists() else None
+    if ckpt_path and smoke_settings(cfg.trainer) and holds_finished_run(out):  # a finished smoke run: run it again
+        log.info("%s holds a finished smoke run: running it again from the start (not from %s)", out, last)
+        ckpt_path = None
     if ckpt_path:
         check_resumable(last, cfg)
         log.info("resuming from %s", ckpt_path)
@@ -191,6 +192,14 @@ def _epochs(run_config: dict) -> int | None:
     return None if v is None else int(v)
 
 
+def holds_finished_run(out: Path) -> bool:
+    """Whether the folder ``out`` holds a finished run: metrics.json, model.ckpt and config.yaml, metrics.json
+    written after ``checkpoints/last.ckpt`` (when one is kept)."""
+    files = [out / "metrics.json", out / "model.ckpt", out / "config.yaml"]
+    last = out / "checkpoints" / "last.ckpt"
+    return all(f.is_file() for f in files) and not (last.exists() and last.stat().st_mtime > files[0].stat().st_mtime)
+
+
 def completed_metrics(out: Path, cfg: DictConfig) -> dict[str, float] | None:
     """The metrics of a finished run of this config in ``out`` (metrics.json written after its last
     checkpoint, the same identity in config.yaml, as many epochs), else None; a differing config is said in the
@@ -198,18 +207,17 @@ def completed_metrics(out: Path, cfg: DictConfig) -> dict[str, float] | None:
     that checkpoint is kept (``keep_checkpoints=true``); without it, or for a run of more epochs, ValueError."""
     import yaml
 
-    files = [out / "metrics.json", out / "model.ckpt", out / "config.yaml"]
     last = out / "checkpoints" / "last.ckpt"
-    if not all(f.is_file() for f in files) or (last.exists() and last.stat().st_mtime > files[0].stat().st_mtime):
+    if not holds_finished_run(out):
         return None
-    saved = yaml.safe_load(files[2].read_text()) or {}
+    saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
     differ = science_diff(saved, OmegaConf.to_container(cfg, resolve=True))
     if differ:
         log.info("%s holds a finished run of another config (%s differ): training this one", out, ", ".join(differ[:8]))
         return None
     had, want = _epochs(saved), int(cfg.trainer.max_epochs)
     if had is None or had == want:
-        return read_json(files[0])
+        return read_json(out / "metrics.json")
     if had < want and last.exists():
         log.info("%s holds this run finished at %d epochs: extending it to task.max_epochs=%d from %s", out, had, want,
                  last)

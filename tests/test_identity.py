@@ -55,6 +55,19 @@ def test_a_smoke_run_never_passes_for_the_real_run_of_its_command(tmp_path, capl
     assert caplog.text.count("already holds the finished run") == 1  # the real one, rerun
 
 
+def test_a_finished_smoke_run_kept_with_its_checkpoints_runs_again_from_the_start(compose_train, tmp_path, caplog):
+    """keep_checkpoints=true leaves the smoke run's last.ckpt of its final epoch: a rerun trains again (not a resume
+    that has nothing left to train)."""
+    smoke = ("task=predictor", "region=V1", "task.max_epochs=1", "keep_checkpoints=true",
+             "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1")
+    run(compose_train(*smoke))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    with caplog.at_level("INFO", logger="neuroguide"):
+        run(compose_train(*smoke))
+    assert "holds a finished smoke run: running it again from the start" in caplog.text
+    assert "resuming from" not in caplog.text
+
+
 def test_a_smoke_predictor_never_replaces_the_trained_one(compose_train, tmp_path, caplog):
     good = tmp_path / "predictors" / "subj01" / "TO.ckpt"
     good.parent.mkdir(parents=True)
@@ -121,30 +134,39 @@ def test_resuming_a_checkpoint_of_more_epochs_is_refused_with_the_fix(compose_tr
     assert "task.scheduler.name=cosine spans the run's epochs" in caplog.text  # guidance's default schedule
 
 
-@pytest.mark.slow  # three short trainings, ~40 s on a shared CPU
-def test_extending_a_finished_run_trains_the_missing_epochs_only(tmp_path, caplog):
-    """keep_checkpoints=true, 2 epochs, then task.max_epochs=3 (same folder): resumed from last.ckpt of epoch 2 (not
-    of the best epoch, where Lightning's save_last left it when val/acc did not improve), one more epoch, the
-    metrics of a 3-epoch run from the start (a schedule that does not depend on the length)."""
+def test_a_finished_run_of_one_epoch_is_extended_to_two_in_its_folder(tmp_path, caplog):
+    """The issue's case: task.max_epochs=1, then the same command with task.max_epochs=2. The two once named two
+    folders (cfg-<hash> of max_epochs), so the second never saw the first's last.ckpt and trained from scratch.
+    Now: the same folder, resumed from last.ckpt of epoch 1 (keep_checkpoints=true keeps it; Lightning's save_last
+    left it at the best epoch, hence callbacks.last_checkpoint), one more epoch trained, and the metrics of a
+    2-epoch run from the start (a schedule that does not depend on the length)."""
     cmd = ["region=none", "keep_checkpoints=true", "trainer.deterministic=true", "task.scheduler.name=none",
            "task.scheduler.warmup_epochs=0"]
-    _, one = _run_as_train_py(tmp_path, *cmd, "task.max_epochs=2")
-    assert torch.load(one / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # the last epoch, 0-based
+    _, one = _run_as_train_py(tmp_path, *cmd, "task.max_epochs=1")
+    assert torch.load(one / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0  # the last epoch, 0-based
     with caplog.at_level("INFO", logger="neuroguide"):
-        extended, two = _run_as_train_py(tmp_path, *cmd, "task.max_epochs=3")
-    assert one == two and "extending it to task.max_epochs=3" in caplog.text and "resuming from" in caplog.text
-    rows = [r for r in (one / "csv" / "metrics.csv").read_text().splitlines()[1:] if r.split(",")[0] == "2"]
-    assert rows, "no row of the third epoch"
-    reference = run(compose_config("train", small_overrides(tmp_path) + cmd + ["task.max_epochs=3"],
+        extended, two = _run_as_train_py(tmp_path, *cmd, "task.max_epochs=2")
+    assert one == two and "extending it to task.max_epochs=2" in caplog.text
+    assert f"resuming from {one / 'checkpoints' / 'last.ckpt'}" in caplog.text
+    epochs = [r.split(",")[0] for r in (one / "csv" / "metrics.csv").read_text().splitlines()[1:]]
+    assert "1" in epochs, "no row of the second epoch"
+    assert torch.load(one / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    reference = run(compose_config("train", small_overrides(tmp_path) + cmd + ["task.max_epochs=2"],
                                    output_dir=tmp_path / "reference"))
     assert extended == pytest.approx(reference, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ the command line
-def test_seed_must_be_an_integer_naming_the_key(compose_train):
+def test_seed_must_be_an_integer_naming_the_key(compose_train, tmp_path):
+    """seed=abc once stopped train.py with "invalid literal for int()" (and seed=true ran as seed 1)."""
+    from neuroguide.evaluation.runner import run as evaluate
+
     for bad in ("seed=abc", "seed=1.5", "seed=true"):
-        with pytest.raises(ValueError, match=r"seed must be an integer .*Fix: seed=<integer>"):
+        with pytest.raises(ValueError, match=r"seed must be an integer .*got .*Fix: seed=<integer>"):
             run(compose_train(bad))
+        with pytest.raises(ValueError, match=r"seed must be an integer .*got .*Fix: seed=<integer>"):
+            evaluate(compose_config("evaluate", [bad, f"ckpt={tmp_path}/none.ckpt", "eval=[sensitivity]"],
+                                    output_dir=tmp_path / "eval"))
 
 
 @pytest.mark.parametrize("overrides", [
@@ -176,12 +198,8 @@ def test_plus_keys_that_nothing_reads_are_refused_naming_the_nearest(overrides, 
 
 def test_train_py_refuses_a_plus_key_nothing_reads(tmp_path):
     """The command as a user types it, through Hydra: the run stops before training, naming the key to use."""
-    cmd = [sys.executable, str(REPO / "train.py"), "region=none", "+trainer.fast_dev_run=true", "+task.max_epoch=1",
-           *small_overrides(tmp_path)]
-    p = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO)),
-                       capture_output=True, text=True, timeout=300)
-    console = p.stdout + p.stderr
-    assert p.returncode == 1, console[-3000:]
+    rc, console = _train_py("region=none", "+trainer.fast_dev_run=true", "+task.max_epoch=1", *small_overrides(tmp_path))
+    assert rc == 1, console[-3000:]
     assert "+task.max_epoch=1: nothing reads the key task.max_epoch" in console
     assert "Did you mean task.max_epochs" in console and "Fix: task.max_epochs=1" in console
     assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("model.ckpt"))
@@ -208,24 +226,39 @@ def test_ckpt_of_a_run_folder_and_relative_paths(guided_ckpts, tmp_path, monkeyp
         model_file(str(tmp_path / "unfinished"))
 
 
-def test_train_py_error_shows_once_with_the_matching_predictor_command(synthetic_nsd, tmp_path):
-    """data=nsd without a predictor: the printed command keeps the user's data and paths overrides (a path with a
-    space, shell-quoted) and composes to the same predictor file; the traceback once on the console, once in
-    train.log (it was printed twice: the project's log, then Hydra's 'Error executing job')."""
-    data_dir = tmp_path / "my data"
-    cmd = [sys.executable, str(REPO / "train.py"), "data=nsd", f"paths.nsd_root={synthetic_nsd}", "data.image_size=48",
-           f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path}/outputs", "seed=3", "trainer.accelerator=cpu",
-           "logger=csv", "alpha=0.25"]
-    p = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO)),
-                       capture_output=True, text=True, timeout=300)
-    console = p.stdout + p.stderr
-    assert p.returncode == 1 and console.count("Traceback (most recent call last)") == 1, console[-3000:]
+def _train_py(*overrides: str) -> tuple[int, str]:
+    """``python train.py *overrides`` in a subprocess: (exit status, console: stdout and stderr)."""
+    p = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO)), timeout=300)
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_train_py_prints_an_error_traceback_once(tmp_path):
+    """A bad key (subject=9): the traceback once on the console (Hydra's 'Error executing job') and once in
+    train.log; the project's log printed it on the console too, before Hydra did."""
+    rc, console = _train_py("subject=9", f"paths.log_dir={tmp_path}/outputs", "logger=csv")
+    assert rc == 1 and "subject must be an integer 1..8; got 9" in console, console[-3000:]
+    assert console.count("Traceback (most recent call last)") == 1, console[-3000:]
     log_file = next((tmp_path / "outputs").rglob("train.log"))
     assert log_file.read_text().count("Traceback (most recent call last)") == 1
+    assert "subject must be an integer 1..8" in log_file.read_text()
+
+
+def test_train_py_prints_the_predictor_command_that_matches_the_run(synthetic_nsd, tmp_path):
+    """data=nsd without a predictor: the printed command keeps the user's data, paths, seed and trainer overrides
+    (it dropped data.image_size and paths.data_dir; a path with a space is shell-quoted), leaves out the guided
+    run's own keys and the smoke setting, and composes to the predictor file the run looks for."""
+    data_dir = tmp_path / "my data"
+    rc, console = _train_py("data=nsd", f"paths.nsd_root={synthetic_nsd}", "data.image_size=48",
+                            f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path}/outputs", "seed=3",
+                            "trainer.accelerator=cpu", "logger=csv", "alpha=0.25", "+trainer.fast_dev_run=true")
+    assert rc == 1, console[-3000:]
     line = next(ln.strip() for ln in console.splitlines() if ln.strip().startswith("python train.py task=predictor"))
     words = shlex.split(line)[2:]
     assert f"paths.data_dir={data_dir}" in words and "data.image_size=48" in words and "seed=3" in words
-    assert not any(w.startswith(("alpha=", "logger=")) for w in words)  # the guided run's own keys stay out
+    assert "trainer.accelerator=cpu" in words
+    assert not any(w.startswith(("alpha=", "logger=", "+trainer.fast_dev_run")) for w in words)
     pcfg = compose_config("train", words, output_dir=tmp_path / "p")
     assert pcfg.task.name == "predictor" and pcfg.data.image_size == 48 and pcfg.paths.data_dir == str(data_dir)
     assert f"at {Path(pcfg.paths.predictors_dir) / 'subj01' / 'TO.ckpt'}" in console
+    assert console.count("Traceback (most recent call last)") == 1

@@ -56,6 +56,19 @@ def test_where_how_and_how_long_a_run_runs_are_not_its_identity(folder):
     assert folder("train", "region=TO", "task.optimizer.lr=0.01", "test_ckpt=last") != base
 
 
+def test_every_setting_of_the_trainer_options_may_change_on_resume(folder):
+    """trainer=gpu / cpu / ddp name no new folder, so every key those files set must be one that may change on
+    resume (else the rerun on another machine would find its folder and refuse its last.ckpt)."""
+    import yaml
+
+    from neuroguide.run_names import NOT_IDENTITY, listed
+
+    for f in sorted((CONF_DIR / "trainer").glob("*.yaml")):
+        keys = set(yaml.safe_load(f.read_text())) - {"defaults", "_target_"}
+        assert keys and all(listed(f"trainer.{k}", NOT_IDENTITY) for k in keys), (f.name, keys)
+    assert folder("train", "region=TO", "trainer=ddp") == folder("train", "region=TO") == "region-TO_alpha-0.5_eps-0"
+
+
 def test_a_smoke_run_has_its_own_folder_named_by_its_smoke_settings(folder):
     """fast_dev_run once named no new folder: its 1-batch run then passed for the command's finished real run."""
     real = folder("train", "region=random")

@@ -38,7 +38,7 @@ from neuroguide.evaluation.stimuli import model_stimuli
 from neuroguide.logging_setup import log_outputs
 from neuroguide.models.checkpoints import load_model
 from neuroguide.utils.io import atomic_path, write_json
-from neuroguide.utils.seeding import seed_all
+from neuroguide.utils.seeding import check_seed, seed_all
 
 log = logging.getLogger("neuroguide")
 registered()  # every analysis package registers itself
@@ -181,6 +181,7 @@ def run(cfg: DictConfig) -> dict:
     ``models`` and ``sweep_dir`` are resolved first (:func:`model_file`; config.yaml holds them absolute)."""
     from neuroguide.command_line import caller_path
 
+    check_seed(cfg.get("seed", 0))
     analyses = _analyses(cfg)
     cfg = cfg.copy()
     if cfg.get("ckpt"):
