@@ -134,6 +134,7 @@ def test_resuming_a_checkpoint_of_more_epochs_is_refused_with_the_fix(compose_tr
     assert "task.scheduler.name=cosine spans the run's epochs" in caplog.text  # guidance's default schedule
 
 
+@pytest.mark.slow  # three short trainings (1, 1 and 2 epochs): 15-40 s on the shared CPU
 def test_a_finished_run_of_one_epoch_is_extended_to_two_in_its_folder(tmp_path, caplog):
     """The issue's case: task.max_epochs=1, then the same command with task.max_epochs=2. The two once named two
     folders (cfg-<hash> of max_epochs), so the second never saw the first's last.ckpt and trained from scratch.
