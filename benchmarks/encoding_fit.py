@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,7 +47,7 @@ def _r(pred, y) -> np.ndarray:
 
 
 def compare_ridge(n: int, d: int, v: int, device: str, dtype: torch.dtype | None, repeat: int = 1,
-                  chunks: int = 1) -> str:
+                  chunks: int = 1) -> tuple[str, dict]:
     from sklearn.linear_model import RidgeCV
 
     X, Y = ridge_problem(n, d, v)
@@ -84,8 +86,13 @@ def compare_ridge(n: int, d: int, v: int, device: str, dtype: torch.dtype | None
           f"{t_sk:.2f} s{times}")
     print(f"  test r: median {np.median(r_ours):.4f} vs {np.median(r_sk):.4f}; same alpha chosen for "
           f"{100 * same:.1f}% of voxels")
-    return (f"ridge vs scikit-learn RidgeCV: {t_sk / t_ours:.2f}x faster, median |dr| {np.median(diff):.1e}, "
-            f"largest |dr| {diff.max():.1e}")
+    summary = (f"ridge vs scikit-learn RidgeCV: {t_sk / t_ours:.2f}x faster, median |dr| {np.median(diff):.1e}, "
+               f"largest |dr| {diff.max():.1e}")
+    values = {"voxels": v, "images": n, "features": d, "threads": torch.get_num_threads(), "device": device,
+              "residuals": name, "ours_s": t_ours, "sklearn_s": t_sk, "ratio": t_sk / t_ours,
+              "median_abs_dr": float(np.median(diff)), "max_abs_dr": float(diff.max()),
+              "same_alpha_fraction": same, "median_r": float(np.median(r_ours))}
+    return summary, values
 
 
 def main() -> None:
@@ -101,6 +108,8 @@ def main() -> None:
                          "~2 GB at the full size in one part)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads of both sides (torch and numpy's BLAS); default: torch's")
+    ap.add_argument("--write-numbers", action="store_true",
+                    help="write docs/numbers/encoding_fit_<voxels>x<images>x<features>.json (the Benchmarks page)")
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "float64"),
                     help="neuroguide's residuals: auto (the features' float32) | float32 | float64")
     a = ap.parse_args()
@@ -113,7 +122,13 @@ def main() -> None:
     threads = a.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     with threadpool_limits(threads):  # scikit-learn's BLAS: as many threads as torch
-        print(compare_ridge(a.images, a.features, a.voxels, a.device, dtype, a.repeat, a.chunks))
+        summary, values = compare_ridge(a.images, a.features, a.voxels, a.device, dtype, a.repeat, a.chunks)
+    if a.write_numbers:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "numbers"))
+        from _common import write_numbers
+
+        write_numbers(f"encoding_fit_{a.voxels}x{a.images}x{a.features}", values)
+    print(summary)
 
 
 if __name__ == "__main__":

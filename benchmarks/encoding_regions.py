@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from encoding_fit import ridge_problem
 from neuroguide.models.ridge import DEFAULT_ALPHAS, fit_ridge
 
 
-def ridge_regions(n: int, d: int, v: int, k: int = 3) -> None:
+def ridge_regions(n: int, d: int, v: int, k: int = 3) -> dict:
     X, Y = ridge_problem(n, d, k * v)
     fit_ridge(X[:50, :10], Y[:50, :3], device="cpu")  # start-up, not timed
     t = time.perf_counter()
@@ -39,9 +40,11 @@ def ridge_regions(n: int, d: int, v: int, k: int = 3) -> None:
                for i, a in enumerate(alone))
     print(f"ridge: {k} regions x {v} voxels, {n} images x {d} features: one fit {t_joint:.2f} s, {k} fits "
           f"{t_alone:.2f} s: {t_alone / t_joint:.2f}x (largest prediction difference {diff:.1e})")
+    return {"ridge": {"regions": k, "voxels": v, "images": n, "features": d, "one_fit_s": t_joint,
+                      "separate_fits_s": t_alone, "ratio": t_alone / t_joint, "max_prediction_diff": float(diff)}}
 
 
-def pipeline(tmp: Path, regions=("V1", "TO", "FFA"), repeat: int = 1) -> None:
+def pipeline(tmp: Path, regions=("V1", "TO", "FFA"), repeat: int = 1) -> dict:
     from neuroguide.config import compose_config
     from neuroguide.data.nsd_regions import extract_regions, load_region
     from neuroguide.data.synthetic.nsd import write_synthetic_nsd
@@ -75,6 +78,9 @@ def pipeline(tmp: Path, regions=("V1", "TO", "FFA"), repeat: int = 1) -> None:
     print(f"feature cache: {len(regions)} separate runs {off:.1f} s without, {on:.1f} s with: {off / on:.2f}x")
     print(f"{len(regions)} regions in one run (task.regions) vs {len(regions)} separate runs: {together:.1f} s vs "
           f"{on:.1f} s with the feature cache ({on / together:.2f}x), {off:.1f} s without ({off / together:.2f}x)")
+    return {"pipeline": {"regions": "+".join(regions), "separate_s": off, "separate_cached_s": on,
+                         "together_s": together, "ratio_cached": on / together, "ratio": off / together,
+                         "repeat": repeat}}
 
 
 def main() -> None:
@@ -85,15 +91,22 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="pipeline rounds, interleaved; the fastest of each counts")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--skip-pipeline", action="store_true", help="only the ridge part")
+    ap.add_argument("--write-numbers", action="store_true",
+                    help="write docs/numbers/encoding_regions.json (the Benchmarks page)")
     a = ap.parse_args()
     logging.getLogger("neuroguide").setLevel(logging.WARNING)
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch threads {torch.get_num_threads()}")
-    ridge_regions(a.images, a.features, a.voxels)
+    values = ridge_regions(a.images, a.features, a.voxels)
     if not a.skip_pipeline:
         with tempfile.TemporaryDirectory() as tmp:
-            pipeline(Path(tmp), repeat=a.repeat)
+            values.update(pipeline(Path(tmp), repeat=a.repeat))
+    if a.write_numbers:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "numbers"))
+        from _common import write_numbers
+
+        write_numbers("encoding_regions", {**values, "threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

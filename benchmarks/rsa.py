@@ -23,7 +23,9 @@ entries closer than that, ~1e-13 in Spearman per swap) and both comparisons on t
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,15 +52,25 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", type=int, default=4, help="part 2: number of models (0 skips it)")
     ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads for both sides")
+    ap.add_argument("--write-numbers", action="store_true", help="write docs/numbers/rsa.json (the Benchmarks page)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(args.threads):
-        run(args)
+        rows = run(args)
+    if args.write_numbers:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "numbers"))
+        from _common import write_numbers
+
+        write_numbers("rsa", {"table": {"columns": ["stage", "ours (s)", "rsatoolbox (s)", "speed-up"], "rows": rows},
+                              "stimuli": args.stimuli, "features": args.features, "method": args.method,
+                              "threads": args.threads, "models": args.models, "repeats": args.repeats})
 
 
-def run(args):
+def run(args) -> list[list]:
+    """Prints each stage; returns the rows ``[stage, ours s, rsatoolbox s, ratio]``."""
+    rows = []
 
     from rsatoolbox.data import Dataset
     from rsatoolbox.rdm import calc_rdm, compare
@@ -90,6 +102,7 @@ def run(args):
     err = max(float(np.abs(ra.get_vectors()[0] - va.numpy()).max()), float(np.abs(rb.get_vectors()[0] - vb.numpy()).max()))
     print(f"RDMs (2)          ours {t_ours_rdm:7.3f} s   rsatoolbox {t_peer_rdm:7.3f} s   ratio {t_peer_rdm / t_ours_rdm:6.1f}x"
           f"   max |diff| {err:.1e}")
+    rows.append(["2 RDMs", t_ours_rdm, t_peer_rdm, t_peer_rdm / t_ours_rdm])
     ours, t_ours_cmp = best_time(lambda: ours_compare(va, vb), args.repeats)
     peer, t_peer_cmp = best_time(lambda: peer_compare(ra, rb), args.repeats)
     print(f"compare (3 ways)  ours {t_ours_cmp:7.3f} s   rsatoolbox {t_peer_cmp:7.3f} s   ratio {t_peer_cmp / t_ours_cmp:6.1f}x")
@@ -103,9 +116,11 @@ def run(args):
         _, t_o = best_time(lambda: rsa.compare(va, vb, c), args.repeats)  # noqa: B023
         _, t_p = best_time(lambda: compare(ra, rb, method=c), args.repeats)  # noqa: B023
         print(f"  {c:9s} alone: ours {t_o:7.3f} s   rsatoolbox {t_p:7.3f} s   ratio {t_p / t_o:6.1f}x")
+        rows.append([f"{c} (one pair)", t_o, t_p, t_p / t_o])
     t_ours, t_peer = t_ours_rdm + t_ours_cmp, t_peer_rdm + t_peer_cmp
     print(f"PART 1 total (2 RDMs + 3 comparisons): ours {t_ours:.3f} s, rsatoolbox {t_peer:.3f} s, "
           f"speed-up {t_peer / t_ours:.1f}x", flush=True)
+    rows.append(["one pair: 2 RDMs + 3 comparisons", t_ours, t_peer, t_peer / t_ours])
     if args.models >= 2:
         from rsatoolbox.rdm import concat
 
@@ -137,6 +152,9 @@ def run(args):
         print(f"PART 2 model-vs-model, {args.models} models ({args.models} RDMs + {args.models}x{args.models} matrices, "
               f"3 comparisons): ours {t_o:.3f} s, rsatoolbox {t_p:.3f} s, speed-up {t_p / t_o:.1f}x, "
               f"max |diff| {err:.1e} (on the same RDMs, pair by pair: {err_same:.1e})")
+        rows.append([f"{args.models} models: {args.models} RDMs + {args.models}x{args.models} matrices, 3 comparisons",
+                     t_o, t_p, t_p / t_o])
+    return rows
 
 
 if __name__ == "__main__":

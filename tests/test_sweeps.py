@@ -53,7 +53,10 @@ def test_experiment_configs_compose_and_run(experiment, tmp_path):
                                                               *_no_downloads(str(base.task.name))],
                          output_dir=tmp_path / "run")
     metrics = run(cfg)
-    assert metrics and (tmp_path / "run" / "metrics.json").exists()
+    # one run folder, or one per region of a multi-region run (task.regions: <run>/regions/<region>/)
+    regions = sorted({k.split("/")[0] for k in metrics}) if cfg.task.get("regions") else []
+    folders = [tmp_path / "run" / "regions" / r for r in regions] or [tmp_path / "run"]
+    assert metrics and all((f / "metrics.json").exists() for f in folders), folders
 
 
 def _no_downloads(task: str) -> list[str]:

@@ -129,6 +129,24 @@ def run_entry(script: str, overrides: list[str], root: Path, out: Path) -> dict:
     return metrics
 
 
+def train_then_evaluate(name: str, train: list[str], evaluate: list[str], seeds: list[int],
+                        ) -> tuple[list[dict], list[dict]]:
+    """For each seed, in its own temporary ``paths.root_dir`` (removed after): ``python train.py <train> seed=S``
+    into ``<root>/run``, then ``python evaluate.py ckpt=<root>/run/model.ckpt <evaluate>``. Returns the train runs'
+    metrics and the evaluations' metrics, one of each per seed, in ``seeds`` order."""
+    import shutil
+    import tempfile
+
+    trained, evaluated = [], []
+    for s in seeds:
+        root = Path(tempfile.mkdtemp(prefix=f"ng-numbers-{name}-seed{s}-"))
+        trained.append(run_entry("train.py", [*train, f"seed={s}"], root, root / "run"))
+        evaluated.append(run_entry("evaluate.py", [f"ckpt={root / 'run' / 'model.ckpt'}", *evaluate], root,
+                                   root / "eval"))
+        shutil.rmtree(root, ignore_errors=True)
+    return trained, evaluated
+
+
 def fresh_train_runs(command: list[str], seeds: list[int], keep: bool = False) -> list[dict]:
     """``python train.py <command> seed=S`` for each seed as on a fresh machine: its own temporary
     ``paths.root_dir`` (the synthetic data written, a predictor trained on the way, a new run folder), one run at a

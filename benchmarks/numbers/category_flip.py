@@ -12,13 +12,11 @@ predictor trained on the way), then ``python evaluate.py ckpt=<its model.ckpt> e
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import check_seeds, run_entry, seeds_arg, summary, write_numbers  # noqa: E402
+from _common import check_seeds, seeds_arg, summary, train_then_evaluate, write_numbers  # noqa: E402
 
 P = "eval/control/category_flip"
 KEYS = {"flip_eps": f"{P}/flip_eps", "flip_eps_median_image": f"{P}/mean/flip_eps_median_image",
@@ -30,15 +28,9 @@ def main() -> None:
     seeds_arg(ap)
     args = ap.parse_args()
     check_seeds(ap, args.seeds)
-    evals, acc = [], []
-    for s in args.seeds:
-        root = Path(tempfile.mkdtemp(prefix=f"ng-numbers-flip-seed{s}-"))
-        m = run_entry("train.py", ["region=TO", "alpha=0.5", f"seed={s}"], root, root / "guided")
-        acc.append(m["test/acc"])
-        ckpt = root / "guided" / "model.ckpt"
-        evals.append(run_entry("evaluate.py", [f"ckpt={ckpt}", "eval=[control]", "eval.control.layer=region"], root,
-                               root / "eval"))
-        shutil.rmtree(root, ignore_errors=True)
+    trained, evals = train_then_evaluate("flip", ["region=TO", "alpha=0.5"],
+                                         ["eval=[control]", "eval.control.layer=region"], args.seeds)
+    acc = [m["test/acc"] for m in trained]
     values = {name: summary([e.get(key, float("nan")) for e in evals]) for name, key in KEYS.items()}
     values.update(test_acc=summary(acc), seeds=args.seeds)
     write_numbers("category_flip", values,

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import check_seeds, eps_label, run_entry, seeds_arg, summary, write_numbers  # noqa: E402
+from _common import check_seeds, eps_label, seeds_arg, summary, train_then_evaluate, write_numbers  # noqa: E402
 
 KEY = re.compile(r"^eval/control/((?:l2_[0-9.]+)|(?:linf_[0-9]+_255))/(up|down)/change_sd$")
 
@@ -33,15 +31,9 @@ def main() -> None:
     seeds_arg(ap)
     args = ap.parse_args()
     check_seeds(ap, args.seeds)
-    evals, r_median = [], []
-    for s in args.seeds:
-        root = Path(tempfile.mkdtemp(prefix=f"ng-numbers-control-seed{s}-"))
-        m = run_entry("train.py", ["task=predictor", "region=TO", f"seed={s}"], root, root / "predictor")
-        r_median.append(m["test/r_median"])
-        ckpt = root / "predictor" / "model.ckpt"
-        evals.append(run_entry("evaluate.py", [f"ckpt={ckpt}", "eval=[control]", "eval.control.layer=region"], root,
-                               root / "eval"))
-        shutil.rmtree(root, ignore_errors=True)
+    trained, evals = train_then_evaluate("control", ["task=predictor", "region=TO"],
+                                         ["eval=[control]", "eval.control.layer=region"], args.seeds)
+    r_median = [m["test/r_median"] for m in trained]
     tags = sorted({KEY.match(k).group(1) for k in evals[0] if KEY.match(k)}, key=eps_order)
     rows = [[eps_label(t), *(summary([e[f"eval/control/{t}/{d}/change_sd"] for e in evals]) for d in ("up", "down"))]
             for t in tags]

@@ -11,13 +11,11 @@ perturbations and the decoder's accuracy clean / unit-targeted / decoder-targete
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import check_seeds, run_entry, seeds_arg, summary, write_numbers  # noqa: E402
+from _common import check_seeds, seeds_arg, summary, train_then_evaluate, write_numbers  # noqa: E402
 
 TRAIN = ["region=TO", "alpha=0.5", "task.max_epochs=4", "data.image_size=32", "data.synthetic_imagenet.image_size=32",
          "data.synthetic_nsd.image_size=32", 'predictor.train_overrides=["task.max_epochs=4"]']
@@ -37,13 +35,8 @@ def main() -> None:
     seeds_arg(ap)
     args = ap.parse_args()
     check_seeds(ap, args.seeds)
-    evals, acc = [], []
-    for s in args.seeds:
-        root = Path(tempfile.mkdtemp(prefix=f"ng-numbers-population-seed{s}-"))
-        m = run_entry("train.py", [*TRAIN, f"seed={s}"], root, root / "guided")
-        acc.append(m["test/acc"])
-        evals.append(run_entry("evaluate.py", [f"ckpt={root / 'guided' / 'model.ckpt'}", *EVAL], root, root / "eval"))
-        shutil.rmtree(root, ignore_errors=True)
+    trained, evals = train_then_evaluate("population", TRAIN, EVAL, args.seeds)
+    acc = [m["test/acc"] for m in trained]
     rows = [[f"L2 {e}", *(summary([ev[f"eval/population/l2_{e}/{k}"] for ev in evals]) for _, k in COLUMNS)]
             for e in EPS]
     write_numbers("population", {

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from neuroguide.attacks import objectives, pgd_attack
 from neuroguide.models.features import device_of, evaluation_mode
-from neuroguide.evaluation.checks import check_labels  # noqa: F401  (its public name here too)
+from neuroguide.evaluation.checks import check_labels
 from neuroguide.evaluation.plots import check_eps_list, curve_figure, eps_label, eps_tag, write_csv
 
 log = logging.getLogger("neuroguide")
@@ -328,5 +328,5 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, out_d
 
 
 __all__ = ["accuracy", "adversarial_accuracy", "adversarial_examples", "fgsm_accuracy", "autoattack_examples",
-           "autoattack_accuracy", "autoattack_plan", "robustness_curve", "evaluate", "predictions", "check_labels",
+           "autoattack_accuracy", "autoattack_plan", "robustness_curve", "evaluate", "predictions",
            "standard_error"]

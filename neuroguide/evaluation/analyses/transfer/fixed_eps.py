@@ -48,7 +48,7 @@ from neuroguide.attacks.objectives import direction_sign
 from neuroguide.models.features import OUTPUT, activations, device_of
 from neuroguide.attacks.steps import get_step_class, scale_in_box
 from neuroguide.evaluation.plots import check_eps_list, eps_label, eps_tag, heatmap_figure, write_csv
-from neuroguide.evaluation.checks import check_input_sizes, check_labels, declared_input_size, safe_name  # noqa: F401
+from neuroguide.evaluation.checks import check_input_sizes, check_labels, safe_name
 from neuroguide.evaluation.responses import spread
 
 NEURAL_OBJECTIVES = ("change", "up", "down")
@@ -338,4 +338,4 @@ def evaluate(models: Mapping[str, nn.Module], images: torch.Tensor, labels: torc
 
 
 __all__ = ["transfer_matrix", "evaluate", "TransferResult", "random_like", "random_control", "perturbation_norms",
-           "check_input_sizes", "declared_input_size", "natural_images"]
+           "natural_images"]
