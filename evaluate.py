@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 import neuroguide.config  # noqa: F401  (registers the config resolvers)
-from neuroguide.logging_setup import setup_console
+from neuroguide.logging_setup import log_failure, setup_console
 
 log = logging.getLogger("neuroguide")
 
@@ -22,11 +22,11 @@ def main(cfg: DictConfig) -> None:
 
     try:
         run(cfg)
-    except EvaluationFailed as e:  # each failure's traceback is already in the log
-        log.error("%s", e)
+    except EvaluationFailed as e:  # each failure's traceback is already in the log; Hydra prints the summary
+        log_failure(f"evaluate.py: {e}")
         raise
-    except Exception:  # Hydra prints the error on the console only: put it, with its traceback, into evaluate.log
-        log.exception("evaluate.py failed")
+    except Exception:  # Hydra prints the error with its traceback on the console: put it into evaluate.log, once
+        log_failure("evaluate.py failed")
         raise
 
 

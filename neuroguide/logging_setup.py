@@ -1,5 +1,6 @@
 """The console of ``train.py`` and ``evaluate.py``, set up in one place: each line once, no advertisement,
-no known-harmless warnings, and a closing block saying where the results are.
+no known-harmless warnings, a failure's traceback once (:func:`log_failure`), and a closing block saying where the
+results are.
 
 Why lines came twice: importing ``lightning`` adds a console handler of its own to the ``lightning`` logger
 ("INFO: ..." on stderr) while its records also propagate to the root logger, which Hydra gives a console
@@ -93,6 +94,18 @@ def setup_console() -> None:
         if not any(isinstance(f, _DropMessages) for f in lg.filters):
             lg.addFilter(_DropMessages(prefixes))
     quiet_warnings()
+
+
+def log_failure(what: str) -> None:
+    """The exception being handled, with its traceback, into the run's log files only (``train.log``,
+    ``evaluate.log``: Hydra's file handlers). Re-raised, Hydra prints it on the console ("Error executing job
+    ..."), so the traceback shows once on the console and once in the file."""
+    import sys
+
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, what, (), sys.exc_info())
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler) and record.levelno >= h.level:
+            h.handle(record)
 
 
 def log_outputs(title: str, out: Path, files: dict[str, Path | None], figures: Iterable[Path] = (),

@@ -5,8 +5,10 @@ A task declares its needs (:meth:`neuroguide.tasks.base.Task.requirements`, e.g.
 resolves each before the task is built: a trained predictor of region R for subject S is found at
 ``${paths.predictors_dir}/subjSS/R.ckpt``, checked against the data (the output count stored in
 its checkpoint against the region's cached voxel count), and on the synthetic data trained first
-when missing (by the same pipeline, into a sub-folder of the run). On real data a missing
-predictor is an error that prints the exact command that trains it.
+when missing (by the same pipeline, into a sub-folder of the run; a smoke predictor, e.g.
+``predictor.train_overrides=["+trainer.fast_dev_run=true"]``, is used from there and never exported). On real
+data a missing predictor is an error that prints the exact command that trains it (the command line's data,
+paths, seed and trainer overrides included).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from neuroguide.config import compose_config, output_dir
+from neuroguide.run_names import SMOKE_KEYS, smoke_settings
 from neuroguide.tasks.predictor import PredictorRequirement, predictor_path
 from neuroguide.utils.io import pin_by_content
 
@@ -37,17 +40,38 @@ def provide(need, cfg: DictConfig, train: Callable[[DictConfig], dict]) -> DictC
     raise TypeError(f"no provider for requirement {need!r}")
 
 
-def predictor_train_command(cfg: DictConfig, need: PredictorRequirement) -> str:
-    """The exact command that trains the predictor the run looks for."""
-    parts = ["python train.py task=predictor", f"region={need.region}", f"subject={need.subject}",
-             f"data={cfg.data.name}"]
-    if not cfg.data.synthetic:
+# the command line's overrides that a predictor trained for this run shares with it (as predictor_config does)
+PREDICTOR_SHARES = ("data", "paths", "seed", "trainer")
+
+
+def predictor_train_command(cfg: DictConfig, need: PredictorRequirement, overrides: list[str] | None = None) -> str:
+    """The exact command that trains the predictor the run looks for: ``task=predictor``, its region, subject and
+    shuffle, the run's data, paths, seed and trainer overrides (``overrides``: the command line's, Hydra's record by
+    default; a smoke setting and ``max_epochs`` left out), ``predictor.train_overrides``, and the data and paths
+    the run's config holds but no override gave; shell-quoted."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from neuroguide.command_line import command_overrides, shell_command
+
+    overrides = command_overrides() if overrides is None else overrides
+    kept = []
+    for o in OverridesParser.create().parse_overrides(list(overrides or [])):
+        key = o.key_or_group
+        if key.split(".")[0] in PREDICTOR_SHARES and key.split(".")[-1] not in (*SMOKE_KEYS, "max_epochs") \
+                and key != "paths.output_dir":
+            kept.append(o.input_line)
+    given = {line.lstrip("+~").split("=", 1)[0] for line in kept}
+    parts = ["python train.py", "task=predictor", f"region={need.region}", f"subject={need.subject}"]
+    if "data" not in given:
+        parts.append(f"data={cfg.data.name}")
+    if not cfg.data.synthetic and "paths.nsd_root" not in given:
         parts.append(f"paths.nsd_root={cfg.paths.nsd_root}")
     if need.shuffle:
         parts.append("predictor.shuffle=true")
-    if Path(cfg.paths.predictors_dir) != Path(cfg.paths.root_dir) / "predictors" / cfg.data.name:
+    default_dir = Path(cfg.paths.root_dir) / "predictors" / cfg.data.name
+    if Path(cfg.paths.predictors_dir) != default_dir and "paths.predictors_dir" not in given:
         parts.append(f"paths.predictors_dir={cfg.paths.predictors_dir}")
-    return " ".join(parts)
+    return shell_command(parts + kept + [str(o) for o in cfg.predictor.get("train_overrides", [])])
 
 
 def predictor_config(cfg: DictConfig, need: PredictorRequirement, out: Path) -> DictConfig:
@@ -83,10 +107,16 @@ def ensure_predictor(cfg: DictConfig, need: PredictorRequirement, train: Callabl
                                     f"with:\n  {predictor_train_command(cfg, need)}")
         out = output_dir(cfg) / f"predictor_{path.stem}"
         log.warning("no %s predictor at %s: training it first on the synthetic data (%s)", need.region, path, out)
-        train(predictor_config(cfg, need, out))
-        if not path.exists():  # pragma: no cover - the predictor task exports it there
+        pcfg = predictor_config(cfg, need, out)
+        train(pcfg)
+        if smoke_settings(pcfg.trainer):  # a smoke predictor (predictor.train_overrides) is never exported: this
+            log.warning("the %s predictor trained on the way is a smoke run (predictor.train_overrides): this run "
+                        "uses it from %s; %s stays as it was", need.region, out / "model.ckpt", path)
+            path = out / "model.ckpt"
+        elif not path.exists():  # pragma: no cover - the predictor task exports it there
             raise RuntimeError(f"training the {need.region} predictor did not write {path}")
-        (out / "model.ckpt").unlink(missing_ok=True)  # the same weights as the exported predictor: one copy
+        else:
+            (out / "model.ckpt").unlink(missing_ok=True)  # the same weights as the exported predictor: one copy
     check_predictor(path, cfg, need)
     return path
 

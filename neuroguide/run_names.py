@@ -17,8 +17,15 @@ Rules (one place, used by ``conf/hydra/{default,evaluate}.yaml`` through the ``n
 * Every other override (``task.lr=0.01``, ``data.image_size=32``, paths, and the full text of ckpt / models /
   sweep_dir) goes into an 8-digit hash suffix ``cfg-<hash>``: two different commands never share a folder
   by accident, and the same command always finds its folder again (auto-resume).
-* Overrides that never change the science are left out: ``hydra.*``, ``trainer.fast_dev_run``, ``logger``,
-  ``resume``, ``paths.log_dir`` (and ``hydra.job.config.override_dirname.exclude_keys``).
+* Overrides that are not the run's identity (:data:`NOT_IDENTITY`: where and how it runs, and how long) are left
+  out, so that rerunning a command with them changed finds its folder and resumes or extends it: ``hydra.*``,
+  ``logger``, ``resume``, ``keep_checkpoints``, ``paths.log_dir``, ``paths.cache_dir``, ``task.max_epochs``, worker
+  counts, the machine's trainer settings (``trainer=gpu``, ``trainer.devices``, ``trainer.precision``, ...; see
+  :data:`NOT_IDENTITY`), plus ``hydra.job.config.override_dirname.exclude_keys``.
+* A smoke run, one whose trainer cuts training or evaluation short (:data:`SMOKE_KEYS`: ``trainer.fast_dev_run``,
+  ``limit_*_batches``, ``max_steps``, ``max_time``, ``overfit_batches``, read from the composed config), gets its
+  own folder, named ``..._smoke-fast_dev_run`` or ``..._smoke-limit_train_batches-2`` (those keys are named,
+  not hashed): it can never be taken for the real run of its command (:func:`smoke_settings`).
 """
 from __future__ import annotations
 
@@ -67,11 +74,63 @@ def core_factors(task) -> tuple[str, ...]:
 GROUPS = ("backbone",)
 # factors whose override text is a path: named by a short label, their full text goes into the hash
 PATHS = ("ckpt", "models", "sweep_dir")
-# never in the name nor the hash: they do not change the science
-EXCLUDED = ("trainer.fast_dev_run", "logger", "resume", "keep_checkpoints", "paths.log_dir")
+# Not a run's identity: never in the folder name nor its hash, and free to change when the run is resumed or
+# extended (neuroguide.train compares everything else with the run's config.yaml / last.ckpt): where and how it
+# runs and for how long. A key here also covers the keys below it (logger.wandb.project); "trainer" is the group
+# choice (trainer=gpu), not the trainer's keys, of which only the machine's are listed. Numerics may differ in the
+# last digits with another precision or device count, the science does not.
+NOT_IDENTITY = ("hydra", "logger", "resume", "keep_checkpoints", "paths.log_dir", "paths.cache_dir", "paths.output_dir",
+                "task.max_epochs", "trainer.max_epochs", "data.num_workers", "data.read_workers",
+                "task.datamodule.num_workers", "task.datamodule.read_workers", "callbacks.progress_bar",
+                "callbacks.last_checkpoint", "callbacks.model_checkpoint.dirpath", "callbacks.model_checkpoint.save_last",
+                "trainer", "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
+                "trainer.precision", "trainer.sync_batchnorm", "trainer.deterministic", "trainer.benchmark",
+                "trainer.plugins", "trainer.log_every_n_steps", "trainer.enable_progress_bar",
+                "trainer.enable_model_summary", "trainer.num_sanity_val_steps", "trainer.profiler",
+                "trainer.detect_anomaly", "trainer.default_root_dir")
+GROUP_ONLY = ("trainer",)  # entries of NOT_IDENTITY that are a group choice only, not a prefix of keys
+# In the folder name (paths say which data and weights a run reads) but free to change when a folder's run is
+# resumed: the data moved (rerun with hydra.run.dir=<its folder> and the new paths).
+MAY_MOVE = ("paths",)
+# Lightning trainer keys that cut training or evaluation short, with the value that does not (None: unset)
+SMOKE_KEYS = {"fast_dev_run": False, "limit_train_batches": 1.0, "limit_val_batches": 1.0,
+              "limit_test_batches": 1.0, "max_steps": -1, "max_time": None, "overfit_batches": 0.0}
 DEFAULTS_HIDDEN = {"at.norm": "l2"}  # named only when not this value
 REPLACES = {"task.regions": "region"}  # set (given or by an experiment), names the run in place of that one
 MAX_LEN = 120
+
+
+def listed(key: str, names: Iterable[str]) -> bool:
+    """Whether the dotted ``key`` is one of ``names`` or below one of them (a :data:`GROUP_ONLY` name: itself only)."""
+    return any(key == n or (n not in GROUP_ONLY and key.startswith(n + ".")) for n in names)
+
+
+def smoke_settings(trainer: Any) -> dict[str, Any]:
+    """The :data:`SMOKE_KEYS` that ``trainer`` (the composed ``cfg.trainer``, or a dict of trainer overrides) sets
+    to a value that cuts training or evaluation short, in :data:`SMOKE_KEYS` order; empty for a full run.
+
+    Lightning's meanings: ``fast_dev_run`` true or N (batches); ``limit_*_batches`` an int is a number of batches
+    (``1`` is one batch, ``1.0`` all of them), a float below 1.0 a fraction; ``max_steps`` other than -1;
+    ``max_time`` set; ``overfit_batches`` other than 0."""
+    def get(k):
+        try:
+            return trainer.get(k, None)
+        except Exception:  # a missing interpolation target, say: not a smoke setting
+            return None
+
+    out = {}
+    for key, full in SMOKE_KEYS.items():
+        v = get(key)
+        if v is None or v == full and isinstance(v, type(full)) or (key == "fast_dev_run" and not v) \
+                or (key == "max_steps" and v == -1) or (key == "overfit_batches" and v == 0):
+            continue
+        out[key] = v
+    return out
+
+
+def smoke_label(settings: dict[str, Any]) -> str:
+    """``smoke-fast_dev_run``, ``smoke-limit_train_batches-2+max_steps-5``: the folder suffix of a smoke run."""
+    return "smoke-" + "+".join(k if v is True else f"{k}-{_fmt(v)}" for k, v in settings.items())
 
 
 def _fmt(v: Any) -> str:
@@ -105,13 +164,18 @@ def run_name(overrides: Iterable[str], config: Any = None, exclude: Iterable[str
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    excluded = set(EXCLUDED) | {str(k) for k in exclude}
+    not_named = NOT_IDENTITY + tuple(str(k) for k in exclude)
     parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides])
     given: dict[str, Any] = {}
     hashed: list[str] = []
+    smoke_given: dict[str, Any] = {}
     for o in parsed:
         key = o.key_or_group
-        if key in excluded or key == "hydra" or key.startswith(("hydra.", "hydra/")):
+        if listed(key, not_named) or key.startswith("hydra/"):
+            continue
+        if key.startswith("trainer.") and key.split(".", 1)[1] in SMOKE_KEYS:  # named below, from the config
+            if not o.is_delete():
+                smoke_given[key.split(".", 1)[1]] = o.value()
             continue
         if key in {k for k, _, _ in FACTORS} and not o.is_delete():
             given[key] = o.value()
@@ -146,6 +210,10 @@ def run_name(overrides: Iterable[str], config: Any = None, exclude: Iterable[str
         parts.append(f"{label}-{_fmt(v)}")
     if hashed:
         parts.append("cfg-" + hashlib.sha1("\n".join(sorted(hashed)).encode()).hexdigest()[:8])
+    trainer = OmegaConf.select(config, "trainer") if config is not None else None
+    smoke = smoke_settings(trainer if trainer is not None else smoke_given)
+    if smoke:
+        parts.append(smoke_label(smoke))
     name = re.sub(r"[^A-Za-z0-9._+-]", "_", "_".join(parts)) or "default"
     if len(name) > MAX_LEN:  # very long factor values (e.g. many analyses): cut, and a hash of the whole name
         name = name[:MAX_LEN - 13] + "_h-" + hashlib.sha1(name.encode()).hexdigest()[:10]

@@ -15,6 +15,12 @@ One process writes a run folder at a time (:func:`neuroguide.utils.run_lock.one_
 same folder is refused at once, naming the first); every file is written atomically, checkpoints included
 (:class:`neuroguide.callbacks.AtomicCheckpointIO`); an unreadable ``checkpoints/last.ckpt`` (cut short) is
 moved to ``<output>/last.ckpt.corrupt-<time>``, with a warning naming both, and the run starts afresh.
+
+A run's identity is its config less :data:`neuroguide.run_names.NOT_IDENTITY` (where, how and how long it runs)
+and ``paths.*`` (where its inputs are): a rerun whose identity matches the folder's finished run returns its
+metrics; one asking for more epochs (``task.max_epochs``) extends it from ``checkpoints/last.ckpt``. A smoke run
+(:func:`neuroguide.run_names.smoke_settings`: ``+trainer.fast_dev_run=true``, ``limit_*_batches``, ``max_steps``,
+...) has its own folder, is never taken as finished and never exports outside it.
 """
 from __future__ import annotations
 
@@ -37,10 +43,12 @@ from neuroguide.logging_setup import log_outputs
 from neuroguide.loggers import WandbLogger, finish_wandb
 from neuroguide.models.checkpoints import set_aside_unreadable
 from neuroguide.requirements import provide
+from neuroguide.run_names import MAY_MOVE, NOT_IDENTITY, listed, smoke_settings
 from neuroguide.slurm import preflight, slurm_allocation
 from neuroguide.tasks import get_task
 from neuroguide.utils.io import atomic_path, read_json, write_json
 from neuroguide.utils.run_lock import one_writer
+from neuroguide.utils.seeding import check_seed
 
 log = logging.getLogger("neuroguide")
 
@@ -50,6 +58,7 @@ def check_config(cfg: DictConfig) -> None:
     subject = cfg.get("subject")
     if subject is not None and not (isinstance(subject, int) and 1 <= subject <= 8):
         raise ValueError(f"subject must be an integer 1..8; got {subject!r}")
+    check_seed(cfg.get("seed"))
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -89,10 +98,14 @@ def _run_in(out: Path, cfg: DictConfig, task_cls) -> dict[str, float]:
     cfg = task_cls.prepare_config(cfg)  # e.g. guidance: region=none forces alpha=0
     for need in task_cls.requirements(cfg):  # e.g. the region's predictor, trained first on synthetic data
         cfg = provide(need, cfg, train=run)
+    smoke = smoke_settings(cfg.trainer)
+    if smoke:
+        log.info("smoke run (%s): never taken as finished (a rerun runs it again) and exported nowhere but %s",
+                 ", ".join(f"trainer.{k}={v}" for k, v in smoke.items()), out)
     runs = task_cls.run_configs(cfg)  # one, or several sharing one fit (encoding: task.regions)
     results: list[dict | None] = []
     for c in runs:
-        done = completed_metrics(output_dir(c), c) if c.get("resume", True) else None
+        done = completed_metrics(output_dir(c), c) if c.get("resume", True) and not smoke else None
         if done is not None:
             log.info("%s already holds the finished run of this config (metrics.json, model.ckpt): nothing to do "
                      "(resume=false trains it again)", output_dir(c))
@@ -128,6 +141,9 @@ def _fit_and_test(cfg: DictConfig, datamodule, module) -> dict[str, float]:
     if cfg.get("resume", True):
         set_aside_unreadable(last, out)  # truncated (killed while copied?): moved into out/, warned; a fresh start
     ckpt_path = str(last) if cfg.get("resume", True) and last.exists() else None
+    if ckpt_path and smoke_settings(cfg.trainer) and holds_finished_run(out):  # a finished smoke run: run it again
+        log.info("%s holds a finished smoke run: running it again from the start (not from %s)", out, last)
+        ckpt_path = None
     if ckpt_path:
         check_resumable(last, cfg)
         log.info("resuming from %s", ckpt_path)
@@ -150,50 +166,90 @@ def _fit_and_test(cfg: DictConfig, datamodule, module) -> dict[str, float]:
     return metrics
 
 
-# keys that may differ between a run and its rerun without changing the science (machine, paths, length)
-NOT_SCIENCE = ("paths", "trainer", "hydra", "data.num_workers", "data.read_workers", "task.max_epochs",
-               "keep_checkpoints", "resume", "test_ckpt")
+# keys that may differ between a run and its rerun in the same folder: not its identity, or where its inputs are
+MAY_CHANGE_ON_RESUME = NOT_IDENTITY + MAY_MOVE
 
 
 def science_diff(a: dict, b: dict) -> list[str]:
-    """Dotted keys whose values differ between two resolved run configs, leaving out :data:`NOT_SCIENCE`."""
+    """Dotted keys whose values differ between two resolved run configs, leaving out :data:`MAY_CHANGE_ON_RESUME`."""
     def flat(d, prefix=""):
         out = {}
         for k, v in (d or {}).items():
             key = f"{prefix}{k}"
-            if any(key == n or key.startswith(n + ".") for n in NOT_SCIENCE):
-                continue
-            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
+            if isinstance(v, dict) and v:
+                out.update(flat(v, key + "."))
+            elif not listed(key, MAY_CHANGE_ON_RESUME):
+                out[key] = v
         return out
 
     fa, fb = flat(a), flat(b)
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, "<unset>") != fb.get(k, "<unset>"))
 
 
-def completed_metrics(out: Path, cfg: DictConfig) -> dict[str, float] | None:
-    """The metrics of a finished run of this config in ``out`` (metrics.json written after its last
-    checkpoint, the same science in config.yaml), else None; a differing config is said in the log."""
-    import yaml
+def _epochs(run_config: dict) -> int | None:
+    """The epochs a run was configured for (``trainer.max_epochs``, resolved; ``task.max_epochs`` else)."""
+    v = (run_config.get("trainer") or {}).get("max_epochs", (run_config.get("task") or {}).get("max_epochs"))
+    return None if v is None else int(v)
 
+
+def holds_finished_run(out: Path) -> bool:
+    """Whether the folder ``out`` holds a finished run: metrics.json, model.ckpt and config.yaml, metrics.json
+    written after ``checkpoints/last.ckpt`` (when one is kept)."""
     files = [out / "metrics.json", out / "model.ckpt", out / "config.yaml"]
     last = out / "checkpoints" / "last.ckpt"
-    if not all(f.is_file() for f in files) or (last.exists() and last.stat().st_mtime > files[0].stat().st_mtime):
+    return all(f.is_file() for f in files) and not (last.exists() and last.stat().st_mtime > files[0].stat().st_mtime)
+
+
+def completed_metrics(out: Path, cfg: DictConfig) -> dict[str, float] | None:
+    """The metrics of a finished run of this config in ``out`` (metrics.json written after its last
+    checkpoint, the same identity in config.yaml, as many epochs), else None; a differing config is said in the
+    log. A finished run of fewer epochs than ``cfg`` asks for is extended (None: resumed from its last.ckpt) when
+    that checkpoint is kept (``keep_checkpoints=true``); without it, or for a run of more epochs, ValueError."""
+    import yaml
+
+    last = out / "checkpoints" / "last.ckpt"
+    if not holds_finished_run(out):
         return None
-    differ = science_diff(yaml.safe_load(files[2].read_text()) or {}, OmegaConf.to_container(cfg, resolve=True))
+    saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    differ = science_diff(saved, OmegaConf.to_container(cfg, resolve=True))
     if differ:
         log.info("%s holds a finished run of another config (%s differ): training this one", out, ", ".join(differ[:8]))
         return None
-    return read_json(files[0])
+    had, want = _epochs(saved), int(cfg.trainer.max_epochs)
+    if had is None or had == want:
+        return read_json(out / "metrics.json")
+    if had < want and last.exists():
+        log.info("%s holds this run finished at %d epochs: extending it to task.max_epochs=%d from %s", out, had, want,
+                 last)
+        return None
+    why = (f"its checkpoints were removed when it finished (keep_checkpoints=false), so it cannot be extended to "
+           f"task.max_epochs={want}" if had < want else f"that is more than task.max_epochs={want} asks for")
+    raise ValueError(f"{out} holds this run finished at {had} epochs (metrics.json, model.ckpt); {why}. Fix: "
+                     f"resume=false trains {want} epochs from the start in this folder (replacing that run), or "
+                     f"task.max_epochs={had} returns it; keep_checkpoints=true keeps a run extendable")
 
 
 def check_resumable(last: Path, cfg: DictConfig) -> None:
-    """Refuse to resume a checkpoint written under another config (weights of two configs would mix)."""
-    hp = torch.load(last, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+    """Refuse to resume a checkpoint written under another config (weights of two configs would mix), or one
+    that has trained more epochs than ``cfg`` asks for; say when the epochs differ (an extension)."""
+    ck = torch.load(last, map_location="cpu", weights_only=True)
+    hp = ck.get("hyper_parameters") or {}
     differ = science_diff(hp.get("run_config") or {}, OmegaConf.to_container(cfg, resolve=True))
     if differ:
         raise ValueError(f"{last} was written by a run of another config ({', '.join(differ[:8])} differ), so resuming "
                          f"would mix the two. Rerun with resume=false to start this config afresh in the folder, or "
                          f"give it its own folder (hydra.run.dir=...)")
+    done, want = int(ck.get("epoch", -1)) + 1, int(cfg.trainer.max_epochs)  # saved at the end of epoch `epoch`
+    if done > want:
+        raise ValueError(f"{last} has trained {done} epochs, more than task.max_epochs={want}. Fix: "
+                         f"task.max_epochs={done} (or more) resumes it; resume=false trains {want} from the start")
+    had = _epochs(hp.get("run_config") or {})
+    if had is not None and had != want:
+        log.info("resuming a run configured for %d epochs with task.max_epochs=%d", had, want)
+        if str((cfg.task.get("scheduler") or {}).get("name")) == "cosine":
+            log.warning("task.scheduler.name=cosine spans the run's epochs: from epoch %d on the learning rate follows "
+                        "the cosine over %d epochs (it was going to 0 at %d), so the result differs from a run trained "
+                        "%d epochs from the start", done, want, had, want)
 
 
 def selected_checkpoint(trainer: L.Trainer, which: str) -> Path | None:
@@ -228,7 +284,12 @@ def _finish(trainer: L.Trainer, module, cfg: DictConfig, out: Path, metrics: dic
     with atomic_path(out / "config.yaml") as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     module.export(out / "model.ckpt", metrics)
+    smoke = smoke_settings(cfg.trainer)
     for p in module.export_paths(cfg):
+        if smoke:  # a run that did not train fully never replaces a trained model
+            log.warning("smoke run (%s): its %s model is not exported to %s, only to %s", ", ".join(
+                f"trainer.{k}={v}" for k, v in smoke.items()), cfg.task.name, p, out / "model.ckpt")
+            continue
         module.export(p, metrics)
         log.info("saved %s model to %s", cfg.task.name, p)
     write_json(out / "metrics.json", metrics)  # last: a folder with metrics.json holds a finished run

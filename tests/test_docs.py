@@ -145,6 +145,24 @@ def test_every_command_in_the_docs_composes(hydra_conf):
     assert not failed, "commands that do not compose:\n" + "\n".join(failed)
 
 
+def test_every_plus_key_of_the_docs_is_one_train_py_lets_through(hydra_conf):
+    """train.py refuses a '+key' that nothing reads (neuroguide.command_line): the docs' own '+' keys are read."""
+    from neuroguide.command_line import check_added_keys
+
+    refused, n = [], 0
+    for page, script, ov in all_commands():
+        if script != "train.py" or not any(o.startswith("+") for o in ov):
+            continue
+        cfg = try_compose("train", ov)
+        try:
+            check_added_keys(ov, cfg)
+            n += 1
+        except ValueError as e:
+            refused.append(f"{page}: python train.py {' '.join(ov)}\n    {e}")
+    assert not refused, "\n".join(refused)
+    assert n >= 4  # +paths.robust_weights.N, +backbone.source, ...
+
+
 def test_the_checker_catches_a_key_that_needs_a_plus(hydra_conf):
     """Planted: the README's former commands, which set keys that the configs lack without ``+``."""
     text = ("```bash\npython train.py task=encoding region=EBA backbone=resnet50_l2_eps3 "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ def trained(tmp_path_factory):
 
     pred = t("sweep/predictor_TO_run", "task=predictor", "region=TO")
     (tmp / "predictors" / "subj01").mkdir(parents=True, exist_ok=True)
+    shutil.copy(pred, tmp / "predictors" / "subj01" / "TO.ckpt")  # a smoke run exports nowhere: the guided runs' predictor
     guided = t("sweep/region-TO", "region=TO")
     none = t("sweep/region-none", "region=none")
     return tmp, pred, guided, none

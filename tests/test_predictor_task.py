@@ -10,7 +10,9 @@ import neuroguide
 from neuroguide.train import run
 
 
-def test_predictor_fast_dev_run_writes_outputs_and_exports(compose_train, tmp_path):
+def test_predictor_fast_dev_run_writes_outputs_and_exports_nowhere_else(compose_train, tmp_path):
+    """A smoke run (one batch) writes its run folder; it never exports into paths.predictors_dir (it once replaced
+    the trained predictor there)."""
     cfg = compose_train("task=predictor", "region=V1", "+trainer.fast_dev_run=true")
     metrics = run(cfg)
     out = tmp_path / "run"
@@ -18,16 +20,12 @@ def test_predictor_fast_dev_run_writes_outputs_and_exports(compose_train, tmp_pa
     assert {"test/r_median", "test/r_mean", "test/r_nc_median"} <= set(written)
     assert written == pytest.approx(metrics, nan_ok=True)
     assert "region:" in (out / "config.yaml").read_text()
-    exported = tmp_path / "predictors" / "subj01" / "V1.ckpt"
-    assert exported.exists()
-    model = neuroguide.load_model(exported)
+    assert not (tmp_path / "predictors").exists()
+    model = neuroguide.load_model(out / "model.ckpt")
     info, facts = model.neuroguide_info["model_config"], model.neuroguide_info["facts"]
     assert facts["region"] == "V1" and facts["subject"] == 1
     x = torch.rand(2, 3, 32, 32)
     assert model(x).shape == (2, info["n_outputs"])
-    # the Lightning checkpoint and the exported file rebuild the same network
-    same = neuroguide.load_model(out / "model.ckpt")
-    torch.testing.assert_close(model(x), same(x))
 
 
 @pytest.mark.slow  # trains for more than ~20 s: in the full suite, not the quick one
@@ -41,9 +39,14 @@ def test_predictor_beats_shuffled_control(compose_train):
 
 
 def test_shuffle_control_exported_under_its_own_name(compose_train, tmp_path):
-    run(compose_train("task=predictor", "region=V4", "predictor.shuffle=true", "+trainer.fast_dev_run=true"))
-    assert (tmp_path / "predictors" / "subj01" / "V4_shuffle.ckpt").exists()
+    """task.max_epochs=0 (no smoke run, no training either): the run's model exported as V4_shuffle.ckpt."""
+    run(compose_train("task=predictor", "region=V4", "predictor.shuffle=true", "task.max_epochs=0"))
+    exported = tmp_path / "predictors" / "subj01" / "V4_shuffle.ckpt"
+    assert exported.exists()
     assert not (tmp_path / "predictors" / "subj01" / "V4.ckpt").exists()
+    # the run folder's file and the exported one rebuild the same network
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(neuroguide.load_model(exported)(x), neuroguide.load_model(tmp_path / "run" / "model.ckpt")(x))
 
 
 def test_bad_config_values(compose_train):

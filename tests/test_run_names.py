@@ -38,8 +38,47 @@ def test_same_command_same_folder_other_overrides_other_folders(folder):
     b = folder("train", "region=TO", "task.optimizer.lr=0.02", "data.image_size=32")
     assert a != b and a.startswith("region-TO_alpha-0.5_eps-0_cfg-") and len(a.rsplit("-", 1)[1]) == 8
     # overrides that never change the science name no new folder
-    assert folder("train", "region=TO", "+trainer.fast_dev_run=true", "logger=csv", "resume=false",
+    assert folder("train", "region=TO", "logger=csv", "resume=false",
                   "paths.log_dir=/somewhere/else") == "region-TO_alpha-0.5_eps-0"
+
+
+def test_where_how_and_how_long_a_run_runs_are_not_its_identity(folder):
+    """The keys the docs say may change on resume name no new folder (so the rerun finds last.ckpt): task.max_epochs
+    (5 and 6 once named cfg-32fb9d07 and cfg-2059ad37), the machine's trainer settings, worker counts."""
+    base = folder("train", "region=TO", "task.optimizer.lr=0.01")
+    assert base.startswith("region-TO_alpha-0.5_eps-0_cfg-")
+    for more in (["task.max_epochs=5"], ["task.max_epochs=6"], ["trainer.max_epochs=7"], ["trainer=gpu"],
+                 ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=16-mixed"],
+                 ["data.num_workers=3", "data.read_workers=1"], ["keep_checkpoints=true", "paths.cache_dir=/c"]):
+        assert folder("train", "region=TO", "task.optimizer.lr=0.01", *more) == base, more
+    # trainer keys that change what is trained or selected stay in the hash
+    assert folder("train", "region=TO", "task.optimizer.lr=0.01", "+trainer.gradient_clip_val=1.0") != base
+    assert folder("train", "region=TO", "task.optimizer.lr=0.01", "test_ckpt=last") != base
+
+
+def test_every_setting_of_the_trainer_options_may_change_on_resume(folder):
+    """trainer=gpu / cpu / ddp name no new folder, so every key those files set must be one that may change on
+    resume (else the rerun on another machine would find its folder and refuse its last.ckpt)."""
+    import yaml
+
+    from neuroguide.run_names import NOT_IDENTITY, listed
+
+    for f in sorted((CONF_DIR / "trainer").glob("*.yaml")):
+        keys = set(yaml.safe_load(f.read_text())) - {"defaults", "_target_"}
+        assert keys and all(listed(f"trainer.{k}", NOT_IDENTITY) for k in keys), (f.name, keys)
+    assert folder("train", "region=TO", "trainer=ddp") == folder("train", "region=TO") == "region-TO_alpha-0.5_eps-0"
+
+
+def test_a_smoke_run_has_its_own_folder_named_by_its_smoke_settings(folder):
+    """fast_dev_run once named no new folder: its 1-batch run then passed for the command's finished real run."""
+    real = folder("train", "region=random")
+    assert folder("train", "region=random", "+trainer.fast_dev_run=true") == real + "_smoke-fast_dev_run"
+    assert folder("train", "region=random", "+trainer.fast_dev_run=3") == real + "_smoke-fast_dev_run-3"
+    assert folder("train", "task=predictor", "+trainer.limit_train_batches=2", "+trainer.max_steps=5") == \
+        "task-predictor_region-TO_smoke-limit_train_batches-2+max_steps-5"
+    # the values that cut nothing short are no smoke run: the real run's folder (1.0 = all batches, 1 = one batch)
+    assert folder("train", "region=random", "+trainer.limit_val_batches=1.0", "+trainer.fast_dev_run=false") == real
+    assert folder("train", "region=random", "+trainer.limit_val_batches=1").endswith("_smoke-limit_val_batches-1")
 
 
 def test_paths_stay_out_of_names(folder):

@@ -85,20 +85,21 @@ def test_two_job_sweep_and_report_through_the_scheduler(cluster, tmp_path):
 
 
 def test_requeue_on_timeout_resumes_and_matches_the_uninterrupted_run(cluster, tmp_path):
-    """Two jobs of one sweep, the same run in two folders (+attempt=reference,timeout). The second gets
+    """Two jobs of one sweep, the same run in two folders (name=reference,timeout: the W&B group, a config key that
+    names the folder; a made-up +key is refused). The second gets
     SLURM's timeout signal (USR2, as --signal=USR2@signal_delay_s sends it before the time limit) once its
     first epoch is checkpointed: submitit requeues it (max_num_timeout=1), the requeued job finds its folder,
     resumes from last.ckpt and ends with the reference's metrics; the W&B run id is kept."""
     env = _env(WANDB_MODE="offline", NETRC=str(tmp_path / "no_netrc"))
     proc = _multirun(tmp_path, cluster, "task=predictor", "region=V1", "task.max_epochs=4", "task.batch_size=16",
-                     "trainer.deterministic=true", "logger=default", "+attempt=reference,timeout", env=env,
+                     "trainer.deterministic=true", "logger=default", "name=reference,timeout", env=env,
                      background=True)
     sweep = tmp_path / "sweep"
     t0 = time.time()
     timeline = {}
     last = None
     while time.time() - t0 < 400 and proc.poll() is None:
-        run_dir = _run_with(sweep, "+attempt=timeout")
+        run_dir = _run_with(sweep, "name=timeout")
         last = run_dir / "checkpoints" / "last.ckpt" if run_dir is not None else None
         if last is not None and last.exists():
             break
@@ -107,7 +108,7 @@ def test_requeue_on_timeout_resumes_and_matches_the_uninterrupted_run(cluster, t
     assert last is not None, "the job never wrote a checkpoint"
     timeline["checkpoint"] = time.time() - t0
     run_dir = last.parents[1]
-    job_id = _array_task(sweep, 1)  # the sweep's jobs are a SLURM array in override order: 1 = attempt=timeout
+    job_id = _array_task(sweep, 1)  # the sweep's jobs are a SLURM array in override order: 1 = name=timeout
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     timeline["signal"] = time.time() - t0
     console, _ = proc.communicate(timeout=500)
@@ -117,7 +118,7 @@ def test_requeue_on_timeout_resumes_and_matches_the_uninterrupted_run(cluster, t
     assert "Caught signal SIGUSR2" in logs and "Requeued job" in logs
     train_log = (run_dir / "train.log").read_text()
     assert "resuming from" in train_log and str(last) in train_log
-    ref_dir = _run_with(sweep, "+attempt=reference")
+    ref_dir = _run_with(sweep, "name=reference")
     ref = json.loads((ref_dir / "metrics.json").read_text())
     got = json.loads((run_dir / "metrics.json").read_text())
     assert set(got) == set(ref)

@@ -39,7 +39,7 @@ from neuroguide.evaluation.stimuli import model_stimuli
 from neuroguide.logging_setup import log_outputs
 from neuroguide.models.checkpoints import load_model
 from neuroguide.utils.io import atomic_path, write_json
-from neuroguide.utils.seeding import seed_all
+from neuroguide.utils.seeding import check_seed, seed_all
 
 log = logging.getLogger("neuroguide")
 registered()  # every analysis package registers itself
@@ -158,10 +158,40 @@ def _runs_below(sweep_dir: Path, unfinished: Mapping[Path, str] | None = None) -
     return runs
 
 
+def model_file(path: str, key: str = "ckpt") -> str:
+    """The checkpoint a ``ckpt=`` / ``models=`` entry names, absolute (a relative path is the caller's folder's, see
+    :func:`neuroguide.command_line.caller_path`): a file as given; a run folder by its ``model.ckpt``. A folder
+    without one is a FileNotFoundError naming what it holds and the fix."""
+    from neuroguide.command_line import caller_path
+
+    p = caller_path(path)
+    if not p.is_dir():
+        return str(p)
+    if (p / "model.ckpt").is_file():
+        log.info("%s=%s is a run folder: evaluating its model.ckpt", key, path)
+        return str(p / "model.ckpt")
+    last = p / "checkpoints" / "last.ckpt"
+    hint = (f" It holds {last}: the run has not finished (rerun its train.py command to finish it), or evaluate "
+            f"that checkpoint with {key}={last}" if last.is_file() else "")
+    raise FileNotFoundError(f"{key}={path} is a folder ({p}) without a model.ckpt: expected a checkpoint file, a run's "
+                            f"model.ckpt or a predictor's .ckpt (e.g. {key}={p / 'model.ckpt'}).{hint}")
+
+
 def run(cfg: DictConfig) -> dict:
-    """Run the chosen analyses in the chosen mode; writes metrics.json, config.yaml and figures."""
+    """Run the chosen analyses in the chosen mode; writes metrics.json, config.yaml and figures. ``ckpt``,
+    ``models`` and ``sweep_dir`` are resolved first (:func:`model_file`; config.yaml holds them absolute)."""
+    from neuroguide.command_line import caller_path
+
+    check_seed(cfg.get("seed", 0))
     analyses = _analyses(cfg)
     check_eval_eps(analyses)  # eps units (eval.robustness.eps_linf=[8] is not 8/255) before any model is loaded
+    cfg = cfg.copy()
+    if cfg.get("ckpt"):
+        cfg.ckpt = model_file(cfg.ckpt)
+    if cfg.get("models"):
+        cfg.models = [model_file(m, "models") for m in cfg.models]
+    if cfg.get("sweep_dir"):
+        cfg.sweep_dir = str(caller_path(cfg.sweep_dir))
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     modes = [k for k in ("ckpt", "models", "sweep_dir") if cfg.get(k)]

@@ -23,6 +23,15 @@ def derive_seed(*keys: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
+def check_seed(seed: object, key: str = "seed") -> int:
+    """``seed`` (a config value) if it is an integer, else a ValueError naming ``key`` (``seed=abc``, ``seed=1.5`` and
+    ``seed=true`` once failed later as ``invalid literal for int()`` or ran as seed 1)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{key} must be an integer (it seeds every random generator of the run), e.g. {key}=0; got "
+                         f"{seed!r}. Fix: {key}=<integer>")
+    return seed
+
+
 def seed_all(seed: int) -> None:
     """Seed Python's, numpy's and torch's (CPU and every GPU) global generators."""
     random.seed(seed)
