@@ -100,7 +100,9 @@ def _check_nsd_root(cfg: DictConfig) -> None:
 def ensure_predictor(cfg: DictConfig, need: PredictorRequirement, train: Callable[[DictConfig], dict]) -> Path:
     """Path of the needed predictor, checked; on synthetic data it is trained first when missing."""
     path = predictor_path(cfg.paths.predictors_dir, need.subject, need.region, need.shuffle)
-    if not path.exists():
+    if path.exists():
+        check_predictor_training(path, cfg, need)
+    else:
         _check_nsd_root(cfg)
         if not cfg.data.synthetic:
             raise FileNotFoundError(f"no {need.region} predictor for subject {need.subject} at {path}. Train it first "
@@ -119,6 +121,28 @@ def ensure_predictor(cfg: DictConfig, need: PredictorRequirement, train: Callabl
             (out / "model.ckpt").unlink(missing_ok=True)  # the same weights as the exported predictor: one copy
     check_predictor(path, cfg, need)
     return path
+
+
+def check_predictor_training(path: Path, cfg: DictConfig, need: PredictorRequirement) -> None:
+    """Warn when the predictor found at ``path`` was trained for fewer epochs than this run's predictor config
+    (:func:`predictor_config`: the predictor task's default and ``predictor.train_overrides``) asks for, e.g. the
+    1-epoch predictor of a quick try (``predictor.train_overrides=["task.max_epochs=1"]``) met by the main command:
+    it is used, but the warning says so, with its test r and how to replace it."""
+    from neuroguide.models.checkpoints import read_checkpoint
+
+    try:
+        ck = read_checkpoint(path, kind="predictor")
+        had = (ck.run_config.get("trainer") or {}).get("max_epochs", (ck.run_config.get("task") or {}).get("max_epochs"))
+        want = predictor_config(cfg, need, Path("unused")).trainer.max_epochs
+    except Exception:  # an unreadable or foreign file: check_predictor says what is wrong with it
+        return
+    if had is not None and int(had) < int(want):
+        r = ck.metrics.get("test/r_median")
+        log.warning("the %s predictor %s was trained for %d epochs%s, fewer than the %d this run's predictor config "
+                    "trains (the predictor task's default and predictor.train_overrides): this run uses it. To "
+                    "replace it, delete it (it is trained again on the way on synthetic data) or run: %s",
+                    need.region, path, int(had), "" if r is None else f" (test r_median {float(r):.3f})", int(want),
+                    predictor_train_command(cfg, need))
 
 
 def check_predictor(path: Path, cfg: DictConfig, need: PredictorRequirement) -> None:

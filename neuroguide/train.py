@@ -204,7 +204,8 @@ def completed_metrics(out: Path, cfg: DictConfig) -> dict[str, float] | None:
     """The metrics of a finished run of this config in ``out`` (metrics.json written after its last
     checkpoint, the same identity in config.yaml, as many epochs), else None; a differing config is said in the
     log. A finished run of fewer epochs than ``cfg`` asks for is extended (None: resumed from its last.ckpt) when
-    that checkpoint is kept (``keep_checkpoints=true``); without it, or for a run of more epochs, ValueError."""
+    that checkpoint is kept (``keep_checkpoints=true``), else trained afresh in place with a warning (None); a run
+    of more epochs than asked is a ValueError (it would be replaced by a shorter one)."""
     import yaml
 
     last = out / "checkpoints" / "last.ckpt"
@@ -218,15 +219,18 @@ def completed_metrics(out: Path, cfg: DictConfig) -> dict[str, float] | None:
     had, want = _epochs(saved), int(cfg.trainer.max_epochs)
     if had is None or had == want:
         return read_json(out / "metrics.json")
-    if had < want and last.exists():
-        log.info("%s holds this run finished at %d epochs: extending it to task.max_epochs=%d from %s", out, had, want,
-                 last)
+    if had < want:
+        if last.exists():
+            log.info("%s holds this run finished at %d epochs: extending it to task.max_epochs=%d from %s", out, had,
+                     want, last)
+        else:  # a shorter run (a 1-epoch try, say) is a part of what is asked: it is replaced, never silently kept
+            log.warning("%s holds this run finished at %d epochs without its checkpoints (keep_checkpoints=false), "
+                        "so it cannot be extended: training task.max_epochs=%d from the start in this folder, "
+                        "replacing it (keep_checkpoints=true keeps a run extendable)", out, had, want)
         return None
-    why = (f"its checkpoints were removed when it finished (keep_checkpoints=false), so it cannot be extended to "
-           f"task.max_epochs={want}" if had < want else f"that is more than task.max_epochs={want} asks for")
-    raise ValueError(f"{out} holds this run finished at {had} epochs (metrics.json, model.ckpt); {why}. Fix: "
-                     f"resume=false trains {want} epochs from the start in this folder (replacing that run), or "
-                     f"task.max_epochs={had} returns it; keep_checkpoints=true keeps a run extendable")
+    raise ValueError(f"{out} holds this run finished at {had} epochs (metrics.json, model.ckpt), more than "
+                     f"task.max_epochs={want} asks for. Fix: task.max_epochs={had} returns it, or resume=false trains "
+                     f"{want} epochs from the start in this folder (replacing that run)")
 
 
 def check_resumable(last: Path, cfg: DictConfig) -> None:

@@ -87,6 +87,32 @@ def test_a_smoke_predictor_trained_on_the_way_is_used_from_its_folder(compose_tr
     assert Path(used) == tmp_path / "run" / "predictor_TO" / "model.ckpt" and Path(used).is_file()
 
 
+def test_a_predictor_of_fewer_epochs_than_asked_is_named_when_used(compose_train, tmp_path, caplog):
+    """The quick try's 1-epoch predictor (predictor.train_overrides=["task.max_epochs=1"]) exported into
+    paths.predictors_dir, then met by a run whose predictor config trains longer: used, with a warning naming its
+    epochs and how to replace it; a run asking for the same epochs is not warned."""
+    from neuroguide.requirements import ensure_predictor
+    from neuroguide.tasks.predictor import PredictorRequirement
+
+    run(compose_train("task=predictor", "region=TO", "task.max_epochs=1", out="predictor"))
+    path = tmp_path / "predictors" / "subj01" / "TO.ckpt"
+    assert path.is_file()
+    need = PredictorRequirement("TO", 1)
+
+    def no_training(cfg):
+        raise AssertionError("the predictor exists: nothing is trained")
+
+    with caplog.at_level("WARNING", logger="neuroguide"):
+        assert ensure_predictor(compose_train("region=TO"), need, no_training) == path
+    assert f"the TO predictor {path} was trained for 1 epochs" in caplog.text and "fewer than the" in caplog.text
+    assert "python train.py task=predictor region=TO" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="neuroguide"):
+        ensure_predictor(compose_train("region=TO", 'predictor.train_overrides=["task.max_epochs=1"]'), need,
+                         no_training)
+    assert "was trained for" not in caplog.text
+
+
 # ------------------------------------------------------------------------------------------------ resume, extend
 def _finished(out: Path, cfg, last: bool) -> dict:
     """A planted finished run of ``cfg`` in ``out`` (config.yaml, metrics.json, model.ckpt; last.ckpt before them)."""
@@ -114,12 +140,15 @@ def test_a_finished_run_is_extended_to_more_epochs_or_says_why_not(compose_train
     with caplog.at_level("INFO", logger="neuroguide"):
         assert completed_metrics(out, compose_train("region=none", "task.max_epochs=6")) is None  # resumed: extended
     assert "finished at 5 epochs: extending it to task.max_epochs=6" in caplog.text
-    with pytest.raises(ValueError, match=r"finished at 5 epochs .*more than task.max_epochs=4 asks for.*resume=false"):
+    with pytest.raises(ValueError, match=r"finished at 5 epochs .*more than task.max_epochs=4 asks for.*"
+                                         r"task.max_epochs=5 returns it.*resume=false"):
         completed_metrics(out, compose_train("region=none", "task.max_epochs=4"))
     (out / "checkpoints" / "last.ckpt").unlink()
-    with pytest.raises(ValueError, match=r"checkpoints were removed when it finished \(keep_checkpoints=false\), so it "
-                                         r"cannot be extended to task.max_epochs=6.*resume=false.*keep_checkpoints=true"):
-        completed_metrics(out, compose_train("region=none", "task.max_epochs=6"))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="neuroguide"):  # a shorter run without its checkpoints: trained afresh
+        assert completed_metrics(out, compose_train("region=none", "task.max_epochs=6")) is None
+    assert "finished at 5 epochs without its checkpoints" in caplog.text
+    assert "training task.max_epochs=6 from the start in this folder, replacing it" in caplog.text
 
 
 def test_resuming_a_checkpoint_of_more_epochs_is_refused_with_the_fix(compose_train, tmp_path, caplog):
