@@ -152,6 +152,39 @@ def test_products_are_batched_at_most_batch_size(monkeypatch):
     assert sum(sizes["gram"]) == res.n_products[0]
 
 
+class Shift(nn.Module):
+    def __init__(self, c: float):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x):
+        return x + self.c
+
+
+def test_block_solves_images_together_as_one_at_a_time(caplog):
+    """batch_size // block_size images share the batched calls (each with its own J and basis; images that converge
+    leave): the eigenpairs equal those solved one image at a time, and the explicit method's. r = W relu(x - 0.5):
+    at the black image 0, J = 0 (done at once, then it leaves the calls); elsewhere J = W on the bright pixels."""
+    import logging
+
+    model, _ = planted_linear_model(torch.logspace(0, -1.5, 40), n_out=60, seed=11)
+    model = nn.Sequential(Shift(-0.5), nn.ReLU(), model)
+    images = torch.rand(4, 3, S, S, generator=torch.Generator().manual_seed(10))
+    images[0] = 0.0
+    k = 4  # block 8
+    with caplog.at_level(logging.INFO, logger="neuroguide"):
+        together = perturbation_subspaces(model, images, k=k, method="block", tol=1e-6, batch_size=32,
+                                          progress=False)
+    assert "4 images per batched call" in caplog.text
+    assert together.iterations[0] == 1 and (together.iterations[1:] > 1).all()  # image 0 left the calls
+    alone = perturbation_subspaces(model, images, k=k, method="block", tol=1e-6, batch_size=8, progress=False)
+    ref = perturbation_subspaces(model, images, k=k, method="explicit", progress=False)
+    for res in (together, alone):
+        assert (res.eigenvalues[0] == 0).all()
+        np.testing.assert_allclose(res.eigenvalues[1:], ref.eigenvalues[1:], rtol=1e-5)
+        assert (subspace_similarity(res.eigenvectors[1:], ref.eigenvectors[1:]) > 0.9999).all()
+
+
 def test_auto_picks_explicit_for_small_k_and_block_for_large_k(caplog):
     """choose_method's documented rule: explicit while K <= 12 x the block size (k + max(4, k // 2)), else block;
     eigsh when batch_size is below half the block; a forced method is kept. And perturbation_subspaces follows it
