@@ -19,7 +19,8 @@ Three solvers, behind :func:`perturbation_subspaces` (``method``; ``auto`` picks
   and adds the residuals of the Ritz pairs that have not converged. Since ``J^T J Q`` is kept for the basis ``Q``,
   each Ritz pair's residual ``||J^T J v - lam v|| / lam`` is exact and free: the iterations stop when every one of
   the k is below ``tol`` (so ``|lam - lam_true| <= tol lam``). About 4-5 batched products of ~10-16 vectors for
-  k = 10: on a CPU, batching makes a vector of a block several times cheaper than a single product.
+  k = 10: on a CPU, batching makes a vector of a block several times cheaper than a single product. The blocks
+  of ``batch_size // b`` images go through the same calls (each image its own J and basis).
 - ``eigsh`` (ARPACK Lanczos, :func:`eigsh_top`): one product ``J^T J v`` at a time (~25-35 for k = 10), each one
   forward-mode JVP and one VJP; the fewest products, but each pays a whole pass of the model. ARPACK stops on the
   same relative residual ``tol``.
