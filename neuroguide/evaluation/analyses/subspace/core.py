@@ -362,9 +362,8 @@ def explicit_top(op: GramOperator, k: int) -> tuple[np.ndarray, np.ndarray, list
     if not small:
         return lam, np.ascontiguousarray(U), []
     V = Jt.cpu().numpy() @ U
-    norms = np.linalg.norm(V, axis=0)
-    ok = norms > RANK_TOL * max(norms.max(initial=0.0), np.finfo(float).tiny)
-    V[:, ok] /= norms[ok]
+    ok = lam > RANK_TOL * max(float(lam[0]), np.finfo(float).tiny)  # as the rank warning counts a zero eigenvalue
+    V[:, ok] /= np.linalg.norm(V[:, ok], axis=0)
     if not ok.all():  # null directions of J: complete the basis orthonormally
         V[:, ~ok] = _orthonormal_complement(torch.randn(op.D, int((~ok).sum()), dtype=torch.float64,
                                                         generator=torch.Generator().manual_seed(0)),
