@@ -399,3 +399,63 @@ def test_read_workers_bounds(tmp_path, monkeypatch):
     for bad in (0, "two", 1.5):
         with pytest.raises(ValueError, match="data.read_workers"):
             ns.read_workers(bad, sessions)
+
+
+def _average_repeats_all_at_once(responses, image_ids):
+    """average_repeats as it was before RepeatMeans (all trials in one sparse product), the reference."""
+    import scipy.sparse
+
+    images, inverse, counts = np.unique(image_ids, return_inverse=True, return_counts=True)
+    avg = scipy.sparse.csr_matrix((1.0 / counts[inverse], (inverse, np.arange(len(image_ids)))),
+                                  shape=(len(images), len(image_ids)))
+    return images, np.asarray(avg @ responses.astype(np.float64), np.float32), counts
+
+
+def test_repeat_means_by_blocks_equal_all_at_once():
+    """Sessions folded in one block at a time (repeats within and across blocks, uneven blocks) give the
+    all-at-once average bit for bit, and the brute-force per-image mean to float32 precision."""
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(np.repeat(np.arange(50, 450), rng.integers(1, 4, 400)))
+    resp = rng.normal(size=(len(ids), 64)).astype(np.float32)
+    want = _average_repeats_all_at_once(resp, ids)
+    acc = nsd.RepeatMeans(ids, 64)
+    for block in np.split(np.arange(len(ids)), [5, 6, 300, 301, 700]):
+        acc.add(resp[block])
+    got = acc.result()
+    for w, g in zip(want, got):
+        assert w.dtype == g.dtype and np.array_equal(w, g)
+    brute = np.stack([resp[ids == i].mean(0) for i in got[0]])
+    np.testing.assert_allclose(got[1], brute, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="more trials than image ids"):
+        acc = nsd.RepeatMeans(ids[:3], 64)
+        acc.add(resp[:4])
+
+
+def test_extraction_holds_one_session_at_a_time(synthetic_nsd, monkeypatch):
+    """While a session is read, at most one session's voxels read before it are still alive (they are folded into
+    the per-image means as they come): flat in the number of sessions. (Before: every session read was kept.)"""
+    import weakref
+
+    from neuroguide.data import nsd_sessions
+
+    refs, alive = [], []
+    real = nsd_sessions.read_zscored_session
+
+    def tracked(*a):
+        alive.append(sum(r() is not None for r in refs))
+        out = real(*a)
+        refs.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(nsd_sessions, "read_zscored_session", tracked)
+    got = extract_regions(synthetic_nsd, 1, [V1], progress=False, read_workers=1)["V1"]
+    assert len(alive) == len(NSDPaths(synthetic_nsd, 1).sessions()) >= 4
+    assert max(alive) <= 1, alive
+    monkeypatch.setattr(nsd_sessions, "read_zscored_session", real)
+    chunks = nsd_sessions.read_sessions(NSDPaths(synthetic_nsd, 1).sessions(), got.voxel_index,
+                                        tuple(got.meta["volume_shape"]), workers=1, progress=False)
+    design = Design.read(NSDPaths(synthetic_nsd, 1).expdesign)
+    images, means, _ = _average_repeats_all_at_once(np.concatenate(chunks),
+                                                    design.trial_images(1, sum(len(c) for c in chunks)))
+    train = ~np.isin(images, design.shared_images)
+    assert np.array_equal(got.train, means[train]) and np.array_equal(got.train_images, images[train])

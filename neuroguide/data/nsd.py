@@ -272,15 +272,63 @@ def zscore_session(b: np.ndarray) -> np.ndarray:
     return np.where(sd > 0, (b - mu) / np.where(sd > 0, sd, 1), 0).astype(np.float32)
 
 
-def average_repeats(responses: np.ndarray, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Average trials of the same image: (T, V), (T,) -> images (n,), mean (n, V), repeats (n,)."""
-    import scipy.sparse
+try:  # scipy's kernel behind ``csr_matrix @ dense``: Y += A X, row by row, each row's entries in order (maybe fused
+    from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs  # multiply-adds): summing on from partial sums
+except ImportError:  # pragma: no cover                                  repeats its rounding exactly
+    _csr_matvecs = None
 
-    images, inverse, counts = np.unique(image_ids, return_inverse=True, return_counts=True)
-    # a sparse (n_images, T) averaging matrix: row i holds 1/count_i at the trials of image i
-    avg = scipy.sparse.csr_matrix((1.0 / counts[inverse], (inverse, np.arange(len(image_ids)))),
-                                  shape=(len(images), len(image_ids)))
-    return images, np.asarray(avg @ responses.astype(np.float64), np.float32), counts
+
+class RepeatMeans:
+    """The mean of the trials of each image, accumulated from consecutive blocks of trials (sessions) as they are
+    read, so that the trials are never held all at once.
+
+    ``image_ids`` (T,): the image of every trial, in the order the blocks will come; ``n_columns``: voxels. Each
+    block (t, V) is folded into per-image sums of ``response / repeats`` in float64 (t from :meth:`add`'s first
+    unused trial on), continued from the sums so far by the kernel of ``sparse @ dense`` itself: :meth:`result` is
+    what one sparse product over all T trials at once gives, bit for bit (each image's sum is taken in trial order
+    either way). Memory: (images, V) float64, plus one block.
+    """
+
+    def __init__(self, image_ids: np.ndarray, n_columns: int):
+        self.images, self.inverse, self.counts = np.unique(np.asarray(image_ids), return_inverse=True,
+                                                           return_counts=True)
+        self.sums = np.zeros((len(self.images), int(n_columns)), np.float64)
+        self.added = 0
+
+    def add(self, block: np.ndarray) -> None:
+        """Fold in the next ``len(block)`` trials: block (t, V)."""
+        import scipy.sparse
+
+        t = len(block)
+        if self.added + t > len(self.inverse) or block.shape[1:] != self.sums.shape[1:]:
+            raise ValueError(f"a block of {block.shape} after {self.added} of {len(self.inverse)} trials of "
+                             f"{self.sums.shape[1]} columns: more trials than image ids, or other columns")
+        rows = self.inverse[self.added:self.added + t]
+        touched, local = np.unique(rows, return_inverse=True)
+        # a sparse (images in the block, t) averaging matrix: row i holds 1/count_i at the block's trials of image i
+        avg = scipy.sparse.csr_matrix((1.0 / self.counts[rows], (local, np.arange(t))), shape=(len(touched), t))
+        x = np.ascontiguousarray(block, np.float64)
+        y = self.sums[touched]  # a copy, C order
+        if _csr_matvecs is not None:  # y += avg @ x by scipy's own kernel, continuing each image's sum in trial order
+            _csr_matvecs(len(touched), t, x.shape[1], avg.indptr, avg.indices, avg.data, x.ravel(), y.ravel())
+        else:  # (a scipy without the kernel: each image's partial sums rounded once more, within an ulp)
+            y += avg @ x
+        self.sums[touched] = y
+        self.added += t
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """images (n,), mean (n, V) float32, repeats (n,); the sums are released."""
+        if self.added != len(self.inverse):
+            raise ValueError(f"{self.added} of {len(self.inverse)} trials added")
+        means, self.sums = self.sums.astype(np.float32), None
+        return self.images, means, self.counts
+
+
+def average_repeats(responses: np.ndarray, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Average trials of the same image: (T, V), (T,) -> images (n,), mean (n, V) float32, repeats (n,)."""
+    acc = RepeatMeans(image_ids, responses.shape[1])
+    acc.add(responses)
+    return acc.result()
 
 
 def noise_ceiling(ncsnr: np.ndarray, n: float | np.ndarray) -> np.ndarray:
