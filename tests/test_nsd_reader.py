@@ -459,3 +459,35 @@ def test_extraction_holds_one_session_at_a_time(synthetic_nsd, monkeypatch):
                                                     design.trial_images(1, sum(len(c) for c in chunks)))
     train = ~np.isin(images, design.shared_images)
     assert np.array_equal(got.train, means[train]) and np.array_equal(got.train_images, images[train])
+
+
+def test_stimuli_items_equal_reference_and_open_the_dataset_once(tmp_path, monkeypatch):
+    """NSDStimuli items are the reference read (row -> (3, S, S) float / 255 -> antialiased bilinear resize, clamp)
+    exactly, resized or not; the dataset is looked up once per worker, not per item; pickling drops the handles."""
+    import pickle
+
+    import torch
+    import torch.nn.functional as F
+
+    from neuroguide.data.nsd_stimuli import NSDStimuli
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 40, 40, 3), dtype=np.uint8)
+    path = tmp_path / "nsd_stimuli.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("imgBrick", data=images, chunks=(1, 40, 40, 3))
+    lookups = []
+    real = h5py.Group.__getitem__
+    monkeypatch.setattr(h5py.Group, "__getitem__", lambda self, k: (lookups.append(k), real(self, k))[1])
+    for size in (40, 24):
+        st = NSDStimuli(path, np.array([4, 0, 5, 2]), size)
+        lookups.clear()
+        for i, row in enumerate(st.ids):
+            want = torch.from_numpy(images[row]).permute(2, 0, 1).float() / 255.0
+            if size != 40:
+                want = F.interpolate(want[None], size=(size, size), mode="bilinear", antialias=True,
+                                     align_corners=False)[0].clamp_(0, 1)
+            assert torch.equal(st[i], want)
+        assert lookups == ["imgBrick"]
+        st2 = pickle.loads(pickle.dumps(st))
+        assert st2._f is None and st2._d is None and torch.equal(st2[1], st[1])
