@@ -2,8 +2,9 @@
 
 A real session decompresses to about 1 GB (81 x 104 x 83 x 750 int16) and takes tens of seconds to read,
 nearly all of it gzip decompression on one core, so sessions are read by up to ``workers`` processes at
-once. Each worker holds one decompressed session at a time, so the count is bounded by the available
-memory as well as by the cores this process may use (``os.sched_getaffinity``) and the number of sessions.
+once. A worker decompresses a session a 16 MB block of trials at a time (``nsd.read_session``); the count is
+still bounded by the available memory as if each held a decompressed session (a conservative bound), as well as
+by the cores this process may use (``os.sched_getaffinity``) and the number of sessions.
 The result is the same as reading the sessions one after the other, in session order.
 """
 from __future__ import annotations
