@@ -21,10 +21,11 @@ b) the peak RSS of the serial extraction at ``--rss-sessions`` (2 4 8 16) sessio
 c) the training loader (``NSDDataModule``'s dataset, ``NSDStimuli`` at 224 px, through ``train_loader``) in images per
    second with one worker, and how many workers a ResNet18 at 2,500 images/s needs.
 
-    python benchmarks/nsd_scale.py [--root /tmp/nsd_scale] [--keep] [--write-numbers]
+    python benchmarks/nsd_scale.py [--root /tmp/nsd_scale] [--keep] [--repeat 3 --write-numbers]
     python benchmarks/nsd_scale.py --quick      # tiny dimensions, a smoke run of seconds
 
-The written root is reused when ``--root`` holds a complete tree with the same dimensions (``--keep`` keeps it;
+``--repeat N`` interleaves N runs of the timings of a) and c) (mean ± sd); ``--write-numbers`` (with N >= 3) writes
+``docs/numbers/nsd_scale.json``. The written root is reused when ``--root`` holds a complete tree with the same dimensions (``--keep`` keeps it;
 without ``--keep`` it is deleted at the end). Writing the real size takes about 10-15 minutes on 2 cores and about
 10 GB of disk (5.4 GB of images, ~0.5 GB per session).
 """
@@ -137,6 +138,9 @@ def write_design(path: Path, dims: dict, rng: np.random.Generator) -> np.ndarray
     n_img, n_shared = dims["subject_images"], dims["shared"]
     if 3 * n_img != dims["total_sessions"] * dims["trials"]:
         raise ValueError("3 x subject_images must equal total_sessions x trials")
+    if n_shared + 8 * (n_img - n_shared) > dims["n_stimuli"]:
+        raise ValueError(f"n_stimuli={dims['n_stimuli']}: 8 subjects need shared + 8 x (subject_images - shared) = "
+                         f"{n_shared + 8 * (n_img - n_shared)} images")
     perm = rng.permutation(dims["n_stimuli"])
     shared, rest = perm[:n_shared], perm[n_shared:]
     subjectim = np.stack([np.concatenate([shared, rest[s * (n_img - n_shared):(s + 1) * (n_img - n_shared)]])
@@ -205,13 +209,19 @@ def write_tree(root: Path, dims: dict, stim_compression: str = "none", link_sess
                 if not (bdir / f"betas_session{s:02d}.nii.gz").exists()]
         print(f"writing {root}: ROIs, design, {len(todo)} sessions of {(*shape, T)} int16 ({workers} processes) and "
               f"the imgBrick ({len(ids)} of {dims['n_stimuli']} images of {dims['image_size']} px) ...", flush=True)
-        with ProcessPoolExecutor(max(1, workers)) as ex:
-            futures = [ex.submit(_write_session, a) for a in todo]
+        if workers <= 1:  # in this process
+            for a in todo:
+                _write_session(a)
             if not stim.exists():
                 write_stimuli(stim, ids, dims, stim_compression, rng)
-                print(f"  imgBrick written ({time.perf_counter() - t0:.0f} s)", flush=True)
-            for f in futures:
-                print(f"  {Path(f.result()).name} written ({time.perf_counter() - t0:.0f} s)", flush=True)
+        else:
+            with ProcessPoolExecutor(workers) as ex:
+                futures = [ex.submit(_write_session, a) for a in todo]
+                if not stim.exists():
+                    write_stimuli(stim, ids, dims, stim_compression, rng)
+                    print(f"  imgBrick written ({time.perf_counter() - t0:.0f} s)", flush=True)
+                for f in futures:
+                    print(f"  {Path(f.result()).name} written ({time.perf_counter() - t0:.0f} s)", flush=True)
         marker.write_text(json.dumps(params))
     for s in range(dims["sessions"] + 1, link_sessions + 1):
         link = bdir / f"betas_session{s:02d}.nii.gz"
@@ -324,12 +334,16 @@ def child_loader(root: Path, workers: int, batches: int, batch_size: int, image_
     if workers == 0:  # per-image stages in this process
         rng = np.random.default_rng(0)
         rows = rng.choice(len(ids), min(200, len(ids)), replace=False)
-        st = ds.stimuli
-        st[0]
-        t = time.perf_counter()
-        for i in rows:
-            st._f["imgBrick"][int(st.rows[i])]
-        out["read_ms"] = (time.perf_counter() - t) / len(rows) * 1e3
+        import h5py
+
+        with h5py.File(paths.stimuli, "r") as f:  # the row's read alone, by a handle of our own
+            d = f["imgBrick"]
+            d[int(ids[0])]
+            t = time.perf_counter()
+            for i in rows:
+                d[int(ids[i])]
+            out["read_ms"] = (time.perf_counter() - t) / len(rows) * 1e3
+        ds[0]
         t = time.perf_counter()
         for i in rows:
             ds[int(i)]
@@ -378,7 +392,9 @@ def main():
     ap.add_argument("--stim-compression", default="none", choices=["none", "gzip", "lzf"])
     ap.add_argument("--batches", type=int, default=20, help="batches of 64 timed in c)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["floor", "extract", "parallel", "rss", "loader"])
-    ap.add_argument("--write-numbers", action="store_true", help="also write docs/numbers/nsd_scale.json")
+    ap.add_argument("--repeat", type=int, default=1, help="interleaved runs of the timings of a) and c)")
+    ap.add_argument("--write-numbers", action="store_true",
+                    help="also write docs/numbers/nsd_scale.json (the real size, --repeat 3 or more)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -396,6 +412,8 @@ def main():
         res["neuroguide"] = str(Path(neuroguide.__file__).parent)
         print(json.dumps(res))
         return
+    if args.write_numbers and (args.quick or args.repeat < 3):
+        ap.error("--write-numbers reports the real size's times over runs: give --repeat 3 (or more), not --quick")
     dims = dict(QUICK if args.quick else REAL)
     if args.sessions:
         dims["sessions"] = args.sessions
@@ -423,91 +441,108 @@ def du(path: Path) -> int:
     return sum(p.lstat().st_blocks * 512 for p in Path(path).rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def _summ(xs: list[float]) -> dict:
+    xs = [float(x) for x in xs]
+    sd = float(np.std(xs, ddof=1)) if len(xs) > 1 else float("nan")
+    return {"mean": float(np.mean(xs)), "sd": sd, "runs": xs}
+
+
+def _pm(v: dict, fmt: str = ".2f") -> str:
+    """``mean ± sd`` of a :func:`_summ` (the mean alone for one run)."""
+    return f"{v['mean']:{fmt}}" + (f" ± {v['sd']:{fmt}}" if len(v["runs"]) > 1 else "")
+
+
 def report(root: Path, dims: dict, rss_sessions: list[int], args) -> None:
     from neuroguide.data.nsd_sessions import idle_cores, usable_cores
 
-    n, skip, vals = dims["sessions"], set(args.skip), {}
+    import neuroguide
+
+    n, skip, rep, vals, rows = dims["sessions"], set(args.skip), max(1, args.repeat), {}, []
     cores = usable_cores()
     print(f"\nmachine: {os.cpu_count()} cores, {cores} usable, {idle_cores()} idle by the load average "
           f"({os.getloadavg()[0]:.1f})", flush=True)
-    import neuroguide
-
     print(f"neuroguide from {Path(neuroguide.__file__).parent} (PYTHONPATH picks the checkout measured)")
     print(f"volume {dims['volume']}, {n} sessions x {dims['trials']} trials written; ten regions {', '.join(REGIONS)}")
-    rows = []
-    # a) extraction against the floor
-    if "floor" not in skip:
-        for how in ("gzip", "nibabel"):
-            r = run_child(["--child", "floor", str(root), str(n), how])
-            vals[f"floor_{how}"] = r
-            print(f"a) floor, {how:7s} decompression of {n} sessions: {r['seconds']:7.1f} s wall, "
-                  f"{r['cpu_inside']:7.1f} s CPU ({r['gzip_module']}; process {r['wall_s']:.1f} s with imports)",
-                  flush=True)
-    if "extract" not in skip:
-        r = run_child(["--child", "extract", str(root), str(n), "1"])
-        vals["extract_serial"] = r
-        print(f"a) extract_regions, 10 regions, {n} sessions, serial: {r['seconds']:7.1f} s wall, "
-              f"{r['cpu_inside']:7.1f} s CPU, peak RSS {r['maxrss_mb']:.0f} MB (process {r['wall_s']:.1f} s)", flush=True)
+    # a) extraction against the floor, the parallel reader; the sides interleaved, --repeat times
+    w = max(2, cores)
+    sides = [("floor_gzip", ["floor", str(n), "gzip"]), ("floor_nibabel", ["floor", str(n), "nibabel"]),
+             ("extract_serial", ["extract", str(n), "1"]), ("extract_parallel", ["extract", str(n), str(w)])]
+    part = {"floor_gzip": "floor", "floor_nibabel": "floor", "extract_serial": "extract", "extract_parallel": "parallel"}
+    sides = [(k, a) for k, a in sides if part[k] not in skip]
+    runs = {k: [] for k, _ in sides}
+    for i in range(rep):
+        for key, a in sides:
+            r = run_child(["--child", a[0], str(root), *a[1:]])
+            runs[key].append(r)
+            tag = f"[run {i + 1}/{rep}] " if rep > 1 else ""
+            if key.startswith("floor"):
+                print(f"a) {tag}floor, {key[6:]:7s} decompression of {n} sessions: {r['seconds']:7.1f} s wall, "
+                      f"{r['cpu_inside']:7.1f} s CPU ({r['gzip_module']}; process {r['wall_s']:.1f} s with imports)",
+                      flush=True)
+            else:
+                print(f"a) {tag}extract_regions, 10 regions, {n} sessions, read_workers={r['workers']}: "
+                      f"{r['seconds']:7.1f} s wall, {r['cpu_inside']:7.1f} s CPU here ({r['cpu_s']:.1f} s for the process and its workers, imports included), "
+                      f"peak RSS {r['maxrss_mb']:.0f} MB, of the process tree {r['tree_peak_mb']:.0f} MB", flush=True)
+    vals["runs"] = runs
+    if runs.get("extract_serial"):
+        r = runs["extract_serial"][0]
         print(f"   voxels per region {r['voxels']}, union {r['union_voxels']}; {r['train_images']} train + "
               f"{r['test_images']} test images; digests {r['digest']}")
-        if "floor_gzip" in vals:
-            floor = min(vals["floor_gzip"], vals["floor_nibabel"], key=lambda v: v["seconds"])
-            for key, what in (("seconds", "wall"), ("cpu_inside", "CPU")):
-                ratio = r[key] / floor[key]
-                vals[f"ratio_{what.lower()}"] = ratio
-                print(f"a) extraction / floor ({what}, from the call on, imports excluded): {ratio:.2f}x   "
-                      f"goal <= {GOALS['ratio']}x  {'MET' if ratio <= GOALS['ratio'] else 'MISSED'}")
-            rows += [[f"extraction / decompression floor, {w}", f"{vals[f'ratio_{w.lower()}']:.2f}x",
-                      f"<= {GOALS['ratio']}x"] for w in ("wall", "CPU")]
-    if "parallel" not in skip and "extract_serial" in vals:
-        w = max(2, cores)
-        r = run_child(["--child", "extract", str(root), str(n), str(w)])
-        vals["extract_parallel"] = r
-        s = vals["extract_serial"]["seconds"] / r["seconds"]
-        same = r["digest"] == vals["extract_serial"]["digest"]
-        print(f"a) extract_regions, read_workers={w}: {r['seconds']:7.1f} s wall, {r['cpu_s']:.1f} s CPU, speed-up "
-              f"{s:.2f}x over serial on {cores} usable cores; peak RSS of the process tree {r['tree_peak_mb']:.0f} MB; "
-              f"arrays {'identical' if same else 'DIFFERENT'} to serial", flush=True)
-        vals["parallel_speedup"] = s
-        rows.append([f"parallel reader speed-up ({w} workers, {cores} cores)", f"{s:.2f}x", f"up to {cores}x"])
+        assert all(x["digest"] == r["digest"] for x in runs["extract_serial"] + runs.get("extract_parallel", []))
+        print("   every run and the parallel reader give bit-identical arrays")
+    if runs.get("floor_gzip") and runs.get("floor_nibabel") and runs.get("extract_serial"):
+        for key, what in (("seconds", "wall"), ("cpu_inside", "CPU")):
+            ratios = [e[key] / min(g[key], b[key]) for e, g, b in
+                      zip(runs["extract_serial"], runs["floor_gzip"], runs["floor_nibabel"])]
+            v = vals[f"ratio_{what.lower()}"] = _summ(ratios)
+            print(f"a) extraction / floor ({what}, from the call on, imports excluded): {_pm(v)}x   "
+                  f"goal <= {GOALS['ratio']}x  {'MET' if v['mean'] <= GOALS['ratio'] else 'MISSED'}")
+            rows.append([f"extraction / decompression floor, {what}", f"{_pm(v)}x", f"<= {GOALS['ratio']}x"])
+    if runs.get("extract_parallel") and runs.get("extract_serial"):
+        v = vals["parallel_speedup"] = _summ([s["seconds"] / p["seconds"] for s, p in
+                                              zip(runs["extract_serial"], runs["extract_parallel"])])
+        print(f"a) parallel reader, read_workers={w}: speed-up {_pm(v)}x over serial (wall) on {cores} usable cores, "
+              f"{idle_cores()} idle now")
+        rows.append([f"parallel reader speed-up ({w} workers, {cores} cores)", f"{_pm(v)}x", f"up to {cores}x"])
     # b) peak RSS against sessions
     if "rss" not in skip:
         pts = []
         for k in rss_sessions:
-            r = vals["extract_serial"] if k == n and "extract_serial" in vals else run_child(
+            r = runs["extract_serial"][0] if k == n and runs.get("extract_serial") else run_child(
                 ["--child", "extract", str(root), str(k), "1"])
             pts.append((k, r["maxrss_mb"]))
             print(f"b) peak RSS, serial extraction of {k:2d} sessions: {r['maxrss_mb']:7.0f} MB "
                   f"({r['seconds']:.0f} s)", flush=True)
         slope, icpt = fit_line(*zip(*pts))
         proj = (icpt + slope * dims["total_sessions"]) / 1024
-        vals.update(rss_mb=dict(pts), rss_slope_mb_per_session=slope, rss_projected_40_gb=proj)
+        vals.update(rss_mb={str(k): v for k, v in pts}, rss_slope_mb_per_session=slope, rss_projected_40_gb=proj)
         print(f"b) fitted slope {slope:.1f} MB per session; projected to {dims['total_sessions']} sessions: "
               f"{proj:.2f} GB   goal flat, < {GOALS['rss_40_gb']} GB  {'MET' if proj < GOALS['rss_40_gb'] else 'MISSED'}")
-        rows += [["peak RSS slope", f"{slope:.1f} MB / session", "flat"],
-                 [f"peak RSS projected to {dims['total_sessions']} sessions", f"{proj:.2f} GB", f"< {GOALS['rss_40_gb']} GB"]]
+        rows += [["peak RSS, serial, at " + ", ".join(f"{k}" for k, _ in pts) + " sessions",
+                  ", ".join(f"{v / 1024:.2f}" for _, v in pts) + " GB", ""],
+                 ["peak RSS slope", f"{slope:.1f} MB / session", "flat"],
+                 [f"peak RSS projected to {dims['total_sessions']} sessions", f"{proj:.2f} GB",
+                  f"< {GOALS['rss_40_gb']} GB"]]
     # c) the training loader
     if "loader" not in skip:
         size = 224 if not args.quick else 32
         r0 = run_child(["--child", "loader", str(root), "0", str(max(2, args.batches // 4)), "64", str(size)])
         print(f"c) in-process, per image: h5py read {r0['read_ms']:.2f} ms, dataset item (read + to float + resize "
               f"to {size}) {r0['item_ms']:.2f} ms; loader with 0 workers {r0['images_per_s']:.0f} images/s", flush=True)
-        r1 = run_child(["--child", "loader", str(root), "1", str(args.batches), "64", str(size)])
-        rate = r1["images_per_s"]
-        need = math.ceil(GOALS["resnet18_images_per_s"] / rate)
-        vals.update(loader_0=r0, loader_1=r1, images_per_s_per_worker=rate, workers_for_resnet18=need)
-        print(f"c) train_loader, 1 worker, batch 64 at {size} px: {rate:.0f} images/s per worker; a ResNet18 at "
+        r1 = [run_child(["--child", "loader", str(root), "1", str(args.batches), "64", str(size)]) for _ in range(rep)]
+        v = _summ([r["images_per_s"] for r in r1])
+        need = math.ceil(GOALS["resnet18_images_per_s"] / v["mean"])
+        vals.update(loader_0=r0, loader_1=r1, images_per_s_per_worker=v, workers_for_resnet18=need)
+        print(f"c) train_loader, 1 worker, batch 64 at {size} px: {_pm(v, '.0f')} images/s per worker; a ResNet18 at "
               f"{GOALS['resnet18_images_per_s']} images/s needs {need} workers", flush=True)
-        rows += [[f"loader images/s per worker at {size} px", f"{rate:.0f}", ""],
+        rows += [[f"loader images/s per worker at {size} px", _pm(v, ".0f"), ""],
                  [f"workers for a ResNet18 at {GOALS['resnet18_images_per_s']} images/s", f"{need}", ""]]
     if args.write_numbers:
-        if args.quick:
-            sys.exit("--write-numbers writes the real size's figures: run without --quick")
         sys.path.insert(0, str(HERE / "numbers"))
         from _common import write_numbers
 
         write_numbers("nsd_scale", {"table": {"columns": ["figure", "measured", "goal"], "rows": rows},
-                                    "dims": {k: v for k, v in dims.items()}, "cores": cores,
+                                    "sessions": n, "repeats": rep, "dims": dict(dims), "cores": cores,
                                     "measurements": vals})
 
 
