@@ -67,21 +67,23 @@ class HDF5Images(Dataset):
     """Item ``i``: row ``rows[i]`` of dataset ``key`` of the file as (3, S, S) float in [0, 1], resized
     (antialiased bilinear) to ``image_size`` when it differs.
 
-    The HDF5 file is opened on first access in each worker (handles are not pickled).
+    The HDF5 file and its dataset are opened on first access in each worker (handles are not pickled) and kept:
+    an item costs one read of its row (looking the dataset up by name per item cost as much as the read).
     """
 
     def __init__(self, path: str | os.PathLike, key: str, rows: np.ndarray, image_size: int):
         self.path, self.key = Path(path), key
         self.rows, self.image_size = np.asarray(rows, np.int64), int(image_size)
-        self._f = None
+        self._f = self._d = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        if self._f is None:
+        if self._d is None:
             self._f = h5py.File(self.path, "r")
-        img = torch.from_numpy(self._f[self.key][int(self.rows[i])]).permute(2, 0, 1).float() / 255.0
+            self._d = self._f[self.key]
+        img = torch.from_numpy(self._d[int(self.rows[i])]).permute(2, 0, 1).float().div_(255.0)
         if tuple(img.shape[-2:]) != (self.image_size, self.image_size):
             img = F.interpolate(img[None], size=(self.image_size, self.image_size), mode="bilinear",
                                 antialias=True, align_corners=False)[0].clamp_(0, 1)
@@ -89,5 +91,5 @@ class HDF5Images(Dataset):
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_f"] = None
+        d["_f"] = d["_d"] = None
         return d

@@ -182,9 +182,9 @@ def read_volume(path: Path) -> np.ndarray:
 def read_session(path: Path, flat_index: np.ndarray, volume_shape: tuple) -> np.ndarray:
     """Betas of one session at the given voxels: (trials, n_voxels) float32, in percent signal change.
 
-    ``flat_index`` indexes the C-order flattened (X, Y, Z) volume. The file is read once, into one
-    buffer in its own order; the voxels are gathered from a view of that buffer (no transposing copy
-    of the session), in the file's integer type, and only they are scaled.
+    ``flat_index`` indexes the C-order flattened (X, Y, Z) volume. The file is read once, a block of
+    whole trials at a time into one reused buffer (never the whole session at once); the voxels are
+    gathered from each block, in the file's integer type, and only they are scaled.
     """
     path = Path(path)
     with reading(path):
@@ -197,8 +197,9 @@ def read_session(path: Path, flat_index: np.ndarray, volume_shape: tuple) -> np.
 
 def _read_session(path: Path, flat_index: np.ndarray, volume_shape: tuple) -> np.ndarray:
     # Both formats store each trial's volume with X fastest: NIfTI (X, Y, Z, T) in Fortran order, the HDF5
-    # dataset (T, Z, Y, X) in C order. So the session is a (T, X*Y*Z) C-order view of the buffer read, whose
-    # columns are the Fortran-order flat indices of the voxels.
+    # dataset (T, Z, Y, X) in C order. So a block of trials is a (t, X*Y*Z) C-order array whose columns are the
+    # Fortran-order flat indices of the voxels: the file is read a block of trials at a time, and only the voxels'
+    # columns of each block are kept.
     x, y, z = np.unravel_index(np.asarray(flat_index, np.intp), volume_shape)
     columns = np.ravel_multi_index((x, y, z), volume_shape, order="F")
     n_vox = int(np.prod(volume_shape))
@@ -206,18 +207,21 @@ def _read_session(path: Path, flat_index: np.ndarray, volume_shape: tuple) -> np
         with h5py.File(path, "r") as f:
             if "betas" not in f:
                 raise KeyError(f"{path} has no dataset 'betas'")
-            data = f["betas"][()]  # (T, Z, Y, X)
-        if data.shape[1:] != tuple(volume_shape)[::-1]:
-            raise ValueError(f"{path}: betas shape {data.shape} does not match ROI volume {volume_shape} "
-                             "(expected trials x Z x Y x X)")
-        return np.take(data.reshape(len(data), n_vox), columns, axis=1)
+            d = f["betas"]  # (T, Z, Y, X)
+            if d.shape[1:] != tuple(volume_shape)[::-1]:
+                raise ValueError(f"{path}: betas shape {d.shape} does not match ROI volume {volume_shape} "
+                                 "(expected trials x Z x Y x X)")
+            step = max(1, _PIECE_BYTES // (n_vox * d.dtype.itemsize))
+            out = np.empty((d.shape[0], len(columns)), d.dtype)
+            for t in range(0, d.shape[0], step):
+                block = d[t:t + step]
+                np.take(block.reshape(len(block), n_vox), columns, axis=1, out=out[t:t + len(block)])
+            return out
     img = nib.load(str(path))
     if tuple(img.shape[:3]) != tuple(volume_shape):
         raise ValueError(f"{path}: betas shape {img.shape} does not match ROI volume {volume_shape}")
     proxy = img.dataobj
-    raw = _read_unscaled(path, proxy)  # (X, Y, Z, T) Fortran order, the file's dtype
-    trials = raw.reshape(n_vox, -1, order="F").T  # (T, X*Y*Z), a view
-    return _scale_like_nibabel(proxy, np.take(trials, columns, axis=1))
+    return _scale_like_nibabel(proxy, _gather_unscaled(path, proxy, columns))
 
 
 try:  # optional: isal's gzip decompresses about twice as fast as the standard library's (pip install isal)
@@ -225,33 +229,44 @@ try:  # optional: isal's gzip decompresses about twice as fast as the standard l
 except ImportError:
     import gzip as _gzip
 
-_GZ_PIECE = 16 * 2**20  # bytes decompressed per read call
+_PIECE_BYTES = 16 * 2**20  # bytes of whole trials decompressed (or read) per block
 
 
-def _read_unscaled(path: Path, proxy) -> np.ndarray:
-    """The NIfTI data array as stored (unscaled), in one Fortran-order buffer of the file's dtype.
+def _gather_unscaled(path: Path, proxy, columns: np.ndarray) -> np.ndarray:
+    """(trials, len(columns)) of the NIfTI data as stored (unscaled, the file's dtype): columns of the (trials,
+    X*Y*Z) array of the session's trial volumes.
 
-    A ``.gz`` file is decompressed (``isal.igzip`` when installed, else the standard ``gzip``) piece by
-    piece straight into that buffer, so the peak is the session plus one piece; reading it in one call,
-    as nibabel does, holds a second full copy in gzip's reader. Other files: nibabel (a memory map).
+    A ``.gz`` file is decompressed (``isal.igzip`` when installed, else the standard ``gzip``) a block of whole
+    trials (about ``_PIECE_BYTES``) at a time into one reused buffer, and the columns of each block are gathered
+    from it: the peak is the voxels kept plus one block, not the decompressed session (1 GB for a real one).
+    Other files: nibabel's memory map, gathered the same way.
     """
+    n_vox = int(np.prod(proxy.shape[:3]))
+    n_trials = int(np.prod(proxy.shape[3:]))
+    out = np.empty((n_trials, len(columns)), proxy.dtype)
     if not path.name.endswith(".gz"):
-        return np.asfortranarray(proxy.get_unscaled())  # nibabel's array is Fortran order already: no copy
-    # a bytearray, as nibabel uses: numpy's own large buffers ask for huge pages, whose faults cost more here
-    buf, n = memoryview(bytearray(int(np.prod(proxy.shape)) * proxy.dtype.itemsize)), 0
-    raw = np.ndarray(proxy.shape, proxy.dtype, buffer=buf, order="F")
+        raw = proxy.get_unscaled()  # (X, Y, Z, T) Fortran order (a memory map)
+        return np.take(raw.reshape(n_vox, n_trials, order="F").T, columns, axis=1, out=out)
+    trial_bytes = n_vox * proxy.dtype.itemsize
+    step = max(1, _PIECE_BYTES // trial_bytes)
+    buf = memoryview(bytearray(step * trial_bytes))
     try:
         with _gzip.open(path, "rb") as f:
             f.seek(proxy.offset)
-            while n < buf.nbytes and (k := f.readinto(buf[n:n + _GZ_PIECE])):
-                n += k
+            for t in range(0, n_trials, step):
+                want, n = min(step, n_trials - t) * trial_bytes, 0
+                while n < want and (k := f.readinto(buf[n:want])):
+                    n += k
+                if n != want:
+                    raise EOFError(f"expected {n_trials * trial_bytes} bytes of betas {proxy.shape} {proxy.dtype} "
+                                   f"after the header, got {t * trial_bytes + n}")
+                block = np.frombuffer(buf[:want], proxy.dtype).reshape(-1, n_vox)  # (trials, X*Y*Z)
+                np.take(block, columns, axis=1, out=out[t:t + len(block)])
     except Exception as e:
         if type(e).__name__ == "IsalError":  # isal's zlib.error
             raise zlib.error(str(e)) from e
         raise
-    if n != buf.nbytes:
-        raise EOFError(f"expected {buf.nbytes} bytes of betas {proxy.shape} {proxy.dtype} after the header, got {n}")
-    return raw
+    return out
 
 
 def _scale_like_nibabel(proxy, values: np.ndarray) -> np.ndarray:
@@ -272,15 +287,63 @@ def zscore_session(b: np.ndarray) -> np.ndarray:
     return np.where(sd > 0, (b - mu) / np.where(sd > 0, sd, 1), 0).astype(np.float32)
 
 
-def average_repeats(responses: np.ndarray, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Average trials of the same image: (T, V), (T,) -> images (n,), mean (n, V), repeats (n,)."""
-    import scipy.sparse
+try:  # scipy's kernel behind ``csr_matrix @ dense``: Y += A X, row by row, each row's entries in order (maybe fused
+    from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs  # multiply-adds): summing on from partial sums
+except ImportError:  # pragma: no cover                                  repeats its rounding exactly
+    _csr_matvecs = None
 
-    images, inverse, counts = np.unique(image_ids, return_inverse=True, return_counts=True)
-    # a sparse (n_images, T) averaging matrix: row i holds 1/count_i at the trials of image i
-    avg = scipy.sparse.csr_matrix((1.0 / counts[inverse], (inverse, np.arange(len(image_ids)))),
-                                  shape=(len(images), len(image_ids)))
-    return images, np.asarray(avg @ responses.astype(np.float64), np.float32), counts
+
+class RepeatMeans:
+    """The mean of the trials of each image, accumulated from consecutive blocks of trials (sessions) as they are
+    read, so that the trials are never held all at once.
+
+    ``image_ids`` (T,): the image of every trial, in the order the blocks will come; ``n_columns``: voxels. Each
+    block (t, V) is folded into per-image sums of ``response / repeats`` in float64 (t from :meth:`add`'s first
+    unused trial on), continued from the sums so far by the kernel of ``sparse @ dense`` itself: :meth:`result` is
+    what one sparse product over all T trials at once gives, bit for bit (each image's sum is taken in trial order
+    either way). Memory: (images, V) float64, plus one block.
+    """
+
+    def __init__(self, image_ids: np.ndarray, n_columns: int):
+        self.images, self.inverse, self.counts = np.unique(np.asarray(image_ids), return_inverse=True,
+                                                           return_counts=True)
+        self.sums = np.zeros((len(self.images), int(n_columns)), np.float64)
+        self.added = 0
+
+    def add(self, block: np.ndarray) -> None:
+        """Fold in the next ``len(block)`` trials: block (t, V)."""
+        import scipy.sparse
+
+        t = len(block)
+        if self.added + t > len(self.inverse) or block.shape[1:] != self.sums.shape[1:]:
+            raise ValueError(f"a block of {block.shape} after {self.added} of {len(self.inverse)} trials of "
+                             f"{self.sums.shape[1]} columns: more trials than image ids, or other columns")
+        rows = self.inverse[self.added:self.added + t]
+        touched, local = np.unique(rows, return_inverse=True)
+        # a sparse (images in the block, t) averaging matrix: row i holds 1/count_i at the block's trials of image i
+        avg = scipy.sparse.csr_matrix((1.0 / self.counts[rows], (local, np.arange(t))), shape=(len(touched), t))
+        x = np.ascontiguousarray(block, np.float64)
+        y = self.sums[touched]  # a copy, C order
+        if _csr_matvecs is not None:  # y += avg @ x by scipy's own kernel, continuing each image's sum in trial order
+            _csr_matvecs(len(touched), t, x.shape[1], avg.indptr, avg.indices, avg.data, x.ravel(), y.ravel())
+        else:  # (a scipy without the kernel: each image's partial sums rounded once more, within an ulp)
+            y += avg @ x
+        self.sums[touched] = y
+        self.added += t
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """images (n,), mean (n, V) float32, repeats (n,); the sums are released."""
+        if self.added != len(self.inverse):
+            raise ValueError(f"{self.added} of {len(self.inverse)} trials added")
+        means, self.sums = self.sums.astype(np.float32), None
+        return self.images, means, self.counts
+
+
+def average_repeats(responses: np.ndarray, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Average trials of the same image: (T, V), (T,) -> images (n,), mean (n, V) float32, repeats (n,)."""
+    acc = RepeatMeans(image_ids, responses.shape[1])
+    acc.add(responses)
+    return acc.result()
 
 
 def noise_ceiling(ncsnr: np.ndarray, n: float | np.ndarray) -> np.ndarray:

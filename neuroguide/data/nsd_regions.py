@@ -14,9 +14,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from neuroguide.data.nsd import (Design, NSDPaths, average_repeats, effective_repeats, noise_ceiling, read_volume,
+from neuroguide.data.nsd import (Design, NSDPaths, RepeatMeans, effective_repeats, noise_ceiling, read_volume,
                                  session_number, session_offsets)
-from neuroguide.data.nsd_sessions import read_sessions
+from neuroguide.data.nsd_sessions import iter_sessions, session_trials
 from neuroguide.utils.io import atomic_dir, file_fingerprint, hash_inputs, read_json, require, write_json
 
 log = logging.getLogger("neuroguide")
@@ -219,15 +219,21 @@ def extract_regions(root: str | Path, subject: int, regions: Sequence[RegionSpec
     flat = np.flatnonzero(union.ravel())
     cols = [np.searchsorted(flat, np.flatnonzero(m.ravel())) for m in masks]
 
-    chunks = read_sessions(sessions, flat, shape, workers=read_workers, progress=progress,
-                           desc=f"NSD {paths.subj} sessions")
-    counts_per_session = [len(c) for c in chunks]
+    # trials per session from the headers: every trial's image is known before the betas are read, and each
+    # session is folded into the per-image means as it comes (peak memory: one session, not all of them)
+    counts_per_session = [session_trials(p) for p in sessions]
     offsets = session_offsets(sessions, counts_per_session)
     trials = np.concatenate([o + np.arange(n) for o, n in zip(offsets, counts_per_session)])
     n_trials = len(trials)
-    responses = np.concatenate(chunks)
     image_ids = design.trial_images(paths.subject, trials)
-    images, means, counts = average_repeats(responses, image_ids)
+    acc = RepeatMeans(image_ids, len(flat))
+    chunks = iter_sessions(sessions, flat, shape, workers=read_workers, progress=progress,
+                           desc=f"NSD {paths.subj} sessions")
+    for i, chunk in enumerate(chunks):
+        if len(chunk) != counts_per_session[i]:
+            raise ValueError(f"{sessions[i]}: {len(chunk)} trials read, the header says {counts_per_session[i]}")
+        acc.add(chunk)
+    images, means, counts = acc.result()
     is_test = np.isin(images, design.shared_images)
     if not is_test.any():
         raise ValueError(f"none of the images of {paths.subj} in the {len(sessions)} sessions read is a shared "
@@ -236,8 +242,8 @@ def extract_regions(root: str | Path, subject: int, regions: Sequence[RegionSpec
     n_test_rep = effective_repeats(counts[is_test])
     for (spec, folder), c in zip(todo, cols):
         rd = RegionData(
-            region=spec.name, train_images=images[~is_test], train=means[~is_test][:, c],
-            test_images=images[is_test], test=means[is_test][:, c], test_repeats=counts[is_test],
+            region=spec.name, train_images=images[~is_test], train=means[np.ix_(~is_test, c)],
+            test_images=images[is_test], test=means[np.ix_(is_test, c)], test_repeats=counts[is_test],
             ncsnr=ncsnr_all[c], nc=noise_ceiling(ncsnr_all[c], n_test_rep).astype(np.float32),
             voxel_index=flat[c],
             meta={"subject": paths.subject, "sessions": len(sessions),

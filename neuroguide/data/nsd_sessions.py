@@ -2,8 +2,9 @@
 
 A real session decompresses to about 1 GB (81 x 104 x 83 x 750 int16) and takes tens of seconds to read,
 nearly all of it gzip decompression on one core, so sessions are read by up to ``workers`` processes at
-once. Each worker holds one decompressed session at a time, so the count is bounded by the available
-memory as well as by the cores this process may use (``os.sched_getaffinity``) and the number of sessions.
+once. A worker decompresses a session a 16 MB block of trials at a time (``nsd.read_session``); the count is
+still bounded by the available memory as if each held a decompressed session (a conservative bound), as well as
+by the cores this process may use (``os.sched_getaffinity``) and the number of sessions.
 The result is the same as reading the sessions one after the other, in session order.
 """
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -27,8 +29,9 @@ SMALL_SESSION_BYTES = 64 * 2**20
 WORKER_OVERHEAD_BYTES = 300 * 2**20
 
 
-def session_nbytes(path: Path) -> int:
-    """Decompressed size of a session's betas, from the file's header (nothing else is read)."""
+def session_header(path: Path) -> tuple[tuple, np.dtype]:
+    """Shape and stored dtype of a session's betas, from the file's header (nothing else is read): NIfTI
+    (X, Y, Z, trials), HDF5 ``betas`` (trials, Z, Y, X); ((), uint8) for an HDF5 file without ``betas``."""
     path = Path(path)
     with reading(path):
         if path.name.endswith(".hdf5"):
@@ -36,11 +39,26 @@ def session_nbytes(path: Path) -> int:
 
             with h5py.File(path, "r") as f:
                 d = f["betas"] if "betas" in f else None
-                return int(np.prod(d.shape) * d.dtype.itemsize) if d is not None else 0
+                return (tuple(d.shape), d.dtype) if d is not None else ((), np.dtype(np.uint8))
         import nibabel as nib
 
         img = nib.load(str(path))
-        return int(np.prod(img.shape) * img.get_data_dtype().itemsize)
+        return tuple(img.shape), img.get_data_dtype()
+
+
+def session_nbytes(path: Path) -> int:
+    """Decompressed size of a session's betas, from the file's header (nothing else is read)."""
+    shape, dtype = session_header(path)
+    return int(np.prod(shape) * dtype.itemsize) if shape else 0
+
+
+def session_trials(path: Path) -> int:
+    """Trials of a session (the header's trial axis: the last of a NIfTI file, the first of an HDF5 ``betas``)."""
+    shape, _ = session_header(path)
+    if len(shape) != 4:
+        raise ValueError(f"{path}: betas of shape {shape}; expected 4 axes (NIfTI X, Y, Z, trials; HDF5 dataset "
+                         "'betas' trials, Z, Y, X)")
+    return int(shape[0] if Path(path).name.endswith(".hdf5") else shape[-1])
 
 
 def usable_cores() -> int:
@@ -124,7 +142,17 @@ def read_zscored_session(path: Path, flat_index: np.ndarray, volume_shape: tuple
 
 def read_sessions(sessions: Sequence[Path], flat_index: np.ndarray, volume_shape: tuple, *,
                   workers: int | str | None = "auto", progress: bool = True, desc: str = "NSD sessions") -> list:
-    """:func:`read_zscored_session` of each session, in session order, by :func:`read_workers` processes.
+    """:func:`read_zscored_session` of each session, in session order, by :func:`read_workers` processes
+    (all of them held at once: :func:`iter_sessions` hands them over one at a time)."""
+    return list(iter_sessions(sessions, flat_index, volume_shape, workers=workers, progress=progress, desc=desc))
+
+
+def iter_sessions(sessions: Sequence[Path], flat_index: np.ndarray, volume_shape: tuple, *,
+                  workers: int | str | None = "auto", progress: bool = True,
+                  desc: str = "NSD sessions") -> Iterator[np.ndarray]:
+    """:func:`read_zscored_session` of each session, yielded in session order, read by :func:`read_workers`
+    processes: (trials, voxels) float32 each. A caller that folds each session into its result as it comes holds
+    one session's voxels (and, in parallel, those read ahead by the workers), never all sessions at once.
 
     An error in a worker is raised here with its message (which names the file, see ``nsd.reading``);
     the sessions not yet started are cancelled.
@@ -133,25 +161,33 @@ def read_sessions(sessions: Sequence[Path], flat_index: np.ndarray, volume_shape
 
     n = read_workers(workers, sessions)
     if n <= 1:
-        return [read_zscored_session(s, flat_index, volume_shape)
-                for s in tqdm(sessions, desc=desc, disable=not progress)]
+        for s in tqdm(sessions, desc=desc, disable=not progress):
+            yield read_zscored_session(s, flat_index, volume_shape)
+        return
     log.info("reading %d NSD sessions with %d worker processes", len(sessions), n)
     # forkserver / spawn, not fork: the caller may hold threads (torch, CUDA, data loaders) that fork would copy
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     ex = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context(method))
     try:
         with tqdm(total=len(sessions), desc=desc, disable=not progress) as bar:
-            futures = [ex.submit(read_zscored_session, s, flat_index, volume_shape) for s in sessions]
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                bar.update(len(done))
+            # at most 2 n sessions submitted ahead: a slow caller does not pile up the sessions read
+            futures = deque(ex.submit(read_zscored_session, s, flat_index, volume_shape) for s in sessions[:2 * n])
+            queued, pending = len(futures), set(futures)
+            while futures:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in done:
                     if f.exception() is not None:
                         raise f.exception()
-        out = [f.result() for f in futures]
+                while futures and futures[0].done():  # the next sessions in order, as soon as they are read
+                    f = futures.popleft()
+                    bar.update(1)
+                    if queued < len(sessions):
+                        futures.append(ex.submit(read_zscored_session, sessions[queued], flat_index, volume_shape))
+                        pending.add(futures[-1])
+                        queued += 1
+                    yield f.result()
+                    del f
     except BaseException:
         ex.shutdown(wait=False, cancel_futures=True)  # sessions not started are dropped; no wait for the rest
         raise
     ex.shutdown()
-    return out
