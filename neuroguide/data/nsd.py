@@ -293,6 +293,23 @@ except ImportError:  # pragma: no cover                                  repeats
     _csr_matvecs = None
 
 
+def _fold_by_scipy_kernel(avg, x: np.ndarray, y: np.ndarray) -> bool:
+    """``y += avg @ x`` in place by scipy's private kernel (csr ``avg`` (m, t), x (t, V) and y (m, V) float64, C
+    order), which continues each row's sum exactly as one product over all trials would; False (y untouched) when
+    this scipy lacks it or it refuses the call: the caller then uses the public product."""
+    global _csr_matvecs
+    if _csr_matvecs is None:
+        return False
+    try:
+        _csr_matvecs(avg.shape[0], avg.shape[1], x.shape[1], avg.indptr, avg.indices, avg.data, x.ravel(), y.ravel())
+    except (TypeError, ValueError) as e:  # pragma: no cover - another scipy's private signature
+        log.warning("scipy.sparse._sparsetools.csr_matvecs refused the call (%s): per-image means by the public "
+                    "sparse product from now on (equal within an ulp of float64)", e)
+        _csr_matvecs = None
+        return False
+    return True
+
+
 class RepeatMeans:
     """The mean of the trials of each image, accumulated from consecutive blocks of trials (sessions) as they are
     read, so that the trials are never held all at once.
@@ -324,10 +341,8 @@ class RepeatMeans:
         avg = scipy.sparse.csr_matrix((1.0 / self.counts[rows], (local, np.arange(t))), shape=(len(touched), t))
         x = np.ascontiguousarray(block, np.float64)
         y = self.sums[touched]  # a copy, C order
-        if _csr_matvecs is not None:  # y += avg @ x by scipy's own kernel, continuing each image's sum in trial order
-            _csr_matvecs(len(touched), t, x.shape[1], avg.indptr, avg.indices, avg.data, x.ravel(), y.ravel())
-        else:  # (a scipy without the kernel: each image's partial sums rounded once more, within an ulp)
-            y += avg @ x
+        if not _fold_by_scipy_kernel(avg, x, y):  # a scipy without that private kernel (or with another
+            y += avg @ x                           # signature): each partial sum rounded once more, within an ulp
         self.sums[touched] = y
         self.added += t
 
