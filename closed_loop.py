@@ -13,6 +13,9 @@ log = logging.getLogger("neuroguide")
 @hydra.main(version_base="1.3", config_path="conf", config_name="closed_loop")
 def main(cfg: DictConfig) -> None:
     setup_console()
+    from neuroguide.loggers import forget_inherited_wandb_service
+
+    forget_inherited_wandb_service()  # a parent's W&B service is not this job's (a requeued attempt)
     from neuroguide.closed_loop.run import run
 
     try:

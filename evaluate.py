@@ -18,6 +18,9 @@ log = logging.getLogger("neuroguide")
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     setup_console()  # each line once (console and evaluate.log), no advertisement, no known-harmless warnings
+    from neuroguide.loggers import forget_inherited_wandb_service
+
+    forget_inherited_wandb_service()  # a parent's W&B service is not this job's (a requeued attempt)
     from neuroguide.evaluation.runner import EvaluationFailed, run
 
     try:

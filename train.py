@@ -13,6 +13,9 @@ log = logging.getLogger("neuroguide")
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     setup_console()  # each line once (console and train.log), no advertisement, no known-harmless warnings
+    from neuroguide.loggers import forget_inherited_wandb_service
+
+    forget_inherited_wandb_service()  # a parent's W&B service is not this job's (a requeued attempt)
     from neuroguide.command_line import check_added_keys, command_overrides
     from neuroguide.train import run
     from neuroguide.utils.io import DiskFull

@@ -101,6 +101,15 @@ class OfflineFallbackWandbLogger(WandbLogger):
             return super().experiment
 
 
+def forget_inherited_wandb_service() -> None:
+    """Drop a ``WANDB_SERVICE`` this process inherited. wandb puts it in the environment for its child processes
+    to share its service; a job started from such a process (pytest, a notebook, and on SLURM every attempt of a
+    job, which all get the environment of the submission) would log into the parent's service, where the run id
+    of an attempt killed for a requeue is still "in use" (``ServerResponseError``). Called first by the entry
+    points, before this process starts W&B; its own service is kept by wandb in process, not in the variable."""
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 def wandb_logger(project: str = "neuroguide", group: str | None = None, job_type: str | None = None,
                  tags: list | None = None, save_dir: str = ".", name: str | None = None, **kwargs):
     """A Lightning ``WandbLogger`` in the mode chosen by :func:`wandb_mode`; the run id is kept in

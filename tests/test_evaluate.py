@@ -173,20 +173,21 @@ def _cli(script, *args):
 
 @pytest.mark.slow
 def test_cli_failed_analysis_exit_status_and_log_file(trained):
-    """evaluate.py: robustness fails (bad eps), smoothness after it completes; metrics.json holds both, the
-    traceback is in the run's evaluate.log (not only on the console), and the exit status is 1."""
+    """evaluate.py: robustness fails as it runs (an unknown AutoAttack mode; a bad eps is refused before any model
+    is loaded), smoothness after it completes; metrics.json holds both, the traceback is in the run's evaluate.log
+    (not only on the console), and the exit status is 1."""
     tmp, _, guided, _ = trained
     run_dir = tmp / "e17"
     p = _cli("evaluate.py", f"ckpt={guided}", "eval=[robustness,smoothness]", "n_images=6",
-             "eval.robustness.eps_l2=[-1.0]", "eval.smoothness.steps=2", f"hydra.run.dir={run_dir}",
+             "eval.robustness.autoattack=sometimes", "eval.smoothness.steps=2", f"hydra.run.dir={run_dir}",
              f"paths.log_dir={tmp}/outputs")
     assert p.returncode == 1, p.stderr[-3000:]
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert m["eval/robustness/failed"].startswith("ValueError: eval.robustness.eps_l2 holds -1.0")
+    assert m["eval/robustness/failed"].startswith("ValueError: eval.robustness.autoattack: expected auto")
     assert m["eval/smoothness/clean"] >= 0
     log_text = (run_dir / "evaluate.log").read_text()
     assert "Traceback (most recent call last)" in log_text
-    assert "ValueError: eval.robustness.eps_l2 holds -1.0" in log_text
+    assert "ValueError: eval.robustness.autoattack: expected auto" in log_text
     assert "1 evaluation step(s) failed" in log_text
 
 

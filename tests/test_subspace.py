@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from conftest import evaluate_in
-from neuroguide.evaluation.analyses.subspace import core
+from neuroguide.evaluation.analyses.subspace import core, solvers
 from neuroguide.evaluation.analyses.subspace.core import (choose_method, perturbation_subspaces, random_baseline,
                                                           similarity_matrix, subspace_similarity)
 
@@ -192,7 +192,7 @@ def test_auto_picks_explicit_for_small_k_and_block_for_large_k(caplog):
     import logging
 
     b = core.default_block_size(10)
-    assert b == 15 and core.EXPLICIT_FACTOR == 12
+    assert b == 15 and solvers.EXPLICIT_FACTOR == 12
     assert choose_method("auto", 12 * b, 10)[0] == "explicit"
     assert choose_method("auto", 12 * b + 1, 10)[0] == "block"
     assert choose_method("auto", 2000, 10, batch_size=1)[0] == "eigsh"
