@@ -27,6 +27,11 @@ Three solvers, behind :func:`perturbation_subspaces` (``method``; ``auto`` picks
 - ``explicit`` (:func:`explicit_top`): J itself (K x D) from K VJPs in batches, then the exact eigenpairs of the
   smaller of ``J J^T`` (K x K) and ``J^T J``; cheapest when K is small, memory K x D.
 
+All three run with the model's eval-mode batch norms folded into per-channel affines and, in the JVPs, the
+buffers of those and of the input normalization dual (:mod:`~neuroguide.evaluation.analyses.subspace.forward_mode`:
+exact rewrites that spare functorch's efficient-zero tangents, ~20% of a product on a CPU); the model is put back
+as it was.
+
 Memory of the matrix-free methods: one forward graph, whatever K, times the vectors of a batch
 (``batch_size``). J^T J has rank <= K, so k may not exceed K (nor reach D).
 
@@ -46,6 +51,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from neuroguide.evaluation.analyses.subspace.forward_mode import folded_batchnorm
 from neuroguide.evaluation.analyses.subspace.solvers import (METHODS, RANK_TOL, GramOperator, block_krylov_top,
                                                              check_k, check_method, choose_method, default_block_size,
                                                              eigsh_top, explicit_top)
@@ -118,14 +124,17 @@ def perturbation_subspaces(model: nn.Module, images: torch.Tensor, *, k: int = 1
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))
                                    or block_size < 1):
         raise ValueError(f"{key}.block_size={block_size!r}: expected a whole number >= k (or null: k + max(4, k/2))")
-    forward, name = response_function(model, layer, units, key=f"{key}.layer")
     device = device_of(model)
     D = int(np.prod(images.shape[1:]))
     vals, vecs, counts, vjps, iters = [], [], [], [], []
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     if not len(images):
         raise ValueError("images is empty: give at least one image")
-    with evaluation_mode(model):
+    with evaluation_mode(model), folded_batchnorm(model) as n_folded:  # exact; products ~20% cheaper
+        forward, name = response_function(model, layer, units, key=f"{key}.layer")
+        if n_folded:
+            log.debug("subspace (%s): %d eval-mode batch norms folded into per-channel affines for the products",
+                      name, n_folded)
         with torch.no_grad():
             y = forward(images[:1].to(device=device, dtype=torch.float32))
         if y.ndim != 2:

@@ -8,9 +8,9 @@ import logging
 
 import numpy as np
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from neuroguide.evaluation.analyses.subspace.forward_mode import DualBuffers
 
 log = logging.getLogger("neuroguide")
 
@@ -59,13 +59,7 @@ class GramOperator:
         self.shape = (self.D, self.D)
         self.n_products = 0
         self.n_vjp = 0
-
-    def _jvp1(self, t: torch.Tensor) -> torch.Tensor:
-        """(1, 3, S, S) tangent of one image -> (1, K) ``J t`` by ``torch.autograd.forward_ad`` (for one vector ~10%
-        faster than ``torch.func.jvp``)."""
-        with fwAD.dual_level():
-            tangent = fwAD.unpack_dual(self.forward(fwAD.make_dual(self.x, t))).tangent
-        return torch.zeros(1, self.K, dtype=self.x.dtype, device=self.x.device) if tangent is None else tangent
+        self._dual = DualBuffers(forward)
 
     def _rvjp(self, U: torch.Tensor) -> torch.Tensor:
         """(c, N, K) cotangents -> (c, N, 3, S, S) ``J^T u``: one batched backward pass through the kept graph."""
@@ -76,10 +70,11 @@ class GramOperator:
     def _gram(self, T: torch.Tensor) -> torch.Tensor:
         """(c, N, 3, S, S) -> (c, N, 3, S, S) ``J^T J t``. A block: one vmapped call of ``torch.func.jvp`` over the
         tangents only (the primal pass runs once, unbatched over c; 1.5-2x faster than forward AD on c copies of the
-        images here) and of the VJP through the kept graph."""
+        images here) and of the VJP through the kept graph. The JVP is :meth:`DualBuffers.jvp` (the normalization's
+        and folded batch norms' buffers dual: no efficient-zero tangents, ~1.6x faster for one vector)."""
         if T.shape[0] == 1 and self.N == 1:
-            return self._rvjp(self._jvp1(T[0])[None])
-        return torch.func.vmap(lambda t: self._vjp(torch.func.jvp(self.forward, (self.x,), (t,))[1])[0])(T)
+            return self._rvjp(self._dual.jvp(self.forward, self.x, T[0])[None])
+        return torch.func.vmap(lambda t: self._vjp(self._dual.jvp(self.forward, self.x, t))[0])(T)
 
     def _finite(self, out: torch.Tensor, what: str) -> torch.Tensor:
         if not torch.isfinite(out).all():
@@ -200,17 +195,23 @@ def eigsh_top(op: GramOperator, k: int, tol: float, max_iter: int | None, v0: to
     return vals[order], vecs[:, order], []
 
 
-def _orthonormal_complement(W: torch.Tensor, Q: torch.Tensor | None, rel: float = 1e-10) -> torch.Tensor:
+def _orthonormal_complement(W: torch.Tensor, Q: torch.Tensor | None, rel: float = 1e-7) -> torch.Tensor:
     """(D, m) -> (D, m') orthonormal basis of the part of span(W) orthogonal to Q (D, n; orthonormal columns),
-    twice projected out ("twice is enough"); directions below ``rel`` of W's largest are dropped."""
+    twice projected out and orthonormalized ("twice is enough"); directions below ``rel`` of W's largest column are
+    dropped (the products are float32: a direction within ~1e-7 of the basis brings nothing new).
+
+    Each orthonormalization is SVQB (Stathopoulos & Wu 2002, as in LOBPCG codes): ``W = U S V^T`` from the
+    eigenpairs of the small Gram matrix ``W^T W`` (m x m), ``U = W V S^-1``; a fifth of the cost of an SVD of W at
+    D = 12288. The Gram matrix resolves singular values down to ~1e-8 of the largest in float64, below ``rel``."""
     scale = float(W.norm(dim=0).max()) if W.numel() else 0.0
     for _ in range(2):
         if Q is not None and Q.shape[1]:
             W = W - Q @ (Q.T @ W)
         if not W.numel():
             break
-        U, s, _ = torch.linalg.svd(W, full_matrices=False)
-        W = U[:, s > rel * max(scale, np.finfo(float).tiny)]
+        s2, V = torch.linalg.eigh(W.T @ W)
+        keep = s2 > (rel * max(scale, np.finfo(float).tiny)) ** 2
+        W = W @ (V[:, keep] / s2[keep].sqrt())
         scale = 1.0
     return W
 
@@ -250,6 +251,7 @@ def block_krylov_top(op: GramOperator, k: int, tol: float, max_iter: int | None,
         Qs.append(Q)
     AQ = op.matmat(torch.stack(Qs))
     AQs = list(AQ)
+    Hs = [Q.T @ AQ for Q, AQ in zip(Qs, AQs)]  # Q^T A Q, grown by its new blocks only (the cost was O(D m^2))
     products = [b] * op.N
     history: list[list[float]] = [[] for _ in range(op.N)]
     done: list[tuple | None] = [None] * op.N
@@ -260,8 +262,7 @@ def block_krylov_top(op: GramOperator, k: int, tol: float, max_iter: int | None,
             if done[n] is not None:
                 new.append(None)
                 continue
-            Q, AQ = Qs[n], AQs[n]
-            H = Q.T @ AQ
+            Q, AQ, H = Qs[n], AQs[n], Hs[n]
             theta, W = torch.linalg.eigh((H + H.T) / 2)
             m = min(b, theta.shape[0])
             theta, W = theta.flip(0)[:m], W.flip(1)[:, :m]
@@ -276,7 +277,7 @@ def block_krylov_top(op: GramOperator, k: int, tol: float, max_iter: int | None,
                 new.append(None)
                 continue
             if Q.shape[1] + m > max_basis:  # thick restart: keep the top b Ritz vectors and their products
-                Qs[n], AQs[n] = V, AV
+                Qs[n], AQs[n], Hs[n] = V, AV, V.T @ AV
             N = _orthonormal_complement(R[:, rel > tol], Qs[n])
             if N.shape[1] == 0:  # the basis is invariant (e.g. it spans J's row space): the Ritz pairs are exact
                 log.warning("subspace (block): the Krylov basis is invariant after %d iterations but the residual "
@@ -298,6 +299,8 @@ def block_krylov_top(op: GramOperator, k: int, tol: float, max_iter: int | None,
         AN = active_op[1].matmat(block)
         for i, n in enumerate(active):
             c = new[n].shape[1]
+            C, E = Qs[n].T @ AN[i, :, :c], new[n].T @ AN[i, :, :c]  # the new blocks of Q^T A Q (A symmetric)
+            Hs[n] = torch.cat([torch.cat([Hs[n], C], 1), torch.cat([C.T, E], 1)], 0)
             Qs[n], AQs[n] = torch.cat([Qs[n], new[n]], 1), torch.cat([AQs[n], AN[i, :, :c]], 1)
             products[n] += c
     worst = max(h[-1] for h, d in zip(history, done) if d is None)
