@@ -17,8 +17,10 @@ def main(cfg: DictConfig) -> None:
 
     forget_inherited_wandb_service()  # a parent's W&B service is not this job's (a requeued attempt)
     from neuroguide.closed_loop.run import run
+    from neuroguide.command_line import check_added_keys, command_overrides
 
     try:
+        check_added_keys(command_overrides(), cfg, "closed_loop")  # +key=... that nothing reads: refused
         run(cfg)
     except Exception:  # Hydra prints the error on the console only: put it, with its traceback, into the log
         log.exception("closed_loop.py failed")

@@ -21,9 +21,11 @@ def main(cfg: DictConfig) -> None:
     from neuroguide.loggers import forget_inherited_wandb_service
 
     forget_inherited_wandb_service()  # a parent's W&B service is not this job's (a requeued attempt)
+    from neuroguide.command_line import check_added_keys, command_overrides
     from neuroguide.evaluation.runner import EvaluationFailed, run
 
     try:
+        check_added_keys(command_overrides(), cfg, "evaluate")  # +key=... that nothing reads: refused, before loading
         run(cfg)
     except EvaluationFailed as e:  # each failure's traceback is already in the log; Hydra prints the summary
         log_failure(f"evaluate.py: {e}")

@@ -31,6 +31,8 @@ from neuroguide.config import CONF_DIR
 # the groups of train.py's config (conf/<group>/*.yaml); eval/ and hydra/ belong to evaluate.py and Hydra
 TRAIN_GROUPS = ("paths", "data", "region", "task", "trainer", "logger", "callbacks", "experiment", "backbone",
                 "datamodule")
+# each entry point's config (conf/<app>.yaml) and the groups it composes (hydra/: Hydra's own keys, Hydra's checks)
+APP_GROUPS = {"train": TRAIN_GROUPS, "evaluate": ("paths", "eval", "experiment"), "closed_loop": ("paths",)}
 
 
 def command_overrides() -> list[str] | None:
@@ -71,10 +73,10 @@ def _flat_keys(node, prefix: str = "") -> dict[str, object]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def schema_keys() -> dict[str, object]:
-    """The train config's schema: every dotted key of ``conf/train.yaml`` and of every option of its groups
-    (:data:`TRAIN_GROUPS`), each at the package it is mounted at (its group; ``# @package _global_``; a defaults
+@functools.lru_cache(maxsize=None)
+def schema_keys(app: str = "train") -> dict[str, object]:
+    """An entry point's config schema: every dotted key of ``conf/<app>.yaml`` and of every option of its groups
+    (:data:`APP_GROUPS`; train: :data:`TRAIN_GROUPS`), each at the package it is mounted at (its group; ``# @package _global_``; a defaults
     entry ``/datamodule@datamodule`` of a task file: ``task.datamodule``), with its raw value. Read from the files
     (tens of milliseconds), not composed, so every option counts whether or not the command chose it."""
     import yaml
@@ -86,9 +88,11 @@ def schema_keys() -> dict[str, object]:
             return "" if p == "_global_" else p
         return "" if f.parent == CONF_DIR else f.parent.name
 
-    files = [CONF_DIR / "train.yaml"] + [f for g in TRAIN_GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]
-    top = {next(iter(e)) for e in yaml.safe_load((CONF_DIR / "train.yaml").read_text())["defaults"] if isinstance(e, dict)}
-    mounts: dict[str, set[str]] = {g: {g} for g in TRAIN_GROUPS if g in top}  # the others: where files mount them
+    groups = APP_GROUPS[app]
+    files = [CONF_DIR / f"{app}.yaml"] + [f for g in groups for f in sorted((CONF_DIR / g).glob("*.yaml"))]
+    top = {next(iter(e)) for e in yaml.safe_load((CONF_DIR / f"{app}.yaml").read_text())["defaults"]
+           if isinstance(e, dict)}
+    mounts: dict[str, set[str]] = {g: {g} for g in groups if g in top}  # the others: where files mount them
     bodies = {}
     for f in files:
         body = yaml.safe_load(f.read_text()) or {}
@@ -121,9 +125,9 @@ def _target_arguments(target: str) -> tuple[set[str], bool]:
             any(p.kind is p.VAR_KEYWORD for p in params))
 
 
-def offered(key: str, cfg: DictConfig) -> tuple[bool, list[str]]:
-    """Whether something reads the added dotted ``key`` of the train config ``cfg`` (the rules of the module
-    docstring), and the keys to suggest near it."""
+def offered(key: str, cfg: DictConfig, app: str = "train") -> tuple[bool, list[str]]:
+    """Whether something reads the added dotted ``key`` of the config ``cfg`` of ``conf/<app>.yaml`` (the rules of
+    the module docstring), and the keys to suggest near it."""
     parts = key.split(".")
     candidates: set[str] = set()
     for i in range(1, len(parts)):  # an argument of an object the config builds
@@ -135,25 +139,27 @@ def offered(key: str, cfg: DictConfig) -> tuple[bool, list[str]]:
             if parts[i] in args or any_kwargs:
                 return True, []
             candidates |= {f"{parent}.{a}" for a in args}
-    schema = schema_keys()
+    schema = schema_keys(app)
     if key in schema or any(schema.get(".".join(parts[:i])) == {} for i in range(1, len(parts))):  # or an open map
         return True, []
     return False, difflib.get_close_matches(key, sorted(candidates | set(schema)), n=3, cutoff=0.8)
 
 
-def check_added_keys(overrides: Iterable[str] | None, cfg: DictConfig) -> None:
-    """Refuse ``train.py``'s command line's ``+key=value`` (and ``++key=value``) overrides whose key nothing reads (ValueError
-    naming the key, the nearest valid ones and the fix); config group additions (``+experiment=...``) are Hydra's."""
+def check_added_keys(overrides: Iterable[str] | None, cfg: DictConfig, app: str = "train") -> None:
+    """Refuse the ``+key=value`` (and ``++key=value``) overrides of ``<app>.py``'s command line whose key nothing reads
+    (ValueError naming the key, the nearest valid ones and the fix); config group additions (``+experiment=...``)
+    and Hydra's own keys (``+hydra.*``) are Hydra's."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     added = []
     for o in OverridesParser.create().parse_overrides([str(x) for x in overrides or []]):
-        if (o.is_add() or o.is_force_add()) and not (CONF_DIR / o.key_or_group).is_dir() and o.package is None:
+        if ((o.is_add() or o.is_force_add()) and not (CONF_DIR / o.key_or_group).is_dir() and o.package is None
+                and not o.key_or_group.startswith("hydra.")):
             added.append(o)
     if not added:
         return
     for o in added:
-        ok, near = offered(o.key_or_group, cfg)
+        ok, near = offered(o.key_or_group, cfg, app)
         if ok:
             continue
         value = o.input_line.split("=", 1)[1] if o.input_line and "=" in o.input_line else ""
@@ -162,7 +168,7 @@ def check_added_keys(overrides: Iterable[str] | None, cfg: DictConfig) -> None:
             fix = f"Did you mean {near[0]}? Fix: {'' if has else '+'}{near[0]}={value}" + (
                 f" (also near: {', '.join(near[1:])})" if near[1:] else "") + ". "
         else:
-            fix = "Fix: check its spelling against the composed config (python train.py --cfg job). "
+            fix = f"Fix: check its spelling against the composed config (python {app}.py --cfg job). "
         raise ValueError(
             f"{o.input_line}: nothing reads the key {o.key_or_group} (no config file of {CONF_DIR} has it, and no "
             f"object built from the config takes it), so the run would silently ignore it. {fix}"

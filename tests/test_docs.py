@@ -145,20 +145,23 @@ def test_every_command_in_the_docs_composes(hydra_conf):
     assert not failed, "commands that do not compose:\n" + "\n".join(failed)
 
 
-def test_every_plus_key_of_the_docs_is_one_train_py_lets_through(hydra_conf):
-    """train.py refuses a '+key' that nothing reads (neuroguide.command_line): the docs' own '+' keys are read."""
+def test_every_plus_key_of_the_docs_is_one_its_entry_point_lets_through(hydra_conf):
+    """train.py, evaluate.py and closed_loop.py refuse a '+key' that nothing reads (neuroguide.command_line): the
+    docs' own '+' keys are read."""
     from neuroguide.command_line import check_added_keys
 
     refused, n = [], 0
     for page, script, ov in all_commands():
-        if script != "train.py" or not any(o.startswith("+") for o in ov):
+        if not any(o.startswith("+") for o in ov):
             continue
-        cfg = try_compose("train", ov)
+        cfg = try_compose(ENTRY_POINTS[script], ov)
+        if isinstance(cfg, str):  # does not compose: test_every_command_in_the_docs_composes names it
+            continue
         try:
-            check_added_keys(ov, cfg)
+            check_added_keys(ov, cfg, ENTRY_POINTS[script])
             n += 1
         except ValueError as e:
-            refused.append(f"{page}: python train.py {' '.join(ov)}\n    {e}")
+            refused.append(f"{page}: python {script} {' '.join(ov)}\n    {e}")
     assert not refused, "\n".join(refused)
     assert n >= 4  # +paths.robust_weights.N, +backbone.source, ...
 

@@ -226,6 +226,52 @@ def test_plus_keys_that_nothing_reads_are_refused_naming_the_nearest(overrides, 
         assert f"Fix: {nearest}" in str(e.value)
 
 
+@pytest.mark.parametrize("app, overrides, nearest", [
+    ("evaluate", ["ckpt=/m.ckpt", "eval=[robustness]", "+eval.robustness.n_image=5"], "eval.robustness.n_images=5"),
+    ("evaluate", ["ckpt=/m.ckpt", "+n_image=5"], "n_images=5"),
+    ("closed_loop", ["step=simulate", "+loop.site=[a1]"], "loop.sites=[a1]"),
+    ("closed_loop", ["step=simulate", "+loops.eps=1"], "loop.eps=1"), ("closed_loop", ["+zzz.qqq=1"], None)])
+def test_evaluate_and_closed_loop_refuse_plus_keys_that_nothing_reads(app, overrides, nearest, tmp_path):
+    """The same check on the other entry points: ``evaluate.py ... +eval.robustness.n_image=5`` was accepted and
+    ignored (the 1000-image default ran)."""
+    from neuroguide.command_line import check_added_keys
+    from neuroguide.config import compose_config
+
+    cfg = compose_config(app, overrides, output_dir=tmp_path / "out")
+    key = overrides[-1].split("=")[0].lstrip("+")
+    with pytest.raises(ValueError, match=r"nothing reads the key " + key.replace(".", r"\.")) as e:
+        check_added_keys(overrides, cfg, app)
+    if nearest:
+        assert f"Fix: {nearest}" in str(e.value)
+    else:
+        assert f"python {app}.py --cfg job" in str(e.value)
+
+
+@pytest.mark.parametrize("app, overrides", [
+    ("evaluate", ["ckpt=/m.ckpt", "+stimuli.root=/imgs"]),  # an open map
+    ("evaluate", ["ckpt=/m.ckpt", "eval=[robustness]", "+eval.subspace.k=3"]),  # a key of another option
+    ("closed_loop", ["step=simulate", "+paths.robust_weights.2=/w/eps2.pt"])])
+def test_evaluate_and_closed_loop_accept_plus_keys_that_something_reads(app, overrides, tmp_path):
+    from neuroguide.command_line import check_added_keys
+    from neuroguide.config import compose_config
+
+    check_added_keys(overrides, compose_config(app, overrides, output_dir=tmp_path / "out"), app)
+
+
+def test_evaluate_py_refuses_a_plus_key_before_loading_a_model(tmp_path):
+    """Through Hydra, as typed: exit status 1 naming the key, and no evaluation folder written."""
+    out = tmp_path / "eval"
+    cmd = [sys.executable, str(REPO / "evaluate.py"), f"ckpt={tmp_path}/absent.ckpt", "eval=[robustness]",
+           "+eval.robustness.n_image=5", f"hydra.run.dir={out}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env=dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO)))
+    console = p.stdout + p.stderr
+    assert p.returncode == 1, console[-3000:]
+    assert "nothing reads the key eval.robustness.n_image" in console and "Fix: eval.robustness.n_images=5" in console
+    assert "FileNotFoundError" not in console  # refused before the model was looked for
+    assert not (out / "metrics.json").exists()
+
+
 def test_train_py_refuses_a_plus_key_nothing_reads(tmp_path):
     """The command as a user types it, through Hydra: the run stops before training, naming the key to use."""
     rc, console = _train_py("region=none", "+trainer.fast_dev_run=true", "+task.max_epoch=1", *small_overrides(tmp_path))
