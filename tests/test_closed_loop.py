@@ -112,6 +112,7 @@ class Kinked(Linear):
 
 
 # ---------------------------------------------------------------------- simulate
+@pytest.mark.slow  # a CLI run in a subprocess, or a training of ~15 s: the full suite runs it
 def test_simulate_four_days_lower_bound_grows_below_the_truth_and_beats_the_controls(tmp_path):
     from neuroguide.closed_loop.run import run
 

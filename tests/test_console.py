@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from conftest import small_overrides
@@ -30,6 +31,7 @@ def _lines(text: str) -> list[str]:
     return out
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or a training of ~15 s: the full suite runs it
 def test_train_console_says_each_thing_once(tmp_path):
     cmd = [sys.executable, str(REPO / "train.py"), "task=predictor", "region=V1", "task.max_epochs=2",
            "+trainer.limit_train_batches=2", *small_overrides(tmp_path)]

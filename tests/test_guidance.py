@@ -275,6 +275,7 @@ def test_main_command_trains_missing_predictor_then_guides(compose_train, tmp_pa
     assert model(x).shape[0] == 2
 
 
+@pytest.mark.slow  # trains a predictor and a guided model (~11 s): the full suite runs it
 def test_disk_one_copy_of_the_predictor_and_no_checkpoints_after_a_finished_run(compose_train, tmp_path, caplog):
     """The frozen predictor is stored by reference (path + content hash) in the guided model; the finished
     run keeps model.ckpt and metrics, not the Lightning checkpoints; the nested predictor run keeps no copy."""

@@ -258,6 +258,7 @@ def test_evaluate_and_closed_loop_accept_plus_keys_that_something_reads(app, ove
     check_added_keys(overrides, compose_config(app, overrides, output_dir=tmp_path / "out"), app)
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or a training of ~15 s: the full suite runs it
 def test_evaluate_py_refuses_a_plus_key_before_loading_a_model(tmp_path):
     """Through Hydra, as typed: exit status 1 naming the key, and no evaluation folder written."""
     out = tmp_path / "eval"
@@ -272,6 +273,7 @@ def test_evaluate_py_refuses_a_plus_key_before_loading_a_model(tmp_path):
     assert not (out / "metrics.json").exists()
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or a training of ~15 s: the full suite runs it
 def test_train_py_refuses_a_plus_key_nothing_reads(tmp_path):
     """The command as a user types it, through Hydra: the run stops before training, naming the key to use."""
     rc, console = _train_py("region=none", "+trainer.fast_dev_run=true", "+task.max_epoch=1", *small_overrides(tmp_path))
@@ -309,6 +311,7 @@ def _train_py(*overrides: str) -> tuple[int, str]:
     return p.returncode, p.stdout + p.stderr
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or a training of ~15 s: the full suite runs it
 def test_train_py_prints_an_error_traceback_once(tmp_path):
     """A bad key (subject=9): the traceback once on the console (Hydra's 'Error executing job') and once in
     train.log; the project's log printed it on the console too, before Hydra did."""
@@ -320,6 +323,7 @@ def test_train_py_prints_an_error_traceback_once(tmp_path):
     assert "subject must be an integer 1..8" in log_file.read_text()
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or a training of ~15 s: the full suite runs it
 def test_train_py_prints_the_predictor_command_that_matches_the_run(synthetic_nsd, tmp_path):
     """data=nsd without a predictor: the printed command keeps the user's data, paths, seed and trainer overrides
     (it dropped data.image_size and paths.data_dir; a path with a space is shell-quoted), leaves out the guided

@@ -97,6 +97,7 @@ def test_masked_mse_skips_missing_targets():
     assert float(masked_mse(pred, target)) == pytest.approx((1 + 0 + 4) / 3)
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or a training of ~15 s: the full suite runs it
 def test_readout_recovers_the_teacher(tmp_path):
     """On synthetic IT data the teacher's trunk + a fitted readout reaches the noise ceiling;
     a mismatched trunk (same architecture, other random weights) stays clearly below it. The same
