@@ -100,22 +100,18 @@ def roi_volumes(shape: tuple, dims: dict, seed: int = 0) -> dict[str, np.ndarray
         order = on[np.argsort(d[h][on])]
         general[order[:dims["nsdgeneral"] // 2]] = True
         wider[order[:int(dims["nsdgeneral"] // 2 * 1.15)]] = True
-    vols = {}
-    free = wider.copy()
-    kastner = np.zeros(len(idx), np.int16)
-    for lab, n in KASTNER.items():
-        for h in (0, 1):
-            kastner[_grow(coords, free & (side == h), count(n) // 2, rng)] = lab
-            free &= kastner == 0
-    vols["Kastner2015"] = kastner
-    for atlas, labels in FLOC.items():
-        free = general.copy()
-        v = np.zeros(len(idx), np.int16)
+    def atlas(free: np.ndarray, labels: dict[int, int]) -> np.ndarray:
+        """Each label grown in both hemispheres inside ``free``, regions of one atlas disjoint."""
+        free, v = free.copy(), np.zeros(len(idx), np.int16)
         for lab, n in labels.items():
             for h in (0, 1):
                 v[_grow(coords, free & (side == h), count(n) // 2, rng)] = lab
                 free &= v == 0
-        vols[atlas] = v
+        return v
+
+    vols = {"Kastner2015": atlas(wider, KASTNER)}  # Kastner's maps reach beyond nsdgeneral; the floc ones do not
+    for name, labels in FLOC.items():
+        vols[name] = atlas(general, labels)
     vols["nsdgeneral"] = general.astype(np.int16)
     out = {}
     for name, v in vols.items():

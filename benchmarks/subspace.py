@@ -12,7 +12,7 @@ respect to one 64 px image, D = 3 x 64 x 64 = 12288) for a small ResNet-like CNN
   products, a small fraction of the time; an SVD of J or the eigh of the Gram matrix J J^T cost more at K = 2000).
   As a user would write it, on the model as it is; and once more with the model's batch norms folded the way the
   library folds them for its products (``forward_mode.folded_batchnorm``, exact), so that the ratio against that
-  says what the block method gains beyond the fold (the fold speeds the explicit Jacobian's VJPs too, ~20%).
+  says what the block method gains beyond the fold (the fold speeds the explicit Jacobian's VJPs too).
 
 Time: both sides in this process on the same model and image, interleaved repeats, the minimum of each (the CPU
 is shared); the eigenvalues of the two sides (max relative difference over the 10) and their subspaces (mean

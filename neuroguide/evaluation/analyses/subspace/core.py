@@ -29,8 +29,8 @@ Three solvers, behind :func:`perturbation_subspaces` (``method``; ``auto`` picks
 
 All three run with the model's eval-mode batch norms folded into per-channel affines and, in the JVPs, the
 buffers of those and of the input normalization dual (:mod:`~neuroguide.evaluation.analyses.subspace.forward_mode`:
-exact rewrites that spare functorch's efficient-zero tangents, ~20% of a product on a CPU); the model is put back
-as it was.
+exact rewrites that spare functorch's efficient-zero tangents, a large part of a product on a CPU); the model is
+put back as it was.
 
 Memory of the matrix-free methods: one forward graph, whatever K, times the vectors of a batch
 (``batch_size``). J^T J has rank <= K, so k may not exceed K (nor reach D).
@@ -130,7 +130,7 @@ def perturbation_subspaces(model: nn.Module, images: torch.Tensor, *, k: int = 1
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     if not len(images):
         raise ValueError("images is empty: give at least one image")
-    with evaluation_mode(model), folded_batchnorm(model) as n_folded:  # exact; products ~20% cheaper
+    with evaluation_mode(model), folded_batchnorm(model) as n_folded:  # exact; cheaper products
         forward, name = response_function(model, layer, units, key=f"{key}.layer")
         if n_folded:
             log.debug("subspace (%s): %d eval-mode batch norms folded into per-channel affines for the products",

@@ -2,10 +2,9 @@
 
 Under ``torch.func.jvp`` an operation between a dual tensor and a plain one (a BatchNorm's running statistics, a
 normalization's mean and std) gives the plain operand an efficient zero tangent, whose shape is then found by a
-Python meta kernel: about 0.5 ms per operation on a CPU, more than the operation itself on small feature maps
-(a BatchNorm in eval mode costs ~1.3 ms in a vmapped JVP of 15 tangents at 64 x 16 x 16, a ReLU 0.2 ms). Two
-exact rewrites remove them, and the perturbation subspaces' products get ~20% cheaper
-(``benchmarks/subspace.py``):
+Python meta kernel: on a CPU that costs more than the operation itself on small feature maps (an eval-mode
+BatchNorm in a vmapped JVP costs several ReLUs). Two exact rewrites remove them (``benchmarks/subspace.py``
+measures the products with them against the explicit Jacobian with and without the fold):
 
 - :func:`folded_batchnorm`: inside, every eval-mode ``BatchNorm1d/2d/3d`` with running statistics (and no hooks of
   its own) is replaced by a :class:`ChannelAffine` ``x * scale + shift`` with ``scale = weight / sqrt(running_var +

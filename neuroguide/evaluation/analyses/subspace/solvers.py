@@ -71,7 +71,7 @@ class GramOperator:
         """(c, N, 3, S, S) -> (c, N, 3, S, S) ``J^T J t``. A block: one vmapped call of ``torch.func.jvp`` over the
         tangents only (the primal pass runs once, unbatched over c; 1.5-2x faster than forward AD on c copies of the
         images here) and of the VJP through the kept graph. The JVP is :meth:`DualBuffers.jvp` (the normalization's
-        and folded batch norms' buffers dual: no efficient-zero tangents, ~1.6x faster for one vector)."""
+        and folded batch norms' buffers dual: no efficient-zero tangents)."""
         if T.shape[0] == 1 and self.N == 1:
             return self._rvjp(self._dual.jvp(self.forward, self.x, T[0])[None])
         return torch.func.vmap(lambda t: self._vjp(self._dual.jvp(self.forward, self.x, t))[0])(T)
